@@ -1,0 +1,213 @@
+"""The batch engine and the feature store, with a model-free process step (fast)."""
+
+import errno
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from upcli.errors import BadImageError, StoreError, UsageError
+from upcli.io import FeatureStore
+from upcli.io.images import load_rgb, scan_images
+from upcli.io.jobs import Job, resolve_split, run_job, verify_store
+from upcli.io.store import ShardWriter
+from upcli.progress import ProgressReporter
+
+
+def make_images(root: Path, n: int, bad: tuple[int, ...] = ()) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        path = root / f"d{i % 3}" / f"img{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if i in bad:
+            path.write_bytes(b"not an image")
+        else:
+            Image.fromarray(rng.integers(0, 255, (9 + i, 7 + 2 * i, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def load(ref):
+    return load_rgb(ref.path)
+
+
+class Step:
+    """Features = the image as float16 channels; counts calls so resume can be checked."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.calls = 0
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, items, timings):
+        self.calls += 1
+        if self.calls == self.interrupt_at:
+            raise KeyboardInterrupt
+        return [(item.data.transpose(2, 0, 1).astype(np.float16) / 255, {"size": item.data.shape[:2], "dtype": "float16"})
+                for item in items]
+
+
+def job_for(root: Path, out: Path, shard_size: int = 2, **settings) -> Job:
+    return Job(out, root, "test", scan_images(root), {"kind": "rgb", **settings}, shard_size)
+
+
+def run(job, step=None, **kwargs):
+    kwargs.setdefault("reporter", ProgressReporter("test", quiet=True))
+    return run_job(job, load, step or Step(), **kwargs)
+
+
+def store_bytes(out: Path) -> dict:
+    """source -> raw stored bytes, read with plain h5py."""
+    result = {}
+    for shard in sorted(out.glob("shard-*.h5")):
+        with h5py.File(shard, "r") as f:
+            for ds in f["features"].values():
+                result[ds.attrs["source"]] = ds[()].tobytes()
+    return result
+
+
+def test_run_writes_shards_manifest_and_reader(tmp_path):
+    root = make_images(tmp_path / "imgs", 5)
+    result = run(job_for(root, tmp_path / "out"))
+    assert result.exit_code == 0 and result.processed == 5
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    store = FeatureStore(out)
+    assert list(store) == [ref.rel for ref in scan_images(root)]
+    for ref in scan_images(root):
+        expected = torch.from_numpy(load_rgb(ref.path).transpose(2, 0, 1).astype(np.float16) / 255)
+        assert torch.equal(store[ref.rel], expected)
+    with h5py.File(out / "shard-00000.h5", "r") as f:
+        assert bool(f.attrs["complete"]) and f.attrs["num_images"] == 2
+        ds = next(iter(f["features"].values()))
+        assert ds.chunks == ds.shape
+    assert json.loads((out / "job.json").read_text())["inputs"] == list(store)
+
+
+def test_bad_inputs_are_recorded_once_and_exit_3(tmp_path):
+    root = make_images(tmp_path / "imgs", 5, bad=(1, 4))
+    result = run(job_for(root, tmp_path / "out"))
+    assert result.exit_code == 3 and result.processed == 3 and result.failed == 2
+    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["source"] for f in failures) == ["d1/img01.png", "d1/img04.png"]
+    assert all(f["reason"] for f in failures)
+    # a re-run skips everything and still reports the failures
+    again = run(job_for(root, tmp_path / "out"))
+    assert again.exit_code == 3 and again.processed == 0 and again.skipped_shards == 3
+
+
+def test_strict_stops_at_first_bad_file_and_keeps_finished_shards(tmp_path):
+    root = make_images(tmp_path / "imgs", 6, bad=(4,))
+    with pytest.raises(BadImageError, match="img04"):
+        run(job_for(root, tmp_path / "out"), strict=True)
+    out = tmp_path / "out"
+    assert not list(out.glob("*.tmp-*"))
+    assert len(FeatureStore(out)) == 2  # shard 0 was finished before the bad file (4th in order)
+
+
+def test_resume_rebuilds_only_unfinished_shards(tmp_path):
+    root = make_images(tmp_path / "imgs", 6)
+    out = tmp_path / "out"
+    run(job_for(root, out))
+    reference = store_bytes(out)
+    (out / "shard-00001.h5").unlink()
+    (out / "shard-00002.h5.tmp-host-1").write_bytes(b"partial")
+    step = Step()
+    run(job_for(root, out), step)
+    assert step.calls == 2  # only shard 1 was recomputed (one image per batch)
+    assert store_bytes(out) == reference
+    assert not list(out.glob("*.tmp-*"))
+
+
+def test_interrupt_keeps_finished_shards_and_resumes(tmp_path):
+    root = make_images(tmp_path / "imgs", 6)
+    run(job_for(root, tmp_path / "ref"))
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(job_for(root, out), Step(interrupt_at=4))
+    assert not list(out.glob("*.tmp-*"))
+    assert len(list(out.glob("shard-*.h5"))) == 1
+    run(job_for(root, out))
+    assert store_bytes(out) == store_bytes(tmp_path / "ref")
+
+
+def test_other_job_refused_unless_overwrite(tmp_path):
+    root = make_images(tmp_path / "imgs", 3)
+    out = tmp_path / "out"
+    run(job_for(root, out))
+    with pytest.raises(StoreError, match="holds another job.*--overwrite"):
+        run(job_for(root, out, dtype="float32"))
+    make_images(root, 4)  # one more image: the input list changed
+    with pytest.raises(StoreError, match="input list changed"):
+        run(job_for(root, out))
+    (out / "notes.txt").write_text("mine")
+    assert run(job_for(root, out, dtype="float32"), overwrite=True).processed == 4
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_two_workers_equal_one(tmp_path):
+    root = make_images(tmp_path / "imgs", 7)
+    run(job_for(root, tmp_path / "single"))
+    for part in range(2):
+        run(job_for(root, tmp_path / "split"), split=(part, 2))
+    assert store_bytes(tmp_path / "split") == store_bytes(tmp_path / "single")
+    assert (tmp_path / "split" / "manifest.jsonl").read_text() == (tmp_path / "single" / "manifest.jsonl").read_text()
+    report = verify_store(tmp_path / "split")
+    assert report["problems"] == [] and report["stored"] == 7
+
+
+def test_verify_finds_missing_shard(tmp_path):
+    root = make_images(tmp_path / "imgs", 5)
+    out = tmp_path / "out"
+    run(job_for(root, out), split=(0, 2))  # shards 0 and 2 only
+    report = verify_store(out)
+    assert report["problems"] == ["shard-00001.h5: missing"]
+    with pytest.raises(StoreError, match="no job.json"):
+        verify_store(tmp_path / "imgs")
+
+
+def test_disk_full_is_one_clear_error_and_loses_nothing(tmp_path, monkeypatch):
+    root = make_images(tmp_path / "imgs", 6)
+    out = tmp_path / "out"
+    real_add, calls = ShardWriter.add, []
+
+    def add(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_add(self, *args)
+
+    monkeypatch.setattr(ShardWriter, "add", add)
+    with pytest.raises(StoreError, match="disk full") as err:
+        run(job_for(root, out))
+    assert "\n" not in str(err.value)
+    assert not list(out.glob("*.tmp-*"))
+    assert len(FeatureStore(out)) == 2  # shard 0 is intact
+    monkeypatch.setattr(ShardWriter, "add", real_add)
+    assert run(job_for(root, out)).processed == 4
+
+
+def test_reader_under_dataloader_with_two_workers(tmp_path):
+    root = make_images(tmp_path / "imgs", 5)
+    run(job_for(root, tmp_path / "out"))
+    store = FeatureStore(tmp_path / "out")
+    store[0]  # a handle opened in the parent must not leak into the workers
+    loader = torch.utils.data.DataLoader(store, batch_size=None, num_workers=2)
+    got = list(loader)
+    assert len(got) == 5
+    for i, feats in enumerate(got):
+        assert torch.equal(feats, store[i])
+
+
+def test_resolve_split_from_flags_and_env():
+    assert resolve_split(4, 1, env={}) == (1, 4)
+    assert resolve_split(env={}) == (0, 1)
+    assert resolve_split(env={"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3)
+    assert resolve_split(env={"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}) == (3, 4)
+    assert resolve_split(env={"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "2"}) == (3, 4)
+    with pytest.raises(UsageError, match="shard-index"):
+        resolve_split(2, 2, env={})
+    with pytest.raises(UsageError, match="go together"):
+        resolve_split(2, None, env={})

@@ -1,0 +1,162 @@
+"""The ``upcli`` command line. Each command parses its flags and makes one library call.
+
+Exit codes: 0 done; 1 error; 2 usage; 3 finished but some inputs failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, UpcliError
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Feature upsampling, zero-shot super-resolution and pretraining for computer vision.",
+)
+pretrain_app = typer.Typer(no_args_is_help=True, help="Pretrain models: iTPN (hierarchical ViT + pyramid) and MZSR's meta-learned start.")
+app.add_typer(pretrain_app, name="pretrain")
+
+
+def _fail(command: str, message: str, code: int) -> typer.Exit:
+    print(f"upcli {command}: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def _call(command: str, fn, *args, **kwargs):
+    """Run a library call; map upcli errors and interrupts to exit codes in one place."""
+    try:
+        return fn(*args, **kwargs)
+    except UpcliError as e:
+        raise _fail(command, str(e), e.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail(command, "interrupted; finished shards are kept, re-run the same command to resume", EXIT_INTERRUPTED) from None
+
+
+UPSAMPLE_EXAMPLE = """Examples:
+
+  upcli upsample ./imgs --out feats/ --backbone dinov2 --weights dinov2_vits14_pretrain.pth
+
+  upcli upsample examples/images --out feats/ --upsampler bilateral --preview 2
+
+  upcli upsample ./imgs --out feats/ --num-shards 8 --shard-index 3   # one of 8 workers
+
+  upcli upsample --verify feats/
+"""
+
+
+@app.command(epilog=UPSAMPLE_EXAMPLE)
+def upsample(
+    folder: Annotated[Optional[Path], typer.Argument(help="Folder of images, scanned recursively.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder for job.json, shards and manifest.")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone name (see --list-backbones), or timm:<model>.")] = "efficientnet-lite0",
+    weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint: official DINOv2/DINO .pth, timm or torchvision layout.", dir_okay=False)] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Backbone layer to read (default: the entry's own).")] = None,
+    upsampler: Annotated[str, typer.Option(help="bilinear or bilateral.")] = "bilinear",
+    sigma_spatial: Annotated[Optional[float], typer.Option(help="bilateral: spatial sigma in low-res pixels.")] = None,
+    sigma_color: Annotated[Optional[float], typer.Option(help="bilateral: colour sigma on [0, 1] RGB.")] = None,
+    size: Annotated[str, typer.Option(help="Shorter side of the output in pixels, or 'original'.")] = "448",
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float16, bfloat16 or float32.")] = "float16",
+    compression: Annotated[str, typer.Option(help="none, lzf or gzip.")] = "none",
+    shard_size: Annotated[int, typer.Option(help="Images per shard file.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per model call (same-size images are batched).")] = 1,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader decode workers (default: cores - 1, at most 4).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    num_shards: Annotated[Optional[int], typer.Option(help="Split the work into N parts (default: from RANK/WORLD_SIZE or SLURM).")] = None,
+    shard_index: Annotated[Optional[int], typer.Option(help="Which part this process does, 0..N-1.")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad image instead of recording it.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace another job's files in --out.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print images, output shapes and disk use; write nothing.")] = False,
+    preview: Annotated[int, typer.Option(help="Write N preview PNGs to OUT/previews.")] = 0,
+    verify: Annotated[Optional[Path], typer.Option(help="Check a finished store and rebuild its manifest.", file_okay=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+    log_every: Annotated[float, typer.Option(help="Seconds between progress lines when stderr is not a terminal.")] = 30.0,
+    list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List backbone names and exit.")] = False,
+) -> None:
+    """Run a backbone over a folder and write features at image resolution to HDF5 shards."""
+    from . import upsample as lib
+
+    if list_backbones:
+        from .backbones import get_backbone_cfg, list_backbones as names
+
+        for name in names():
+            cfg = get_backbone_cfg(name)
+            print(f"{name:22s} dim {cfg.dim:5d}  stride {cfg.stride:3d}  layer {cfg.layer}")
+        return
+    if verify is not None:
+        return _verify(verify)
+    if folder is None or out is None and not dry_run:
+        raise _fail("upsample", "give an image FOLDER and --out DIR (or --verify DIR)", EXIT_USAGE)
+    if dry_run:
+        plan = _call("upsample", lib.plan_upsample, folder, backbone=backbone, layer=layer, size=size, dtype=dtype)
+        return _print_plan(plan)
+    upsampler_args = {k: v for k, v in {"sigma_spatial": sigma_spatial, "sigma_color": sigma_color}.items() if v is not None}
+    result = _call(
+        "upsample", lib.upsample_folder, folder, out, backbone=backbone, weights=weights, layer=layer, upsampler=upsampler,
+        upsampler_args=upsampler_args, size=size, dtype=dtype, compression=compression, shard_size=shard_size,
+        batch_size=batch_size, workers=workers, device=device, num_shards=num_shards, shard_index=shard_index,
+        strict=strict, overwrite=overwrite, preview=preview, quiet=quiet, log_every=log_every,
+    )
+    if not quiet:
+        rate = result.processed / max(result.seconds, 1e-9)
+        print(f"upsample: {result.processed} images written to {out} ({rate:.2f} img/s), {result.failed} failed, "
+              f"{result.skipped_shards} shards already done", file=sys.stderr)
+        print(f"time: {', '.join(f'{k} {v:.2f}s' for k, v in result.timings.items())}", file=sys.stderr)
+        if result.failed:
+            print(f"failed inputs are listed in {Path(out) / 'failures.jsonl'}", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
+
+
+def _verify(out: Path) -> None:
+    from .io.jobs import verify_store
+
+    report = _call("upsample", verify_store, out)
+    for problem in report["problems"]:
+        print(f"upcli upsample --verify: {problem}", file=sys.stderr)
+    print(f"{out}: {report['stored']} stored, {report['failed']} failed, of {report['inputs']} inputs; "
+          f"{report['complete_shards']}/{report['shards']} shards complete")
+    raise typer.Exit(1 if report["problems"] else 0)
+
+
+def _print_plan(plan: dict) -> None:
+    shapes = list(plan["shapes"].items())
+    for rel, shape in shapes[:20]:
+        print(f"{rel}\t{'x'.join(map(str, shape))}")
+    if len(shapes) > 20:
+        print(f"... and {len(shapes) - 20} more")
+    for rel, reason in plan["bad"].items():
+        print(f"{rel}\tunreadable: {reason}")
+    print(f"{plan['images']} images, {len(plan['bad'])} unreadable, about {plan['bytes'] / 2**30:.2f} GiB "
+          f"({plan['bytes'] / max(len(shapes), 1) / 2**20:.1f} MiB per image) before compression")
+
+
+def _not_implemented(name: str, example: str, help_text: str, parent: typer.Typer = app) -> None:
+    """A command that a later issue fills in: exits 2 with one line and writes nothing."""
+
+    def command(ctx: typer.Context) -> None:
+        raise _fail(name, "not implemented yet", EXIT_USAGE)
+
+    command.__doc__ = help_text
+    parent.command(
+        name.split()[-1], epilog=f"Example:\n\n  upcli {name} {example}",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(command)
+
+
+_not_implemented("train", "./coco --backbone dinov2 --out jbu.safetensors", "Train a JBU upsampler by multi-view reconstruction.")
+_not_implemented("fit-image", "cat.jpg --backbone dinov2 --out feats/", "Fit FeatUp's per-image implicit upsampler.")
+_not_implemented("sr", "./lr --zero-shot --scale 2 --out sr/", "Zero-shot super-resolution (ZSSR, or MZSR with --meta).")
+_not_implemented("pretrain itpn", "./imagenet --out itpn/", "Pretrain a hierarchical ViT and its feature pyramid (iTPN).", pretrain_app)
+_not_implemented("pretrain mzsr", "./sr-train --out mzsr.safetensors", "Meta-train MZSR's start for fast zero-shot SR.", pretrain_app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

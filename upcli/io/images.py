@@ -1,0 +1,148 @@
+"""Finding images in a folder and decoding them to 8-bit RGB.
+
+Every decode failure becomes ``BadImageError(path, reason)`` with a short reason, so a batch job can
+record it and go on. Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import BadImageError, UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    path: Path  # absolute
+    rel: str  # POSIX path relative to the scanned root; unique within a scan
+
+
+def scan_images(root: str | os.PathLike) -> list[ImageRef]:
+    """All files under ``root`` (recursively) with an image extension, in ``rel`` order.
+
+    Extensions match case-insensitively. Broken symlinks and unreadable files are kept so that
+    ``load_rgb`` reports them. Symlinked folders are followed once (a link loop is not re-entered).
+    """
+    root = Path(os.path.abspath(os.path.expanduser(root)))
+    if not root.exists():
+        raise UsageError(f"image folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise UsageError(f"{str(root)!r} is not a folder")
+
+    refs = []
+    seen_dirs = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames.clear()
+            continue
+        seen_dirs.add(real)
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                path = Path(dirpath, name)
+                refs.append(ImageRef(path=path, rel=path.relative_to(root).as_posix()))
+    return sorted(refs, key=lambda ref: ref.rel)
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode ``path`` fully to ``uint8 (H, W, 3)`` RGB, upright per EXIF, first frame only.
+
+    Transparency is composited over white; 16-bit data is scaled (not clipped) to 8 bits.
+    """
+    with _decoding(path):
+        with Image.open(path) as img:
+            img.load()  # full decode now, so truncation shows up here
+            upright = ImageOps.exif_transpose(img)
+            return _to_rgb_array(upright)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(H, W)`` after EXIF orientation, read from the header only."""
+    with _decoding(path):
+        with Image.open(path) as img:
+            w, h = img.size
+            if img.getexif().get(_EXIF_ORIENTATION) in _SWAPS_AXES:
+                h, w = w, h
+            return h, w
+
+
+def target_size(h: int, w: int, size: int | None) -> tuple[int, int]:
+    """``(H, W)`` with the shorter side equal to ``size`` and the aspect kept; ``None`` keeps ``(h, w)``."""
+    if size is None:
+        return h, w
+    if size <= 0:
+        raise UsageError(f"image size must be a positive integer, got {size}")
+
+    def scaled(side: int) -> int:
+        return max(1, math.floor(side * size / min(h, w) + 0.5))
+
+    return (size, scaled(w)) if h <= w else (scaled(h), size)
+
+
+def resize_rgb(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic resize of ``uint8 (H, W, 3)`` to ``size=(H, W)`` (Pillow antialiases when shrinking)."""
+    h, w = size
+    if arr.shape[:2] == (h, w):
+        return arr
+    return np.array(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's convert("RGB") clips 16-bit values at 255; scale 0..65535 to 0..255 instead.
+        values = np.asarray(img).astype(np.float64)
+        gray = np.rint(np.clip(values, 0, 65535) * (255 / 65535)).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
+    # RGB (48-bit PNGs arrive here already reduced to 8 bits by Pillow), L, P, 1, CMYK, YCbCr, ...
+    return np.array(img.convert("RGB"))
+
+
+@contextmanager
+def _decoding(path: str | os.PathLike) -> Iterator[None]:
+    """Turn whatever decoding ``path`` raises into ``BadImageError(path, short reason)``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        numbers = re.findall(r"\d+", str(err))
+        detail = f"{numbers[0]} pixels > limit {numbers[1]}" if len(numbers) >= 2 else str(err)
+        raise BadImageError(path, f"decompression bomb: {detail}") from None
+    except FileNotFoundError:
+        reason = "missing file (broken symlink)" if os.path.islink(path) else "missing file"
+        raise BadImageError(path, reason) from None
+    except PermissionError:
+        raise BadImageError(path, "permission denied") from None
+    except IsADirectoryError:
+        raise BadImageError(path, "is a folder, not a file") from None
+    except UnidentifiedImageError:
+        empty = os.path.getsize(path) == 0
+        raise BadImageError(path, "empty file" if empty else "not an image (cannot identify format)") from None
+    except (OSError, EOFError) as err:
+        truncated = isinstance(err, EOFError) or "truncated" in str(err).lower()
+        raise BadImageError(path, "truncated" if truncated else f"cannot decode: {err}") from None
+    except Exception as err:  # Pillow's plugins raise SyntaxError, ValueError, struct.error, ... on bad data
+        raise BadImageError(path, f"cannot decode: {type(err).__name__}: {err}") from None

@@ -1,0 +1,209 @@
+"""The feature store: HDF5 shards written atomically, and a reader that works under DataLoader workers.
+
+Layout of an output folder (documented in README.md, readable with plain h5py):
+
+    job.json            settings, input list and its fingerprint
+    shard-00000.h5      attrs: format, format_version, shard_index, job_fingerprint, complete, failures (JSON)
+      /features/000000  one dataset per image, (C, H, W), one chunk; attrs: source, orig_size, size,
+                        backbone, layer, upsampler, dtype ("bfloat16" data is stored as uint16 bits)
+    manifest.jsonl      {"source", "shard", "key"} per stored image, in input order
+    failures.jsonl      {"source", "reason"} per input that could not be read
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import StoreError
+
+FORMAT = "upcli-features"
+FORMAT_VERSION = 1
+DTYPES = ("float16", "bfloat16", "float32")
+COMPRESSIONS = {"none": {}, "lzf": {"compression": "lzf", "shuffle": True}, "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+def to_storage(tensor, dtype: str) -> np.ndarray:
+    """A torch tensor as the numpy array stored on disk (bfloat16 as its uint16 bits)."""
+    import torch
+
+    if dtype == "bfloat16":
+        return tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.uint16).numpy()
+    return tensor.detach().to("cpu", getattr(torch, dtype)).contiguous().numpy()
+
+
+def from_storage(array: np.ndarray, dtype: str):
+    """Inverse of ``to_storage``: a torch tensor in the stored dtype."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name; ``commit`` renames it into place, ``abort`` deletes it."""
+
+    def __init__(self, out_dir: Path, shard_index: int, attrs: dict, compression: str = "none"):
+        import h5py
+
+        self.final_path = Path(out_dir) / shard_name(shard_index)
+        self.tmp_path = self.final_path.with_name(f"{self.final_path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        self._filters = COMPRESSIONS[compression]
+        self.failures: list[dict] = []
+        self.num_images = 0
+        self._file = h5py.File(self.tmp_path, "w")
+        self._file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "shard_index": shard_index, "complete": False})
+        self._file.attrs.update(attrs)
+        self._features = self._file.create_group("features")
+
+    def add(self, source: str, array: np.ndarray, attrs: dict) -> str:
+        key = f"{self.num_images:06d}"
+        ds = self._features.create_dataset(key, data=array, chunks=array.shape, **self._filters)
+        ds.attrs["source"] = source
+        ds.attrs.update(attrs)
+        self.num_images += 1
+        return key
+
+    def add_failure(self, source: str, reason: str) -> None:
+        self.failures.append({"source": source, "reason": reason})
+
+    def commit(self) -> Path:
+        self._file.attrs["num_images"] = self.num_images
+        self._file.attrs["failures"] = json.dumps(self.failures)
+        self._file.attrs["complete"] = True
+        self._file.close()
+        fsync_path(self.tmp_path)
+        os.replace(self.tmp_path, self.final_path)
+        fsync_path(self.final_path.parent)
+        return self.final_path
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+
+def read_shard_index(path: Path, fingerprint: str | None = None) -> dict | None:
+    """The contents of a complete shard, or None if it is missing, partial, unreadable or from another job."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = f.attrs
+            if attrs.get("format") != FORMAT or not bool(attrs.get("complete", False)):
+                return None
+            if fingerprint is not None and attrs.get("job_fingerprint") != fingerprint:
+                return None
+            images = [(key, str(ds.attrs["source"])) for key, ds in f["features"].items()]
+            return {"images": images, "failures": json.loads(attrs.get("failures", "[]"))}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def write_index(out_dir: Path, shard_indices: list[int], fingerprint: str | None = None) -> tuple[int, int]:
+    """Rebuild manifest.jsonl and failures.jsonl from the complete shards; returns (images, failures)."""
+    manifest, failures = [], []
+    for index in shard_indices:
+        content = read_shard_index(out_dir / shard_name(index), fingerprint)
+        if content is None:
+            continue
+        manifest += [{"source": src, "shard": shard_name(index), "key": key} for key, src in content["images"]]
+        failures += content["failures"]
+    write_atomic(out_dir / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in manifest))
+    write_atomic(out_dir / "failures.jsonl", "".join(json.dumps(r) + "\n" for r in failures))
+    return len(manifest), len(failures)
+
+
+class FeatureStore:
+    """Read an upcli output folder: ``store["sub/cat.jpg"]`` or ``store[i]`` gives a (C, H, W) tensor.
+
+    h5py handles open lazily in each process, so the store can be handed to a DataLoader with workers.
+
+    >>> store = FeatureStore("feats/")
+    >>> feats = store["cat.jpg"]            # torch.Tensor (C, H, W), float16 by default
+    >>> loader = DataLoader(store, batch_size=None, num_workers=2)
+    """
+
+    def __init__(self, root):
+        self.root = Path(root)
+        manifest = self.root / "manifest.jsonl"
+        if not manifest.is_file():
+            raise StoreError(f"{self.root}: no manifest.jsonl; not an upcli output folder (or run `upcli upsample --verify {self.root}`)")
+        rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+        self.sources = [r["source"] for r in rows]
+        self._index = {r["source"]: (r["shard"], r["key"]) for r in rows}
+        self._files: dict = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __contains__(self, source) -> bool:
+        return source in self._index
+
+    def keys(self):
+        return list(self.sources)
+
+    def items(self):
+        return ((s, self[s]) for s in self.sources)
+
+    def _dataset(self, item):
+        import h5py
+
+        source = self.sources[item] if isinstance(item, int) else item
+        try:
+            shard, key = self._index[source]
+        except KeyError:
+            raise KeyError(f"{source!r} is not in {self.root}") from None
+        if self._pid != os.getpid():  # forked into a worker: never reuse the parent's handles
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            self._files[shard] = h5py.File(self.root / shard, "r")
+        return self._files[shard]["features"][key]
+
+    def attrs(self, item) -> dict:
+        return dict(self._dataset(item).attrs)
+
+    def __getitem__(self, item):
+        ds = self._dataset(item)
+        return from_storage(ds[()], str(ds.attrs.get("dtype", ds.dtype.name)))
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
