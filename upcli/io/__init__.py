@@ -1,6 +1,15 @@
-"""Reading image folders and writing/reading feature stores."""
+"""Reading images (``images.py``) and the feature store (``store.py``)."""
 
 from .images import IMAGE_EXTENSIONS, ImageRef, image_size, load_rgb, resize_rgb, scan_images, target_size
 from .store import FeatureStore
 
-__all__ = ["IMAGE_EXTENSIONS", "FeatureStore", "ImageRef", "image_size", "load_rgb", "resize_rgb", "scan_images", "target_size"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FeatureStore",
+    "ImageRef",
+    "image_size",
+    "load_rgb",
+    "resize_rgb",
+    "scan_images",
+    "target_size",
+]

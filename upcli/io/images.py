@@ -10,10 +10,10 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -38,7 +38,8 @@ def scan_images(root: str | os.PathLike) -> list[ImageRef]:
     """All files under ``root`` (recursively) with an image extension, in ``rel`` order.
 
     Extensions match case-insensitively. Broken symlinks and unreadable files are kept so that
-    ``load_rgb`` reports them. Symlinked folders are followed once (a link loop is not re-entered).
+    ``load_rgb`` reports them. Symlinked folders are followed, but a folder reached twice (a link loop,
+    or two links to one folder) is listed only the first time.
     """
     root = Path(os.path.abspath(os.path.expanduser(root)))
     if not root.exists():
@@ -54,6 +55,7 @@ def scan_images(root: str | os.PathLike) -> list[ImageRef]:
             dirnames.clear()
             continue
         seen_dirs.add(real)
+        dirnames.sort()  # walk order decides which of two links to one folder is kept
         for name in filenames:
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 path = Path(dirpath, name)
@@ -66,21 +68,18 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 
     Transparency is composited over white; 16-bit data is scaled (not clipped) to 8 bits.
     """
-    with _decoding(path):
-        with Image.open(path) as img:
-            img.load()  # full decode now, so truncation shows up here
-            upright = ImageOps.exif_transpose(img)
-            return _to_rgb_array(upright)
+    with _decoding(path), Image.open(path) as img:
+        img.load()  # full decode now, so truncation shows up here
+        return _to_rgb_array(ImageOps.exif_transpose(img))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(H, W)`` after EXIF orientation, read from the header only."""
-    with _decoding(path):
-        with Image.open(path) as img:
-            w, h = img.size
-            if img.getexif().get(_EXIF_ORIENTATION) in _SWAPS_AXES:
-                h, w = w, h
-            return h, w
+    with _decoding(path), Image.open(path) as img:
+        w, h = img.size
+        if img.getexif().get(_EXIF_ORIENTATION) in _SWAPS_AXES:
+            h, w = w, h
+        return h, w
 
 
 def target_size(h: int, w: int, size: int | None) -> tuple[int, int]:
@@ -144,5 +143,5 @@ def _decoding(path: str | os.PathLike) -> Iterator[None]:
     except (OSError, EOFError) as err:
         truncated = isinstance(err, EOFError) or "truncated" in str(err).lower()
         raise BadImageError(path, "truncated" if truncated else f"cannot decode: {err}") from None
-    except Exception as err:  # Pillow's plugins raise SyntaxError, ValueError, struct.error, ... on bad data
+    except Exception as err:  # noqa: BLE001 -- Pillow's plugins raise SyntaxError, ValueError, struct.error, ... on bad data
         raise BadImageError(path, f"cannot decode: {type(err).__name__}: {err}") from None

@@ -6,7 +6,7 @@ One registry, timm style: ``@register_upsampler("name")`` on an ``Upsampler`` su
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,6 +63,6 @@ def list_upsamplers(pattern: str = "*") -> list[str]:
 
 
 # Entries register themselves on import; they need the names above.
-from . import bilateral, bilinear  # noqa: E402,F401
+from . import bilateral, bilinear  # noqa: F401
 
 __all__ = ["Upsampler", "create_upsampler", "guidance_at", "list_upsamplers", "register_upsampler"]

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..errors import UsageError
 from . import Upsampler, guidance_at, register_upsampler
 
-_CHUNK_ELEMENTS = 1 << 23  # float32 elements per channel chunk of the padded result (32 MiB)
+_CHUNK_ELEMENTS = 1 << 22  # float32 elements per channel chunk of the padded result: 16 MiB, cache-friendly
 
 
 def joint_bilateral_upsample(
@@ -53,6 +53,7 @@ def joint_bilateral_upsample(
     rows = _AxisLayout(H, h, radius, sigma_spatial, lr_feats.device)
     cols = _AxisLayout(W, w, radius, sigma_spatial, lr_feats.device)
     spatial = rows.log_weight[:, None, :, None, :, None] + cols.log_weight[None, :, None, :, None, :]
+    spatial = spatial.reshape(h * w, rows.slots * cols.slots, k * k)  # (cells, slots, taps)
     # position of each output pixel in the padded (h, w, s_rows, s_cols) layout, row-major over (H, W)
     padded_pos = (
         (rows.cell[:, None] * w + cols.cell[None, :]) * (rows.slots * cols.slots)
@@ -64,18 +65,21 @@ def joint_bilateral_upsample(
     out = torch.empty(B, C, H, W, dtype=lr_feats.dtype, device=lr_feats.device)
     for b in range(B):
         guide = guidance[b]  # (3, H, W)
-        pooled = F.adaptive_avg_pool2d(guide, (h, w))
-        pooled_taps = F.unfold(pooled[None], k, padding=radius).view(3, 1, 1, k, k, h, w)
         guide_cells = guide[:, rows.index][:, :, :, cols.index]  # (3, h, s_rows, w, s_cols)
-        guide_cells = guide_cells.permute(0, 1, 3, 2, 4)[..., None, None]  # (3, h, w, s_rows, s_cols, 1, 1)
-        color_dist2 = (guide_cells - pooled_taps.permute(0, 5, 6, 1, 2, 3, 4)).square().sum(0)
-        logits = spatial - color_dist2 / (2 * sigma_color**2)  # (h, w, s_rows, s_cols, k, k)
-        weights = torch.softmax(logits.reshape(h * w, rows.slots * cols.slots, k * k), dim=-1)
+        guide_cells = guide_cells.permute(1, 3, 2, 4, 0).reshape(h * w, -1, 3)  # (hw, ss, 3)
+        pooled = F.adaptive_avg_pool2d(guide, (h, w))
+        pooled_taps = F.unfold(pooled[None], k, padding=radius).view(3, k * k, h * w)
+        pooled_taps = pooled_taps.permute(2, 0, 1).contiguous()  # (hw, 3, kk)
+        # |I - Ibar|^2 = |I|^2 + |Ibar|^2 - 2 I.Ibar, the last term as a batched matmul
+        norms = guide_cells.square().sum(-1, keepdim=True) + pooled_taps.square().sum(1, keepdim=True)
+        color_dist2 = torch.baddbmm(norms, guide_cells, pooled_taps, alpha=-2).clamp_min_(0)  # (hw, ss, kk)
+        logits = spatial - color_dist2.mul_(1 / (2 * sigma_color**2))
+        weights = torch.softmax(logits, dim=-1)
 
         for c0 in range(0, C, chunk):
             feats = lr_feats[b : b + 1, c0 : c0 + chunk].float()
-            taps = F.unfold(feats, k, padding=radius).view(-1, k * k, h * w).permute(2, 1, 0)  # (hw, kk, c)
-            result = torch.bmm(weights, taps).view(-1, taps.shape[-1])  # padded pixels x c
+            taps = F.unfold(feats, k, padding=radius).view(-1, k * k, h * w).permute(2, 1, 0).contiguous()
+            result = torch.bmm(weights, taps).view(-1, taps.shape[-1])  # (padded pixels, c)
             out[b, c0 : c0 + chunk] = result.index_select(0, padded_pos).T.reshape(-1, H, W)
     return out
 
@@ -137,9 +141,8 @@ class _AxisLayout:
 
 def _check_inputs(lr_feats: Tensor, guidance: Tensor) -> None:
     if lr_feats.dim() != 4 or guidance.dim() != 4 or guidance.shape[1] != 3:
-        raise ValueError(
-            f"expected lr_feats (B, C, h, w) and guidance (B, 3, H, W), got {tuple(lr_feats.shape)} and {tuple(guidance.shape)}"
-        )
+        got = f"{tuple(lr_feats.shape)} and {tuple(guidance.shape)}"
+        raise ValueError(f"expected lr_feats (B, C, h, w) and guidance (B, 3, H, W), got {got}")
     if lr_feats.shape[0] != guidance.shape[0]:
         raise ValueError(f"batch sizes differ: lr_feats {lr_feats.shape[0]}, guidance {guidance.shape[0]}")
 

@@ -1,0 +1,184 @@
+"""The command line end to end, with the real efficientnet-lite0 weights (offline)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from upcli.cli import app
+from upcli.io import FeatureStore
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def small_images(root: Path, n: int = 8) -> Path:
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        path = root / ("a" if i % 2 else "b") / f"im{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40 + 3 * i, 56 - 2 * i, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def test_help_lists_commands_with_examples():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for name in ("upsample", "train", "fit-image", "sr", "pretrain"):
+        assert name in result.output
+    for command in (["upsample"], ["train"], ["fit-image"], ["sr"], ["pretrain", "itpn"], ["pretrain", "mzsr"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0 and "Example" in result.output, command
+    assert "itpn" in invoke("pretrain", "--help").output
+
+
+@pytest.mark.parametrize("command", [["train"], ["fit-image", "x.jpg"], ["sr", "--zero-shot"], ["pretrain", "itpn"], ["pretrain", "mzsr"]])
+def test_unfinished_commands_exit_2_with_one_line(command, tmp_path):
+    os.chdir(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "upcli", *command], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"upcli {' '.join(command[:2] if command[0] == 'pretrain' else command[:1])}: not implemented yet"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_main_job_on_examples(tmp_path):
+    out = tmp_path / "out"
+    result = invoke("upsample", EXAMPLES, "--backbone", "efficientnet-lite0", "--upsampler", "bilateral",
+                    "--out", out, "--preview", "2", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    store = FeatureStore(out)
+    assert sorted(store) == ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"]
+    for source in store:
+        feats = store[source]
+        h, w = Image.open(EXAMPLES / source).size[::-1]
+        assert feats.dtype == torch.float16 and feats.shape[0] == 320
+        assert min(feats.shape[1:]) == 448
+        assert abs(feats.shape[1] / feats.shape[2] - h / w) < 0.01
+        assert torch.isfinite(feats.float()).all() and feats.float().std() > 0
+        attrs = store.attrs(source)
+        assert tuple(attrs["orig_size"]) == (h, w) and attrs["upsampler"] == "bilateral"
+    assert len(list((out / "previews").glob("*.png"))) == 2
+
+
+def test_original_size_keeps_each_images_size_after_exif(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.full((7, 9, 3), 200, np.uint8)).save(folder / "tiny.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display: stored 30x50 shows as 50x30
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(folder / "rot.jpg", exif=exif)
+    result = invoke("upsample", folder, "--size", "original", "--out", tmp_path / "out", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    store = FeatureStore(tmp_path / "out")
+    assert tuple(store["tiny.png"].shape) == (320, 7, 9)
+    assert tuple(store["rot.jpg"].shape) == (320, 50, 30)
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    result = invoke("upsample", EXAMPLES, "--dry-run", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "4 images" in result.output and "chelsea.png\t320x448x673" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_get_one_line_errors(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 2)
+    cases = [
+        (["upsample", imgs, "--out", tmp_path / "o", "--dtype", "float8"], 2, "--dtype must be one of"),
+        (["upsample", imgs, "--out", tmp_path / "o", "--size", "0"], 2, "--size must be"),
+        (["upsample", imgs, "--out", tmp_path / "o", "--compression", "zip"], 2, "--compression must be"),
+        (["upsample", imgs, "--out", tmp_path / "o", "--num-shards", "2", "--shard-index", "2"], 2, "--shard-index must be"),
+        (["upsample", imgs, "--out", tmp_path / "o", "--backbone", "nope"], 2, "unknown backbone"),
+        (["upsample", tmp_path / "missing", "--out", tmp_path / "o"], 2, "missing"),
+        (["upsample", tmp_path / "imgs" / "a", "--out", tmp_path / "o"], 0, None),
+    ]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    cases.append((["upsample", tmp_path / "empty", "--out", tmp_path / "o2"], 2, "no images found"))
+    bad_ckpt = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "layer4.2.conv3.weight": torch.zeros(2048, 512, 1, 1)}, bad_ckpt)
+    cases.append((["upsample", imgs, "--out", tmp_path / "o3", "--backbone", "dinov2", "--weights", bad_ckpt], 1, "resnet.pth"))
+    for args, code, message in cases:
+        result = invoke(*args, "--workers", "0", "-q")
+        assert result.exit_code == code, (args, result.output)
+        if message:
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and message in lines[0] and lines[0].startswith("upcli upsample: "), (args, result.stderr)
+
+
+def test_corrupt_image_is_reported_and_exit_3(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 3)
+    (imgs / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    result = subprocess.run([sys.executable, "-m", "upcli", "upsample", imgs, "--out", tmp_path / "out", "--size", "32",
+                             "--workers", "0", "--log-every", "1000"], capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.count("b/broken.jpg") == 1
+    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [f["source"] for f in failures] == ["b/broken.jpg"]
+    assert len(FeatureStore(tmp_path / "out")) == 3
+
+
+def read_store(out: Path) -> dict:
+    result = {}
+    for shard in sorted(out.glob("shard-*.h5")):
+        with h5py.File(shard, "r") as f:
+            for ds in f["features"].values():
+                result[ds.attrs["source"]] = (shard.name, ds[()].tobytes())
+    return result
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 24)
+    base = [sys.executable, "-m", "upcli", "upsample", str(imgs), "--size", "64", "--shard-size", "2", "--workers", "1"]
+    reference = subprocess.run(base + ["--out", str(tmp_path / "ref")], capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    out = str(tmp_path / "out")
+    rng = random.Random(0)
+    for _ in range(3):
+        proc = subprocess.Popen(base + ["--out", out], stderr=subprocess.PIPE, text=True)
+        kill_after = rng.randint(0, 2)  # shards this run writes before the kill; 3 runs never finish 12 shards
+        seen = 0
+        for line in proc.stderr:
+            if seen >= kill_after:
+                break
+            seen += line.startswith("wrote shard-")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+    final = subprocess.run(base + ["--out", out], capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert read_store(Path(out)) == read_store(tmp_path / "ref")
+    assert not list(Path(out).glob("*.tmp-*"))
+    verify = subprocess.run([sys.executable, "-m", "upcli", "upsample", "--verify", out], capture_output=True, text=True)
+    assert verify.returncode == 0 and "24 stored, 0 failed, of 24 inputs" in verify.stdout
+
+
+def test_sigterm_exits_130_and_resumes(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 6)
+    base = [sys.executable, "-m", "upcli", "upsample", str(imgs), "--size", "64", "--shard-size", "2", "--workers", "0",
+            "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(base, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("wrote shard-"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait() == 130, rest
+    assert "interrupted" in rest
+    assert not list((tmp_path / "out").glob("*.tmp-*"))
+    assert subprocess.run(base, capture_output=True).returncode == 0
+    assert len(FeatureStore(tmp_path / "out")) == 6

@@ -1,0 +1,112 @@
+"""Pictures of features: one PCA shared by several maps, and the preview PNGs of a store."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+_MAX_FIT_PIXELS = 50_000
+_PIXEL_CHUNK = 8192  # pixels per step, so no map is ever copied whole to float32/float64
+
+
+def pca_rgb(maps: list[Tensor], k: int = 3) -> list[np.ndarray]:
+    """Colour ``Tensor[C, h, w]`` maps by ONE PCA fitted over all of them -> ``uint8 (h, w, k)`` each.
+
+    The fit uses at most 50k pixels (a fixed-seed sample, so it is deterministic). Each component is
+    scaled to 0..255 between its 1st and 99th percentile over that sample, the same for every map, so
+    colours are comparable across maps. Components beyond ``C`` are black.
+    """
+    flats = [m.detach().cpu().reshape(m.shape[0], -1) for m in maps]
+    if len({f.shape[0] for f in flats}) != 1:
+        raise ValueError(f"maps must have the same channel count, got {[f.shape[0] for f in flats]}")
+    sample = _sample_pixels(flats)
+
+    mean, basis = _fit_pca(sample, k)
+    sample_proj = torch.cat([_project(chunk, mean, basis) for chunk in sample], dim=1)  # (k, n)
+    low = torch.quantile(sample_proj, 0.01, dim=1, keepdim=True)
+    high = torch.quantile(sample_proj, 0.99, dim=1, keepdim=True)
+    scale = 255 / (high - low).clamp_min(1e-12)
+
+    colours = []
+    for m, flat in zip(maps, flats):
+        steps = range(0, flat.shape[1], _PIXEL_CHUNK)
+        proj = torch.cat([_project(flat[:, i : i + _PIXEL_CHUNK], mean, basis) for i in steps], dim=1)
+        rgb = ((proj - low) * scale).clamp(0, 255).round().to(torch.uint8)
+        colours.append(rgb.T.reshape(*m.shape[1:], k).numpy())
+    return colours
+
+
+def save_preview(path: str | os.PathLike, image: np.ndarray, lr_feats: Tensor, hr_feats: Tensor) -> None:
+    """Write one PNG: the image | low-res features | high-res features, side by side.
+
+    Both feature maps (``Tensor[C, h, w]`` and ``Tensor[C, H, W]``) are coloured by one shared PCA and
+    shown at the image size (nearest neighbour). The file appears atomically.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    height, width = image.shape[:2]
+    lr_rgb, hr_rgb = pca_rgb([lr_feats, hr_feats])
+    panels = [image] + [_nearest(rgb, (height, width)) for rgb in (lr_rgb, hr_rgb)]
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(np.concatenate(panels, axis=1)).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _sample_pixels(flats: list[Tensor]) -> list[Tensor]:
+    """At most ``_MAX_FIT_PIXELS`` pixels drawn over all maps with a fixed seed, as float32 ``(C, n)`` chunks."""
+    total = sum(f.shape[1] for f in flats)
+    n = min(total, _MAX_FIT_PIXELS)
+    picks = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values
+    offsets = torch.tensor([0] + [f.shape[1] for f in flats]).cumsum(0)
+    chunks = []
+    for flat, start, end in zip(flats, offsets[:-1], offsets[1:]):
+        local = picks[(picks >= start) & (picks < end)] - start
+        chunks += [flat[:, local[i : i + _PIXEL_CHUNK]].float() for i in range(0, len(local), _PIXEL_CHUNK)]
+    return chunks
+
+
+def _fit_pca(chunks: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Mean ``(C, 1)`` and the top-``k`` principal axes ``(C, k)`` (float32), with a fixed sign."""
+    channels = chunks[0].shape[0]
+    total = torch.zeros(channels, 1, dtype=torch.float64)
+    outer = torch.zeros(channels, channels, dtype=torch.float64)
+    count = 0
+    for chunk in chunks:
+        x = chunk.double()
+        total += x.sum(1, keepdim=True)
+        outer += x @ x.T
+        count += x.shape[1]
+    mean = total / count
+    cov = outer / count - mean @ mean.T
+    _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+    basis = vectors.flip(1)[:, :k]
+    # sign convention: the largest-magnitude entry of each axis is positive
+    basis *= torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
+    if basis.shape[1] < k:  # fewer channels than components
+        basis = torch.cat([basis, basis.new_zeros(channels, k - basis.shape[1])], dim=1)
+    return mean.float(), basis.float()
+
+
+def _project(pixels: Tensor, mean: Tensor, basis: Tensor) -> Tensor:
+    """``(C, n)`` pixels -> ``(k, n)`` components."""
+    return basis.T @ (pixels.float() - mean)
+
+
+def _nearest(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if rgb.shape[:2] == size:
+        return rgb
+    return np.array(Image.fromarray(rgb).resize(size[::-1], Image.Resampling.NEAREST))
