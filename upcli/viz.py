@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from .io.store import write_atomic
 
 _MAX_FIT_PIXELS = 50_000
 _PIXEL_CHUNK = 8192  # pixels per step, so no map is ever copied whole to float32/float64
@@ -42,7 +43,7 @@ def pca_rgb(maps: list[Tensor], k: int = 3) -> list[np.ndarray]:
     return colours
 
 
-def save_preview(path: str | os.PathLike, image: np.ndarray, lr_feats: Tensor, hr_feats: Tensor) -> None:
+def save_preview(path: str | Path, image: np.ndarray, lr_feats: Tensor, hr_feats: Tensor) -> None:
     """Write one PNG: the image | low-res features | high-res features, side by side.
 
     Both feature maps (``Tensor[C, h, w]`` and ``Tensor[C, H, W]``) are coloured by one shared PCA and
@@ -56,14 +57,9 @@ def save_preview(path: str | os.PathLike, image: np.ndarray, lr_feats: Tensor, h
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.concatenate(panels, axis=1)).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    png = io.BytesIO()
+    Image.fromarray(np.concatenate(panels, axis=1)).save(png, format="PNG")
+    write_atomic(path, png.getvalue())
 
 
 def _sample_pixels(flats: list[Tensor]) -> list[Tensor]:

@@ -24,9 +24,6 @@ class Upsampler(nn.Module):
 
     name: str = ""
 
-    def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
-        raise NotImplementedError
-
 
 def guidance_at(image: Tensor, size: tuple[int, int]) -> Tensor:
     """``image`` resized to ``size`` (bilinear, antialiased when shrinking); unchanged if already that size."""
