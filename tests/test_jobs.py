@@ -156,6 +156,8 @@ def test_two_workers_equal_one(tmp_path):
     assert (tmp_path / "split" / "manifest.jsonl").read_text() == (tmp_path / "single" / "manifest.jsonl").read_text()
     report = verify_store(tmp_path / "split")
     assert report["problems"] == [] and report["stored"] == 7
+    with pytest.raises(UsageError, match="--overwrite cannot be combined"):
+        run(job_for(root, tmp_path / "split"), split=(0, 2), overwrite=True)
 
 
 def test_verify_finds_missing_shard(tmp_path):

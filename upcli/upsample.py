@@ -31,8 +31,11 @@ def parse_size(value: str | int | None) -> int | None:
 def resolve_device(device: str):
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "auto":  # under torchrun or srun, each local process takes its own GPU
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise UsageError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():

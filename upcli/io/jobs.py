@@ -12,6 +12,7 @@ a re-run skips complete shards and rebuilds the rest. Commands give the engine t
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ class Job:
     def num_shards(self) -> int:
         return -(-len(self.inputs) // self.shard_size)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         listing = [[ref.rel, _file_size(ref.path)] for ref in self.inputs]
         blob = json.dumps([self.command, self.settings, self.shard_size, listing], sort_keys=True)
@@ -292,9 +293,11 @@ def run_job(
 
     reporter = reporter or ProgressReporter(job.command)
     timings = timings or Timings()
+    part, parts = split
+    if overwrite and parts > 1:
+        raise UsageError("--overwrite cannot be combined with a split of the work: clear --out once, then start the workers")
     prepare_out_dir(job, overwrite)
     fingerprint = job.fingerprint
-    part, parts = split
     mine = [s for s in range(job.num_shards) if s % parts == part]
     done = {s: read_shard_index(job.out_dir / shard_name(s), fingerprint) for s in mine}
     done = {s: content for s, content in done.items() if content is not None}
