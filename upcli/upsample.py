@@ -75,7 +75,8 @@ class UpsampleStep:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         for size, members in groups.items():
             pixels = torch.stack([items[i].data["image"] for i in members]).to(self.device)
-            images = pixels.permute(0, 3, 1, 2).float().div_(255)
+            # NCHW-contiguous: a channels-last view would make every map channels-last and its storage a slow transpose
+            images = pixels.permute(0, 3, 1, 2).float().div_(255).contiguous()
             with torch.inference_mode(), autocast:
                 with timings.measure("backbone"):
                     low = self.backbone(images)

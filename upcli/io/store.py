@@ -85,7 +85,8 @@ class ShardWriter:
 
     def add(self, source: str, array: np.ndarray, attrs: dict) -> str:
         key = f"{self.num_images:06d}"
-        ds = self._features.create_dataset(key, data=array, chunks=array.shape, **self._filters)
+        # fill_time="never": HDF5 would otherwise write the chunk twice (fill value, then data), 6x slower
+        ds = self._features.create_dataset(key, data=array, chunks=array.shape, fill_time="never", **self._filters)
         ds.attrs["source"] = source
         ds.attrs.update(attrs)
         self.num_images += 1
