@@ -1,4 +1,14 @@
 """Fused ops for upcli, imported as ``upcli.kernels``.
 
-Empty until the kernel issue fills it with ``adaptive_conv``, ``pac_conv`` and ``neighbour_logits``.
+- ``adaptive_conv(x, weights, padding)``: each pixel's k x k neighbourhood times that pixel's own weights.
+- ``neighbour_logits(keys, k)``: each pixel's key dotted with its k x k neighbours' keys (JBU's range kernel).
+- ``pac_conv(x, kernel, weight, ...)``: the PAC form, with stride, dilation and the transposed variant.
+
+Backends (Triton on CUDA, C++ on CPU compiled at first use, plain PyTorch) are chosen at run time;
+nothing is compiled at install and nothing touches the GPU at import.
 """
+
+from .adaptive_conv import adaptive_conv, neighbour_logits
+from .pac import pac_conv
+
+__all__ = ["adaptive_conv", "neighbour_logits", "pac_conv"]

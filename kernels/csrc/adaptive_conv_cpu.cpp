@@ -1,0 +1,726 @@
+// Fast CPU kernels of the adaptive (pixel-adaptive) convolution, compiled at first use by
+// ``upcli/kernels/_cpu.py`` with ``torch.utils.cpp_extension.load``.
+//
+//   out[b, c, h, w] = sum_{i, j < k} weights[b, h, w, i, j] * xpad[b, c, h + i, w + j]
+//
+// ``xpad`` is ``x`` padded by r = k // 2 (zeros / reflect / replicate), or ``x`` itself ("valid": the
+// caller padded it). Three ops are registered under ``torch.ops.upcli_adaptive_conv_cpu``:
+//
+//   forward(x, weights, pad_mode)            -> out        [B, C, H, W]
+//   grad_input_padded(grad_out, weights)     -> grad_xpad  [B, C, H + k - 1, W + k - 1]  (a gather, no atomics)
+//   grad_weights(grad_out, x, pad_mode, k)   -> grad_w     [B, H, W, k, k]
+//
+// Memory traffic: one read of x (or grad_out), one write of the result, the weights once; the arithmetic is
+// 2 * B * C * H * W * k * k flops per op. How the work is laid out (the same idea in all three ops):
+// * Tasks are (batch, block of rows); threads take tasks from an atomic counter inside one
+//   ``at::parallel_for`` (so ``torch.set_num_threads`` is honoured and uneven tasks balance).
+// * Rows are copied into small, 64-byte aligned per-thread scratch buffers, already padded and with a zero
+//   tail: the padding mode is an index remap in ``load_padded_row`` only, so the hot loops have no borders,
+//   no branches and no partial vectors. No temporary is larger than a few rows per thread.
+// * Weights [W][k*k] are transposed per row to [k*k][W] so the hot loops run unit-stride over w.
+// * Accumulators stay in registers (NC channels x NV vectors of one output row in forward / grad-input,
+//   k taps x NV vectors summed over channels in grad-weights).
+// * For k <= 7 the taps are unrolled at compile time and, with AVX-512, the j-shifted input vectors are
+//   made with ``valignd`` from two aligned loads instead of unaligned loads that split cache lines
+//   (about 1.7x faster on Zen 5). Other k use a runtime-k path with unaligned loads.
+// * Accumulation is in the tensor's dtype (float32 or float64).
+// * Outputs of 8 MiB or more get a transparent-huge-page hint (``new_output``): on the 2-core VM this was
+//   written on, first-touch page faults of a fresh 77 MB output cost ~25 ms with 4 KiB pages, ~3 ms with 2 MiB.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace {
+
+// ---- SIMD layer ------------------------------------------------------------------------------------
+
+#if defined(__AVX512F__)
+constexpr bool kAvx512 = true;
+
+template <typename T>
+struct Simd;
+
+template <>
+struct Simd<float> {
+  using V = __m512;
+  static constexpr int L = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_load_ps(p); }
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  // Lanes [S, S + L) of the pair (lo, hi).
+  template <int S>
+  static V shift(V lo, V hi) {
+    if constexpr (S == 0) return lo;
+    else return _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), S));
+  }
+};
+
+template <>
+struct Simd<double> {
+  using V = __m512d;
+  static constexpr int L = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V load(const double* p) { return _mm512_load_pd(p); }
+  static V loadu(const double* p) { return _mm512_loadu_pd(p); }
+  static void storeu(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  template <int S>
+  static V shift(V lo, V hi) {
+    if constexpr (S == 0) return lo;
+    else return _mm512_castsi512_pd(_mm512_alignr_epi64(_mm512_castpd_si512(hi), _mm512_castpd_si512(lo), S));
+  }
+};
+
+#else
+// Portable GCC/Clang vector extensions; -march decides the instructions (AVX2, NEON, SSE, ...).
+constexpr bool kAvx512 = false;
+
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(32)));
+  static constexpr int L = 32 / sizeof(T);
+  static V zero() { return V{}; }
+  static V load(const T* p) { return loadu(p); }
+  static V loadu(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void storeu(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static V fma(V a, V b, V c) { return a * b + c; }
+};
+#endif
+
+// NV vectors of a row from an aligned base, readable shifted right by S < L elements.
+template <typename T, int NV>
+struct Window {
+  using S_ = Simd<T>;
+  using V = typename S_::V;
+#if defined(__AVX512F__)
+  V a[NV + 1];
+  inline void load(const T* p) {
+    for (int n = 0; n <= NV; ++n) a[n] = S_::load(p + n * S_::L);
+  }
+  template <int S>
+  inline V get(int n) const {
+    static_assert(S < S_::L, "shift must be below the vector width");
+    return S_::template shift<S>(a[n], a[n + 1]);
+  }
+#else
+  const T* p;
+  inline void load(const T* q) { p = q; }
+  template <int S>
+  inline V get(int n) const { return S_::loadu(p + n * S_::L + S); }
+#endif
+};
+
+template <typename F, int... Is>
+inline void unroll_impl(F&& f, std::integer_sequence<int, Is...>) {
+  (f(std::integral_constant<int, Is>{}), ...);
+}
+// f(integral_constant<int, 0>), ..., f(integral_constant<int, N - 1>)
+template <int N, typename F>
+inline void unroll(F&& f) {
+  unroll_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+// Register blocking: forward / grad-input keep NC channels x NV vectors; grad-weights k taps x NVW vectors.
+constexpr int kNC = kAvx512 ? 8 : 4;
+constexpr int kNV = kAvx512 ? 1 : 2;
+constexpr int kNVW = kAvx512 ? 2 : 1;
+constexpr int kJB = 7;   // taps per register block on the runtime-k grad-weights path
+constexpr int kCG = 32;  // channels per scratch group in grad-weights (their rows stay in L2)
+constexpr int64_t kRowBlock = 8;       // output rows per task in forward / grad-input (their weights stay in L2)
+constexpr int64_t kRowBlockW = 16;     // in grad-weights (fewer re-reads of the k - 1 halo rows)
+
+template <typename T>
+constexpr int lanes() {
+  return Simd<T>::L;
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// A 64-byte aligned scratch buffer (per thread).
+template <typename T>
+struct Buffer {
+  T* p = nullptr;
+  explicit Buffer(int64_t n) {
+    void* q = nullptr;
+    TORCH_CHECK(posix_memalign(&q, 64, std::max<int64_t>(n, 1) * sizeof(T)) == 0,
+                "upcli adaptive_conv cpu: out of memory");
+    p = static_cast<T*>(q);
+    std::memset(p, 0, n * sizeof(T));
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept : p(o.p) { o.p = nullptr; }
+  ~Buffer() { std::free(p); }
+  T* data() const { return p; }
+};
+
+// Output tensors: ask Linux for transparent huge pages on the 2 MiB-aligned interior of large outputs.
+// Their first touch (page faults) otherwise costs as much as the kernel itself on some VMs. Only a hint.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE) && !defined(UPCLI_NO_THP)
+  const uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), bytes = t.nbytes();
+  if (bytes >= 4 * huge) {
+    const uintptr_t b = (p + huge - 1) & ~(huge - 1), e = (p + bytes) & ~(huge - 1);
+    if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
+enum PadMode : int { kZeros = 0, kReflect = 1, kReplicate = 2, kValid = 3 };
+
+// Index of padded position i (may be < 0 or >= n) in [0, n), or -1 for a zero.
+inline int64_t remap(int64_t i, int64_t n, int mode) {
+  if (i >= 0 && i < n) return i;
+  if (mode == kReflect) return i < 0 ? -i : 2 * (n - 1) - i;
+  if (mode == kReplicate) return i < 0 ? 0 : n - 1;
+  return -1;
+}
+
+// dst[0, width) = padded row p of one channel plane (xpad[p, 0 .. W + 2r)), then zeros.
+// plane is [H, W] for zeros/reflect/replicate, [H + 2r, W + 2r] for valid.
+template <typename T>
+void load_padded_row(T* dst, const T* plane, int64_t H, int64_t W, int64_t p, int r, int mode, int64_t width) {
+  const int64_t n = W + 2 * r;
+  if (mode == kValid) {
+    std::memcpy(dst, plane + p * n, n * sizeof(T));
+  } else {
+    const int64_t sr = remap(p - r, H, mode);
+    if (sr < 0) {
+      std::fill(dst, dst + n, T(0));
+    } else {
+      const T* row = plane + sr * W;
+      for (int q = 0; q < r; ++q) {
+        const int64_t cl = remap(q - r, W, mode), cr = remap(W + q, W, mode);
+        dst[q] = cl < 0 ? T(0) : row[cl];
+        dst[r + W + q] = cr < 0 ? T(0) : row[cr];
+      }
+      std::memcpy(dst + r, row, W * sizeof(T));
+    }
+  }
+  std::fill(dst + n, dst + width, T(0));
+}
+
+// wT[t][s_t + w] = wrow[w * kk + t] for w < W, zeros elsewhere in [0, width); s_t = j (t = i * k + j) if
+// shifted, else 0.
+template <typename T>
+void transpose_weight_row(T* wT, const T* wrow, int64_t W, int k, int64_t width, bool shifted) {
+  const int kk = k * k;
+  for (int t = 0; t < kk; ++t) {
+    const int s = shifted ? t % k : 0;
+    T* dst = wT + t * width;
+    std::fill(dst, dst + s, T(0));
+    std::fill(dst + s + W, dst + width, T(0));
+  }
+  constexpr int WB = 16;  // a few w at a time keeps the strided writes in cache lines
+  for (int64_t w0 = 0; w0 < W; w0 += WB) {
+    const int64_t w1 = std::min<int64_t>(W, w0 + WB);
+    for (int t = 0; t < kk; ++t) {
+      T* dst = wT + t * width + (shifted ? t % k : 0);
+      for (int64_t w = w0; w < w1; ++w) dst[w] = wrow[w * kk + t];
+    }
+  }
+}
+
+// Stores NC x NV accumulators at orow[cc] + w0, only the first `valid` elements of a partial chunk.
+template <typename T, int NC, int NV>
+inline void store_rows(const typename Simd<T>::V (&acc)[NC][NV], T* const* orow, int64_t w0, int64_t valid) {
+  constexpr int L = lanes<T>(), CH = L * NV;
+  for (int cc = 0; cc < NC; ++cc) {
+    if (valid >= CH) {
+      for (int n = 0; n < NV; ++n) Simd<T>::storeu(orow[cc] + w0 + n * L, acc[cc][n]);
+    } else {
+      alignas(64) T tmp[CH];
+      for (int n = 0; n < NV; ++n) Simd<T>::storeu(tmp + n * L, acc[cc][n]);
+      std::memcpy(orow[cc] + w0, tmp, valid * sizeof(T));
+    }
+  }
+}
+
+// Runs task(state, t) for t in [0, ntasks) on torch's intra-op threads, dynamically.
+template <typename MakeState, typename Task>
+void run_tasks(int64_t ntasks, const MakeState& make_state, const Task& task) {
+  if (ntasks <= 0) return;
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), ntasks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      auto state = make_state();
+      for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) task(state, t);
+    }
+  });
+}
+
+// ---- forward -------------------------------------------------------------------------------------
+//
+// One output row of kNC channels: wT [k*k][Wv] weights of the row; xr[cc * k + i] padded input row h + i of
+// channel cc (aligned, readable on [0, Wv + max(L, k - 1))); orow[cc] output row (W valid entries).
+
+template <typename T, int K>
+void forward_rows_k(const T* __restrict wT, int64_t Wv, const T* const* xr, T* const* orow, int64_t W) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = lanes<T>(), CH = L * kNV;
+  for (int64_t w0 = 0; w0 < Wv; w0 += CH) {
+    V acc[kNC][kNV];
+    for (int cc = 0; cc < kNC; ++cc)
+      for (int n = 0; n < kNV; ++n) acc[cc][n] = S::zero();
+    for (int i = 0; i < K; ++i) {
+      Window<T, kNV> win[kNC];
+      for (int cc = 0; cc < kNC; ++cc) win[cc].load(xr[cc * K + i] + w0);
+      const T* wi = wT + int64_t(i) * K * Wv + w0;
+      unroll<K>([&](auto J) {
+        constexpr int j = decltype(J)::value;
+        V wv[kNV];
+        for (int n = 0; n < kNV; ++n) wv[n] = S::load(wi + j * Wv + n * L);
+        for (int cc = 0; cc < kNC; ++cc)
+          for (int n = 0; n < kNV; ++n) acc[cc][n] = S::fma(wv[n], win[cc].template get<j>(n), acc[cc][n]);
+      });
+    }
+    store_rows<T, kNC, kNV>(acc, orow, w0, W - w0);
+  }
+}
+
+template <typename T>
+void forward_rows_any(const T* __restrict wT, int64_t Wv, const T* const* xr, T* const* orow, int64_t W, int k) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = lanes<T>(), CH = L * kNV;
+  for (int64_t w0 = 0; w0 < Wv; w0 += CH) {
+    V acc[kNC][kNV];
+    for (int cc = 0; cc < kNC; ++cc)
+      for (int n = 0; n < kNV; ++n) acc[cc][n] = S::zero();
+    for (int i = 0; i < k; ++i) {
+      const T* wi = wT + int64_t(i) * k * Wv + w0;
+      for (int j = 0; j < k; ++j) {
+        V wv[kNV];
+        for (int n = 0; n < kNV; ++n) wv[n] = S::load(wi + j * Wv + n * L);
+        for (int cc = 0; cc < kNC; ++cc)
+          for (int n = 0; n < kNV; ++n)
+            acc[cc][n] = S::fma(wv[n], S::loadu(xr[cc * k + i] + w0 + j + n * L), acc[cc][n]);
+      }
+    }
+    store_rows<T, kNC, kNV>(acc, orow, w0, W - w0);
+  }
+}
+
+template <typename T>
+void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_t H, int64_t W, int k, int mode) {
+  constexpr int L = lanes<T>(), CH = L * kNV;
+  const int r = k / 2, kk = k * k;
+  const int64_t Wv = round_up(W, CH), Wr = round_up(Wv + std::max(L, k - 1), L);
+  const int64_t Hs = mode == kValid ? H + k - 1 : H, Ws = mode == kValid ? W + k - 1 : W;
+  const int64_t HB = kRowBlock, nhb = (H + HB - 1) / HB, RB = HB + k - 1;  // RB: padded rows per block
+  struct State {
+    Buffer<T> wT, xs, dummy;
+  };
+  run_tasks(
+      B * nhb,
+      [&] { return State{Buffer<T>(HB * kk * Wv), Buffer<T>(kNC * RB * Wr), Buffer<T>(Wv)}; },
+      [&](State& s, int64_t task) {
+        const int64_t b = task / nhb, h0 = task % nhb * HB, nh = std::min(HB, H - h0), nrows = nh + k - 1;
+        for (int64_t hh = 0; hh < nh; ++hh)
+          transpose_weight_row(s.wT.data() + hh * kk * Wv, wts + ((b * H + h0 + hh) * W) * kk, W, k, Wv, false);
+        for (int64_t c0 = 0; c0 < C; c0 += kNC) {
+          const int nc = int(std::min<int64_t>(kNC, C - c0));
+          for (int cc = 0; cc < nc; ++cc) {
+            const T* plane = x + (b * C + c0 + cc) * Hs * Ws;
+            for (int64_t p = 0; p < nrows; ++p)
+              load_padded_row(s.xs.data() + (cc * RB + p) * Wr, plane, H, W, h0 + p, r, mode, Wr);
+          }
+          for (int64_t hh = 0; hh < nh; ++hh) {
+            const T* xr[kNC * 64];
+            T* orow[kNC];
+            for (int cc = 0; cc < kNC; ++cc) {
+              const int src = cc < nc ? cc : 0;  // missing channels of the last group: computed, not stored
+              orow[cc] = cc < nc ? out + ((b * C + c0 + cc) * H + h0 + hh) * W : s.dummy.data();
+              for (int i = 0; i < k; ++i) xr[cc * k + i] = s.xs.data() + (src * RB + hh + i) * Wr;
+            }
+            const T* wT = s.wT.data() + hh * kk * Wv;
+            switch (k) {
+              case 1: forward_rows_k<T, 1>(wT, Wv, xr, orow, W); break;
+              case 3: forward_rows_k<T, 3>(wT, Wv, xr, orow, W); break;
+              case 5: forward_rows_k<T, 5>(wT, Wv, xr, orow, W); break;
+              case 7: forward_rows_k<T, 7>(wT, Wv, xr, orow, W); break;
+              default: forward_rows_any<T>(wT, Wv, xr, orow, W, k); break;
+            }
+          }
+        }
+      });
+}
+
+// ---- grad input (padded frame), as a gather -------------------------------------------------------
+//
+// grad_xpad[p, q] = sum_{i, j} weights[p - i, q - j, i, j] * grad_out[p - i, q - j]  over valid (p - i, q - j).
+// The weights of row h are stored pre-shifted, wS[t][q] = weights[h, q - j, t] (zero outside), so they are
+// read aligned at q; grad_out rows are stored with k - 1 leading zeros, gpad[u] = grad_out[u - (k - 1)], and read
+// at u = q + (k - 1 - j).
+//
+// One padded output row p of kNC channels: wrow[i] pre-shifted weights [k*k][Wq] of row h = p - i (valid for i in
+// [ilo, ihi]); grow[cc * k + i] gpad row h = p - i of channel cc; orow[cc] output row (Wp valid entries).
+
+template <typename T, int K>
+void grad_input_rows_k(const T* const* wrow, int64_t Wq, const T* const* grow, T* const* orow, int ilo, int ihi,
+                       int64_t Wp) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = lanes<T>(), CH = L * kNV;
+  for (int64_t q0 = 0; q0 < Wq; q0 += CH) {
+    V acc[kNC][kNV];
+    for (int cc = 0; cc < kNC; ++cc)
+      for (int n = 0; n < kNV; ++n) acc[cc][n] = S::zero();
+    for (int i = ilo; i <= ihi; ++i) {
+      Window<T, kNV> win[kNC];
+      for (int cc = 0; cc < kNC; ++cc) win[cc].load(grow[cc * K + i] + q0);
+      const T* wi = wrow[i] + int64_t(i) * K * Wq + q0;
+      unroll<K>([&](auto J) {
+        constexpr int j = decltype(J)::value;
+        V wv[kNV];
+        for (int n = 0; n < kNV; ++n) wv[n] = S::load(wi + j * Wq + n * L);
+        for (int cc = 0; cc < kNC; ++cc)
+          for (int n = 0; n < kNV; ++n)
+            acc[cc][n] = S::fma(wv[n], win[cc].template get<K - 1 - j>(n), acc[cc][n]);
+      });
+    }
+    store_rows<T, kNC, kNV>(acc, orow, q0, Wp - q0);
+  }
+}
+
+template <typename T>
+void grad_input_rows_any(const T* const* wrow, int64_t Wq, const T* const* grow, T* const* orow, int ilo, int ihi,
+                         int64_t Wp, int k) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = lanes<T>(), CH = L * kNV;
+  for (int64_t q0 = 0; q0 < Wq; q0 += CH) {
+    V acc[kNC][kNV];
+    for (int cc = 0; cc < kNC; ++cc)
+      for (int n = 0; n < kNV; ++n) acc[cc][n] = S::zero();
+    for (int i = ilo; i <= ihi; ++i) {
+      const T* wi = wrow[i] + int64_t(i) * k * Wq + q0;
+      for (int j = 0; j < k; ++j) {
+        V wv[kNV];
+        for (int n = 0; n < kNV; ++n) wv[n] = S::load(wi + j * Wq + n * L);
+        for (int cc = 0; cc < kNC; ++cc)
+          for (int n = 0; n < kNV; ++n)
+            acc[cc][n] = S::fma(wv[n], S::loadu(grow[cc * k + i] + q0 + (k - 1 - j) + n * L), acc[cc][n]);
+      }
+    }
+    store_rows<T, kNC, kNV>(acc, orow, q0, Wp - q0);
+  }
+}
+
+template <typename T>
+void grad_input_impl(const T* gout, const T* wts, T* gx, int64_t B, int64_t C, int64_t H, int64_t W, int k) {
+  constexpr int L = lanes<T>(), CH = L * kNV;
+  const int kk = k * k;
+  const int64_t Hp = H + k - 1, Wp = W + k - 1;
+  const int64_t Wq = round_up(Wp, CH), Wg = round_up(Wq + std::max(L, k - 1), L);
+  const int64_t PB = kRowBlock, npb = (Hp + PB - 1) / PB, RB = PB + k - 1;  // RB: grad_out rows per block
+  struct State {
+    Buffer<T> wS, gs, dummy;
+  };
+  run_tasks(
+      B * npb,
+      [&] { return State{Buffer<T>(RB * kk * Wq), Buffer<T>(kNC * RB * Wg), Buffer<T>(Wq)}; },
+      [&](State& s, int64_t task) {
+        const int64_t b = task / npb, p0 = task % npb * PB, np = std::min(PB, Hp - p0);
+        const int64_t hlo = std::max<int64_t>(0, p0 - (k - 1)), hhi = std::min<int64_t>(H, p0 + np);
+        for (int64_t h = hlo; h < hhi; ++h)
+          transpose_weight_row(s.wS.data() + (h - hlo) * kk * Wq, wts + ((b * H + h) * W) * kk, W, k, Wq, true);
+        for (int64_t c0 = 0; c0 < C; c0 += kNC) {
+          const int nc = int(std::min<int64_t>(kNC, C - c0));
+          for (int cc = 0; cc < nc; ++cc) {
+            for (int64_t h = hlo; h < hhi; ++h) {
+              T* dst = s.gs.data() + (cc * RB + h - hlo) * Wg;
+              std::fill(dst, dst + k - 1, T(0));
+              std::memcpy(dst + k - 1, gout + ((b * C + c0 + cc) * H + h) * W, W * sizeof(T));
+              std::fill(dst + k - 1 + W, dst + Wg, T(0));
+            }
+          }
+          for (int64_t p = p0; p < p0 + np; ++p) {
+            const int ilo = int(std::max<int64_t>(0, p - (H - 1))), ihi = int(std::min<int64_t>(k - 1, p));
+            const T* wrow[64];
+            const T* grow[kNC * 64];
+            T* orow[kNC];
+            for (int i = ilo; i <= ihi; ++i) wrow[i] = s.wS.data() + (p - i - hlo) * kk * Wq;
+            for (int cc = 0; cc < kNC; ++cc) {
+              const int src = cc < nc ? cc : 0;
+              orow[cc] = cc < nc ? gx + ((b * C + c0 + cc) * Hp + p) * Wp : s.dummy.data();
+              for (int i = ilo; i <= ihi; ++i) grow[cc * k + i] = s.gs.data() + (src * RB + p - i - hlo) * Wg;
+            }
+            switch (k) {
+              case 1: grad_input_rows_k<T, 1>(wrow, Wq, grow, orow, ilo, ihi, Wp); break;
+              case 3: grad_input_rows_k<T, 3>(wrow, Wq, grow, orow, ilo, ihi, Wp); break;
+              case 5: grad_input_rows_k<T, 5>(wrow, Wq, grow, orow, ilo, ihi, Wp); break;
+              case 7: grad_input_rows_k<T, 7>(wrow, Wq, grow, orow, ilo, ihi, Wp); break;
+              default: grad_input_rows_any<T>(wrow, Wq, grow, orow, ilo, ihi, Wp, k); break;
+            }
+          }
+        }
+      });
+}
+
+// ---- grad weights -----------------------------------------------------------------------------------
+//
+// grad_w[h, w, i, j] = sum_c grad_out[c, h, w] * xpad[c, h + i, w + j]. Per (row h, w-chunk, tap row i) the
+// k x NVW accumulators stay in registers over a group of channels; partial sums of successive groups go through
+// an L2-resident [row][k*k][Wv] buffer, transposed to [w][k*k] at the end of the task.
+//
+// acc_mem: buffer for taps (i, 0..) at w0 (row stride Wv); xs: padded row h + i of the group's first channel at
+// w0 (channel stride xstride); gs: grad_out row h of that channel at w0 (channel stride gstride).
+
+template <typename T, int K>
+void grad_weights_block_k(T* acc_mem, int64_t Wv, bool first, const T* xs, int64_t xstride, const T* gs,
+                          int64_t gstride, int nc) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = lanes<T>();
+  V acc[K][kNVW];
+  for (int j = 0; j < K; ++j)
+    for (int n = 0; n < kNVW; ++n) acc[j][n] = first ? S::zero() : S::load(acc_mem + j * Wv + n * L);
+  for (int c = 0; c < nc; ++c) {
+    V g[kNVW];
+    for (int n = 0; n < kNVW; ++n) g[n] = S::load(gs + c * gstride + n * L);
+    Window<T, kNVW> win;
+    win.load(xs + c * xstride);
+    unroll<K>([&](auto J) {
+      constexpr int j = decltype(J)::value;
+      for (int n = 0; n < kNVW; ++n) acc[j][n] = S::fma(g[n], win.template get<j>(n), acc[j][n]);
+    });
+  }
+  for (int j = 0; j < K; ++j)
+    for (int n = 0; n < kNVW; ++n) Simd<T>::storeu(acc_mem + j * Wv + n * L, acc[j][n]);
+}
+
+// Runtime-k path: JB (<= kJB) taps from j0 = the caller's offset of xs / acc_mem.
+template <typename T, int JB>
+void grad_weights_block_any(T* acc_mem, int64_t Wv, bool first, const T* xs, int64_t xstride, const T* gs,
+                            int64_t gstride, int nc) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = lanes<T>();
+  V acc[JB][kNVW];
+  for (int j = 0; j < JB; ++j)
+    for (int n = 0; n < kNVW; ++n) acc[j][n] = first ? S::zero() : S::load(acc_mem + j * Wv + n * L);
+  for (int c = 0; c < nc; ++c) {
+    V g[kNVW];
+    for (int n = 0; n < kNVW; ++n) g[n] = S::load(gs + c * gstride + n * L);
+    const T* xp = xs + c * xstride;
+    for (int j = 0; j < JB; ++j)
+      for (int n = 0; n < kNVW; ++n) acc[j][n] = S::fma(g[n], S::loadu(xp + j + n * L), acc[j][n]);
+  }
+  for (int j = 0; j < JB; ++j)
+    for (int n = 0; n < kNVW; ++n) Simd<T>::storeu(acc_mem + j * Wv + n * L, acc[j][n]);
+}
+
+template <typename T>
+void grad_weights_impl(const T* gout, const T* x, T* gw, int64_t B, int64_t C, int64_t H, int64_t W, int k, int mode) {
+  constexpr int L = lanes<T>(), CH = L * kNVW;
+  const int r = k / 2, kk = k * k;
+  const int64_t Wv = round_up(W, CH), Wr = round_up(Wv + std::max(L, k - 1), L);
+  const int64_t Hs = mode == kValid ? H + k - 1 : H, Ws = mode == kValid ? W + k - 1 : W;
+  const int64_t HB = kRowBlockW, nhb = (H + HB - 1) / HB, RB = HB + k - 1;
+  const int64_t CG = std::min<int64_t>(kCG, C);
+  struct State {
+    Buffer<T> acc, xs, gs;
+  };
+  run_tasks(
+      B * nhb,
+      [&] { return State{Buffer<T>(HB * kk * Wv), Buffer<T>(CG * RB * Wr), Buffer<T>(CG * HB * Wv)}; },
+      [&](State& s, int64_t task) {
+        const int64_t b = task / nhb, h0 = task % nhb * HB, nh = std::min(HB, H - h0), nrows = nh + k - 1;
+        for (int64_t c0 = 0; c0 < C; c0 += CG) {
+          const int nc = int(std::min<int64_t>(CG, C - c0));
+          for (int c = 0; c < nc; ++c) {
+            const T* plane = x + (b * C + c0 + c) * Hs * Ws;
+            for (int64_t p = 0; p < nrows; ++p)
+              load_padded_row(s.xs.data() + (c * RB + p) * Wr, plane, H, W, h0 + p, r, mode, Wr);
+            for (int64_t hh = 0; hh < nh; ++hh) {
+              T* dst = s.gs.data() + (c * HB + hh) * Wv;
+              std::memcpy(dst, gout + ((b * C + c0 + c) * H + h0 + hh) * W, W * sizeof(T));
+              std::fill(dst + W, dst + Wv, T(0));
+            }
+          }
+          const bool first = c0 == 0;
+          const int64_t xstride = RB * Wr, gstride = HB * Wv;
+          for (int64_t hh = 0; hh < nh; ++hh) {
+            for (int64_t w0 = 0; w0 < Wv; w0 += CH) {
+              const T* gs = s.gs.data() + hh * Wv + w0;
+              for (int i = 0; i < k; ++i) {
+                const T* xrow = s.xs.data() + (hh + i) * Wr + w0;
+                T* arow = s.acc.data() + (hh * kk + i * k) * Wv + w0;
+                switch (k) {
+                  case 1: grad_weights_block_k<T, 1>(arow, Wv, first, xrow, xstride, gs, gstride, nc); continue;
+                  case 3: grad_weights_block_k<T, 3>(arow, Wv, first, xrow, xstride, gs, gstride, nc); continue;
+                  case 5: grad_weights_block_k<T, 5>(arow, Wv, first, xrow, xstride, gs, gstride, nc); continue;
+                  case 7: grad_weights_block_k<T, 7>(arow, Wv, first, xrow, xstride, gs, gstride, nc); continue;
+                  default: break;
+                }
+                for (int j0 = 0; j0 < k; j0 += kJB) {
+                  T* am = arow + j0 * Wv;
+                  const T* xp = xrow + j0;
+                  switch (std::min(kJB, k - j0)) {
+                    case 7: grad_weights_block_any<T, 7>(am, Wv, first, xp, xstride, gs, gstride, nc); break;
+                    case 6: grad_weights_block_any<T, 6>(am, Wv, first, xp, xstride, gs, gstride, nc); break;
+                    case 5: grad_weights_block_any<T, 5>(am, Wv, first, xp, xstride, gs, gstride, nc); break;
+                    case 4: grad_weights_block_any<T, 4>(am, Wv, first, xp, xstride, gs, gstride, nc); break;
+                    case 3: grad_weights_block_any<T, 3>(am, Wv, first, xp, xstride, gs, gstride, nc); break;
+                    case 2: grad_weights_block_any<T, 2>(am, Wv, first, xp, xstride, gs, gstride, nc); break;
+                    default: grad_weights_block_any<T, 1>(am, Wv, first, xp, xstride, gs, gstride, nc); break;
+                  }
+                }
+              }
+            }
+          }
+        }
+        // acc [hh][t][w] -> grad_w [b, h0 + hh, w, t]
+        for (int64_t hh = 0; hh < nh; ++hh) {
+          const T* a = s.acc.data() + hh * kk * Wv;
+          T* dst = gw + ((b * H + h0 + hh) * W) * kk;
+          constexpr int WB = 16;
+          for (int64_t w0 = 0; w0 < W; w0 += WB) {
+            const int64_t w1 = std::min<int64_t>(W, w0 + WB);
+            for (int t = 0; t < kk; ++t)
+              for (int64_t w = w0; w < w1; ++w) dst[w * kk + t] = a[t * Wv + w];
+          }
+        }
+      });
+}
+
+// ---- ops ----------------------------------------------------------------------------------------------
+
+constexpr int64_t kMaxK = 63;  // row-pointer arrays are sized for k <= 64
+
+void check_common(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "upcli adaptive_conv cpu: ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "upcli adaptive_conv cpu: ", name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "upcli adaptive_conv cpu: ", name, " must be contiguous");
+}
+
+void check_mode(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 3, "upcli adaptive_conv cpu: pad_mode must be 0..3, got ", mode);
+}
+
+int64_t check_weights(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 5 && w.size(3) == w.size(4) && w.size(3) % 2 == 1,
+              "upcli adaptive_conv cpu: weights must be (B, H, W, k, k) with k odd, got ", w.sizes());
+  TORCH_CHECK(w.size(3) <= kMaxK, "upcli adaptive_conv cpu: k must be <= ", kMaxK, ", got ", w.size(3));
+  return w.size(3);
+}
+
+// Checks x against (B, H, W, k, mode) and the reflect constraint.
+void check_x(const at::Tensor& x, int64_t B, int64_t H, int64_t W, int64_t k, int64_t mode) {
+  const int64_t extra = mode == kValid ? k - 1 : 0;
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == B && x.size(2) == H + extra && x.size(3) == W + extra,
+              "upcli adaptive_conv cpu: x ", x.sizes(), " does not match (B, H, W) = (", B, ", ", H, ", ", W,
+              "), k = ", k, ", pad_mode = ", mode);
+  TORCH_CHECK(mode != kReflect || H == 0 || W == 0 || (k / 2 < H && k / 2 < W),
+              "upcli adaptive_conv cpu: reflect padding needs k // 2 < H and W, got k = ", k, ", ", H, "x", W);
+}
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weights, int64_t pad_mode) {
+  check_common(x, "x");
+  check_common(weights, "weights");
+  check_mode(pad_mode);
+  TORCH_CHECK(x.scalar_type() == weights.scalar_type(), "upcli adaptive_conv cpu: x is ", x.scalar_type(),
+              ", weights ", weights.scalar_type());
+  const int64_t k = check_weights(weights);
+  const int64_t B = weights.size(0), H = weights.size(1), W = weights.size(2);
+  check_x(x, B, H, W, k, pad_mode);
+  const int64_t C = x.size(1);
+  at::Tensor out = new_output({B, C, H, W}, x.options());
+  if (out.numel() == 0) return out;
+  if (x.scalar_type() == at::kFloat)
+    forward_impl<float>(x.const_data_ptr<float>(), weights.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+                        B, C, H, W, int(k), int(pad_mode));
+  else
+    forward_impl<double>(x.const_data_ptr<double>(), weights.const_data_ptr<double>(),
+                         out.mutable_data_ptr<double>(), B, C, H, W, int(k), int(pad_mode));
+  return out;
+}
+
+at::Tensor grad_input_padded(const at::Tensor& grad_out, const at::Tensor& weights) {
+  check_common(grad_out, "grad_out");
+  check_common(weights, "weights");
+  TORCH_CHECK(grad_out.scalar_type() == weights.scalar_type(), "upcli adaptive_conv cpu: grad_out is ",
+              grad_out.scalar_type(), ", weights ", weights.scalar_type());
+  const int64_t k = check_weights(weights);
+  const int64_t B = weights.size(0), H = weights.size(1), W = weights.size(2);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == B && grad_out.size(2) == H && grad_out.size(3) == W,
+              "upcli adaptive_conv cpu: grad_out ", grad_out.sizes(), " does not match weights ", weights.sizes());
+  const int64_t C = grad_out.size(1);
+  if (B * C * H * W == 0) return at::zeros({B, C, H + k - 1, W + k - 1}, grad_out.options());
+  at::Tensor gx = new_output({B, C, H + k - 1, W + k - 1}, grad_out.options());
+  if (gx.scalar_type() == at::kFloat)
+    grad_input_impl<float>(grad_out.const_data_ptr<float>(), weights.const_data_ptr<float>(),
+                           gx.mutable_data_ptr<float>(), B, C, H, W, int(k));
+  else
+    grad_input_impl<double>(grad_out.const_data_ptr<double>(), weights.const_data_ptr<double>(),
+                            gx.mutable_data_ptr<double>(), B, C, H, W, int(k));
+  return gx;
+}
+
+at::Tensor grad_weights(const at::Tensor& grad_out, const at::Tensor& x, int64_t pad_mode, int64_t k) {
+  check_common(grad_out, "grad_out");
+  check_common(x, "x");
+  check_mode(pad_mode);
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "upcli adaptive_conv cpu: grad_out is ",
+              grad_out.scalar_type(), ", x ", x.scalar_type());
+  TORCH_CHECK(k >= 1 && k % 2 == 1 && k <= kMaxK, "upcli adaptive_conv cpu: k must be odd in [1, ", kMaxK,
+              "], got ", k);
+  TORCH_CHECK(grad_out.dim() == 4, "upcli adaptive_conv cpu: grad_out must be (B, C, H, W), got ", grad_out.sizes());
+  const int64_t B = grad_out.size(0), C = grad_out.size(1), H = grad_out.size(2), W = grad_out.size(3);
+  check_x(x, B, H, W, k, pad_mode);
+  TORCH_CHECK(x.size(1) == C, "upcli adaptive_conv cpu: x ", x.sizes(), " and grad_out ", grad_out.sizes(),
+              " have different channel counts");
+  if (B * C * H * W == 0) return at::zeros({B, H, W, k, k}, grad_out.options());
+  at::Tensor gw = new_output({B, H, W, k, k}, grad_out.options());
+  if (gw.scalar_type() == at::kFloat)
+    grad_weights_impl<float>(grad_out.const_data_ptr<float>(), x.const_data_ptr<float>(),
+                             gw.mutable_data_ptr<float>(), B, C, H, W, int(k), int(pad_mode));
+  else
+    grad_weights_impl<double>(grad_out.const_data_ptr<double>(), x.const_data_ptr<double>(),
+                              gw.mutable_data_ptr<double>(), B, C, H, W, int(k), int(pad_mode));
+  return gw;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(upcli_adaptive_conv_cpu, m) {
+  m.def("forward(Tensor x, Tensor weights, int pad_mode) -> Tensor");
+  m.def("grad_input_padded(Tensor grad_out, Tensor weights) -> Tensor");
+  m.def("grad_weights(Tensor grad_out, Tensor x, int pad_mode, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(upcli_adaptive_conv_cpu, CPU, m) {
+  m.impl("forward", &forward);
+  m.impl("grad_input_padded", &grad_input_padded);
+  m.impl("grad_weights", &grad_weights);
+}

@@ -1,0 +1,205 @@
+"""The C++ CPU backend of adaptive_conv (``upcli.kernels._cpu``) against a float64 reference.
+
+The reference pads with ``F.pad`` and gathers the k x k taps with ``F.unfold`` (tap ``i * k + j`` multiplies
+``xpad[h + i, w + j]``); its gradients come from autograd. A nested-loop version checks the reference itself.
+The first test to run compiles the extension (about 15 s on 2 cores, cached afterwards).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upcli.kernels import _cpu
+
+PAD = {0: "constant", 1: "reflect", 2: "replicate"}  # 3 = valid: x comes padded
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # relative to the largest reference value
+
+# (B, C, H, W, k): non-square, B > 1, C not a multiple of the 4/8-channel register blocks nor of the 32-channel
+# groups (37 spans two), H not a multiple of the 8-row blocks, W not a multiple of the 8/16/32-wide vectors,
+# k = 1, 3, 5, 7 (compile-time paths) and 9 (the runtime-k path).
+SHAPES = [
+    (2, 5, 9, 13, 3),
+    (3, 19, 11, 6, 5),
+    (1, 19, 17, 23, 7),
+    (2, 5, 6, 4, 1),
+    (1, 37, 10, 37, 7),
+    (2, 3, 12, 19, 9),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_cpp():
+    if not _cpu.available():
+        pytest.skip(f"C++ CPU path unavailable: {_cpu.unavailable_reason()}")
+
+
+def _pad(x, k, mode):
+    r = k // 2
+    return x if mode == 3 else F.pad(x, (r, r, r, r), mode=PAD[mode])
+
+
+def _reference(xpad, weights):
+    """out[b, c, h, w] = sum_ij weights[b, h, w, i, j] * xpad[b, c, h + i, w + j], by unfold."""
+    B, H, W, k, _ = weights.shape
+    C = xpad.shape[1]
+    taps = F.unfold(xpad, k).view(B, C, k * k, H, W)
+    return torch.einsum("bcthw,bhwt->bchw", taps, weights.reshape(B, H, W, k * k))
+
+
+def _loops(x, weights, mode):
+    """The same sum by explicit loops, with the padding written out index by index."""
+    B, C, Hx, Wx = x.shape
+    _, H, W, k, _ = weights.shape
+    r = k // 2
+    out = torch.zeros(B, C, H, W, dtype=torch.float64)
+
+    def src(i, n):  # padded index i - r of a length-n axis, or None for a zero
+        i -= r
+        if 0 <= i < n:
+            return i
+        return {0: None, 1: -i if i < 0 else 2 * (n - 1) - i, 2: min(max(i, 0), n - 1)}[mode]
+
+    for b, c, h, w, i, j in itertools.product(range(B), range(C), range(H), range(W), range(k), range(k)):
+        if mode == 3:
+            v = x[b, c, h + i, w + j]
+        else:
+            y, z = src(h + i, Hx), src(w + j, Wx)
+            v = 0.0 if y is None or z is None else x[b, c, y, z]
+        out[b, c, h, w] += weights[b, h, w, i, j] * v
+    return out
+
+
+def _inputs(B, C, H, W, k, mode, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    extra = k - 1 if mode == 3 else 0
+    x = torch.randn(B, C, H + extra, W + extra, generator=g, dtype=torch.float64)
+    weights = torch.randn(B, H, W, k, k, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    return x, weights, grad_out
+
+
+def _assert_close(got, want, dtype):
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+    tol = TOL[dtype] * max(want.abs().max().item(), 1e-30)
+    torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=tol)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_reference_matches_loops(mode):
+    x, weights, _ = _inputs(2, 2, 4, 5, 3, mode)
+    torch.testing.assert_close(_reference(_pad(x, 3, mode), weights), _loops(x, weights, mode))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}C{}H{}W{}k{}".format(*s))
+def test_forward_and_gradients(shape, mode, dtype):
+    B, C, H, W, k = shape
+    x, weights, grad_out = _inputs(B, C, H, W, k, mode)
+    xpad = _pad(x, k, mode).detach().requires_grad_()
+    w = weights.clone().requires_grad_()
+    out = _reference(xpad, w)
+    out.backward(grad_out)
+
+    xd, wd, gd = x.to(dtype), weights.to(dtype), grad_out.to(dtype)
+    _assert_close(_cpu.adaptive_conv_forward(xd, wd, mode), out.detach(), dtype)
+    _assert_close(_cpu.adaptive_conv_grad_input_padded(gd, wd), xpad.grad, dtype)
+    _assert_close(_cpu.adaptive_conv_grad_weights(gd, xd, mode, k), w.grad, dtype)
+
+
+@pytest.mark.parametrize("mode", [0, 2, 3])
+@pytest.mark.parametrize("shape", [(2, 3, 1, 2, 7), (1, 2, 3, 1, 5), (1, 9, 2, 2, 9)], ids=str)
+def test_maps_smaller_than_the_window(shape, mode):
+    """Zeros / replicate / valid allow k // 2 >= H or W (reflect does not): every tap may fall outside."""
+    test_forward_and_gradients(shape, mode, torch.float64)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("k", [3, 7])
+def test_neighbour_logits(mode, k):
+    """grad_weights(keys, keys): each key dotted with its k x k neighbours (D = 32 channels, one group)."""
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(2, 32, 13, 18, generator=g, dtype=torch.float64)
+    B, D, H, W = keys.shape
+    taps = F.unfold(_pad(keys, k, mode), k).view(B, D, k * k, H, W)
+    want = torch.einsum("bdthw,bdhw->bhwt", taps, keys).reshape(B, H, W, k, k)
+    _assert_close(_cpu.adaptive_conv_grad_weights(keys.float(), keys.float(), mode, k), want, torch.float32)
+
+
+def test_same_bits_for_any_thread_count():
+    x, weights, grad_out = (t.float() for t in _inputs(2, 11, 19, 21, 7, 1))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(
+                (
+                    _cpu.adaptive_conv_forward(x, weights, 1),
+                    _cpu.adaptive_conv_grad_input_padded(grad_out, weights),
+                    _cpu.adaptive_conv_grad_weights(grad_out, x, 1, 7),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_empty_sizes():
+    w = torch.rand(2, 3, 4, 3, 3)
+    assert _cpu.adaptive_conv_forward(torch.rand(2, 0, 3, 4), w, 0).shape == (2, 0, 3, 4)
+    assert _cpu.adaptive_conv_grad_input_padded(torch.rand(2, 0, 3, 4), w).shape == (2, 0, 5, 6)
+    gw = _cpu.adaptive_conv_grad_weights(torch.rand(2, 0, 3, 4), torch.rand(2, 0, 3, 4), 2, 3)
+    assert gw.shape == (2, 3, 4, 3, 3) and not gw.any()
+    assert _cpu.adaptive_conv_forward(torch.rand(0, 5, 3, 4), torch.rand(0, 3, 4, 3, 3), 1).shape == (0, 5, 3, 4)
+
+
+def test_bad_inputs_raise():
+    x, w = torch.rand(1, 2, 5, 6), torch.rand(1, 5, 6, 3, 3)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _cpu.adaptive_conv_forward(x.transpose(2, 3).contiguous().transpose(2, 3), w, 0)
+    with pytest.raises(RuntimeError, match="does not match"):
+        _cpu.adaptive_conv_forward(x, w, 3)  # valid mode wants x padded
+    with pytest.raises(RuntimeError, match="k odd"):
+        _cpu.adaptive_conv_forward(x, torch.rand(1, 5, 6, 2, 2), 0)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _cpu.adaptive_conv_forward(x.half(), w.half(), 0)
+    with pytest.raises(RuntimeError, match="pad_mode"):
+        _cpu.adaptive_conv_grad_weights(x, x, 4, 3)
+    with pytest.raises(RuntimeError, match="reflect"):
+        _cpu.adaptive_conv_forward(torch.rand(1, 2, 2, 6), torch.rand(1, 2, 6, 5, 5), 1)
+
+
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({"UPCLI_NO_CPP_KERNELS": "1"}, "disabled by UPCLI_NO_CPP_KERNELS=1"),
+        ({"CXX": "no-such-c++"}, "no C++ compiler"),
+    ],
+)
+def test_unavailable_warns_once_and_does_not_raise(monkeypatch, env, reason):
+    saved = dict(_cpu._state)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _cpu._state.clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _cpu.available() is False
+            assert _cpu.available() is False
+        assert len(caught) == 1
+        message = str(caught[0].message)
+        assert message.startswith("upcli.kernels: C++ CPU path unavailable (")
+        assert message.endswith("); using the slower PyTorch path") and "\n" not in message and reason in message
+        assert reason in _cpu.unavailable_reason()
+        with pytest.raises(RuntimeError, match="unavailable"):
+            _cpu.adaptive_conv_forward(torch.rand(1, 1, 3, 3), torch.rand(1, 3, 3, 1, 1), 0)
+    finally:
+        _cpu._state.clear()
+        _cpu._state.update(saved)
