@@ -11,17 +11,22 @@ index of the padded frame back onto ``x`` (``_remap``), by pad mode:
     3 valid      ``x`` comes padded, (B, C, H + k - 1, W + k - 1); no remapping
 
 Memory traffic (the case for fusing). Eager shift-and-accumulate reads and writes ``out`` k*k times; unfolding
-writes and reads C*k*k*H*W elements. The forward kernel reads ``x`` and the weights once from DRAM and writes
-``out`` once: the k*k re-reads of each ``x`` element hit L1 (horizontal taps: same program) and L2 (vertical
-taps: programs of neighbouring rows run together). The weights are C times smaller than ``x``.
+writes and reads C*k*k*H*W elements. The forward kernel reads ``x`` once from DRAM and writes ``out`` once; the
+k*k re-reads of each ``x`` element hit L1 (horizontal taps: same program) and L2 (vertical taps: programs of
+neighbouring rows run together). The weights are C / k^2 times smaller than ``x``.
 
 Tiling. A program owns BLOCK_W consecutive pixels of one output row:
-- forward and grad-input (a gather, no atomics): for BLOCK_C channels; loads each tap's BLOCK_W weights once
-  and uses them for all BLOCK_C channels, a [BLOCK_C, BLOCK_W] float32 accumulator, the k*k taps unrolled;
-- grad-weights: for all k*k taps, reducing over channel blocks; when all channels fit in one block (the
+- forward and grad-input (a gather: each output element has one owner, no atomics): BLOCK_C channels, a
+  [BLOCK_C, BLOCK_W] float32 accumulator; each tap's BLOCK_W weights are loaded once for all BLOCK_C channels.
+  Tap rows are a loop, the k taps of a row unrolled (k loads in flight; unrolling all k*k spills registers).
+- grad-weights: all k*k taps, reducing over channel blocks; when all channels fit in one block (the
   neighbour-logit case, D = 32) the grad_out tile is loaded once and reused for every tap.
+- The launchers pass the weights stored tap-major, (B, k, k, H, W) (a copy unless they already are), so that
+  loading one tap for a row of pixels is coalesced rather than a k*k-strided gather.
+- Tiles whose taps all fall inside ``x`` skip the column remapping, so their loads stay contiguous and, at
+  aligned shifts, vectorised; only the border tiles pay for reflect/replicate/zeros.
 Grid: (W tiles, rows, batch x channel blocks), so programs that run together share rows of ``x`` in L2.
-On CUDA the block sizes are autotuned (key: C, W, k); the interpreter uses one small fixed configuration.
+On CUDA the block sizes are autotuned (key: C, W, k); the interpreter uses one fixed configuration.
 
 Functions (inputs on CUDA, or CPU when interpreting; float32, float16 or bfloat16; any strides):
 - ``adaptive_conv_forward(x, weights, pad_mode) -> Tensor[B, C, H, W]`` in ``x.dtype``;
@@ -92,11 +97,11 @@ def _autotune(configs, key):
     return decorate
 
 
-# (meta, num_warps). Tiles are [BLOCK_C, BLOCK_W]; W is the contiguous axis, so BLOCK_W >= 32 keeps loads coalesced.
+# (meta, num_warps). Tiles are [BLOCK_C, BLOCK_W], W the contiguous axis; 8 to 16 elements per thread, times k
+# loads in flight, stay under 255 registers without spilling (checked with ptxas for sm_90, k = 7).
 _TILE_CONFIGS = [
     ({"BLOCK_C": 8, "BLOCK_W": 128}, 4),
     ({"BLOCK_C": 16, "BLOCK_W": 64}, 4),
-    ({"BLOCK_C": 16, "BLOCK_W": 128}, 4),
     ({"BLOCK_C": 32, "BLOCK_W": 32}, 4),
     ({"BLOCK_C": 32, "BLOCK_W": 64}, 4),
     ({"BLOCK_C": 32, "BLOCK_W": 128}, 8),
@@ -132,11 +137,11 @@ def _remap(q, n, PAD_MODE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tap_row(acc, x_row, w_row, w0, row_mask, w_mask, W_in, stride_xw, stride_wj,
-                 K: tl.constexpr, COL_MODE: tl.constexpr):
-    """``acc += weights[.., i, j] * x[.., w0 + j]`` (remapped by ``COL_MODE``) for the K taps j of one tap row."""
+def _fwd_tap_row(acc, x_row, w_row, offs_w, row_mask, w_mask, W_in, stride_xw, stride_wj,
+                 K: tl.constexpr, R: tl.constexpr, COL_MODE: tl.constexpr):
+    """``acc += weights[.., i, j] * x[.., w + j - R]`` (remapped by ``COL_MODE``) for the K taps j of one tap row."""
     for j in tl.static_range(K):
-        col = _remap(w0 + j, W_in, COL_MODE)  # [BLOCK_W]
+        col = _remap(offs_w + (j - R), W_in, COL_MODE)  # [BLOCK_W]; a constant shift keeps the alignment known
         x_mask = row_mask
         if COL_MODE == 0:
             x_mask = x_mask & ((col >= 0) & (col < W_in))[None, :]
@@ -174,10 +179,10 @@ def _adaptive_conv_fwd_kernel(
 
     # Tap (i, j) of pixel (h, w) reads x at (h + i - R, w + j - R), remapped; valid mode has R = 0.
     R: tl.constexpr = (K // 2) * (PAD_MODE != 3)
-    w0 = offs_w - R
     # Tiles whose taps all fall inside x need no column remapping: their loads stay contiguous (vectorised).
     interior = (pid_w * BLOCK_W >= R) & (pid_w * BLOCK_W + BLOCK_W + R <= W_in)
-    x_chan = x_ptr + b * stride_xb + offs_c[:, None] * stride_xc  # [BLOCK_C, 1]
+    # channel offsets in int64: C * H * W may pass 2**31 (e.g. C = 384 at 2400 x 2400)
+    x_chan = x_ptr + b * stride_xb + offs_c[:, None].to(tl.int64) * stride_xc  # [BLOCK_C, 1]
     w_pix = w_ptr + b * stride_wb + h * stride_wh + offs_w * stride_ww  # [BLOCK_W]: tap (0, 0) of each pixel
     acc = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
     # A loop over tap rows, the K taps of a row unrolled: K loads in flight, and no register spills (unrolling all
@@ -190,11 +195,13 @@ def _adaptive_conv_fwd_kernel(
         x_row = x_chan + row * stride_xh
         w_row = w_pix + i * stride_wi
         if interior:
-            acc = _fwd_tap_row(acc, x_row, w_row, w0, row_mask, w_mask, W_in, stride_xw, stride_wj, K, 3)
+            acc = _fwd_tap_row(acc, x_row, w_row, offs_w, row_mask, w_mask, W_in, stride_xw, stride_wj, K, R, 3)
         else:
-            acc = _fwd_tap_row(acc, x_row, w_row, w0, row_mask, w_mask, W_in, stride_xw, stride_wj, K, PAD_MODE)
+            acc = _fwd_tap_row(acc, x_row, w_row, offs_w, row_mask, w_mask, W_in, stride_xw, stride_wj, K, R,
+                               PAD_MODE)
 
-    out = out_ptr + b * stride_ob + offs_c[:, None] * stride_oc + h * stride_oh + offs_w[None, :] * stride_ow
+    out = (out_ptr + b * stride_ob + offs_c[:, None].to(tl.int64) * stride_oc + h * stride_oh
+           + offs_w[None, :] * stride_ow)
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -225,7 +232,8 @@ def _adaptive_conv_grad_input_kernel(
     c_mask = offs_c < C
 
     # pointers at (h, w) = (0, x): tap (i, j) reads (y - i, x - j)
-    g_pix = g_ptr + b * stride_gb + offs_c[:, None] * stride_gc + offs_x[None, :] * stride_gw  # [BLOCK_C, BLOCK_W]
+    g_chan = g_ptr + b * stride_gb + offs_c[:, None].to(tl.int64) * stride_gc  # [BLOCK_C, 1]
+    g_pix = g_chan + offs_x[None, :] * stride_gw  # [BLOCK_C, BLOCK_W]
     w_pix = w_ptr + b * stride_wb + offs_x * stride_ww  # [BLOCK_W]
     acc = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
     for i in range(K):  # as in the forward: tap rows looped, the taps of a row unrolled
@@ -239,35 +247,36 @@ def _adaptive_conv_grad_input_kernel(
             gt = tl.load(g_row - j * stride_gw, mask=c_mask[:, None] & p_mask[None, :], other=0.0)
             acc += gt.to(tl.float32) * wt[None, :]
 
-    out = gx_ptr + b * stride_xb + offs_c[:, None] * stride_xc + y * stride_xh + offs_x[None, :] * stride_xw
+    out = (gx_ptr + b * stride_xb + offs_c[:, None].to(tl.int64) * stride_xc + y * stride_xh
+           + offs_x[None, :] * stride_xw)
     tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=c_mask[:, None] & (offs_x < W_pad)[None, :])
 
 
 @triton.jit
-def _grad_weights_tap_row(g_all, g_pix, x_row, gw_row, w0, w_mask, pix_mask, offs_c, C, W_in,
+def _grad_weights_tap_row(g_all, g_tile, x_row, gw_row, offs_w, w_mask, pix_mask, offs_c, C, W_in,
                           stride_gc, stride_xc, stride_xw, stride_wj,
-                          K: tl.constexpr, COL_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
-                          ONE_C_BLOCK: tl.constexpr):
-    """``grad_w[.., i, j] = sum_c grad_out[c, ..] * x[c, .., w0 + j]`` (remapped by ``COL_MODE``) for one tap row."""
+                          K: tl.constexpr, R: tl.constexpr, COL_MODE: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_W: tl.constexpr, ONE_C_BLOCK: tl.constexpr):
+    """``grad_w[.., i, j] = sum_c grad_out[c, ..] * x[c, .., w + j - R]`` (remapped by ``COL_MODE``), one tap row."""
     for j in tl.static_range(K):
-        col = _remap(w0 + j, W_in, COL_MODE)
+        col = _remap(offs_w + (j - R), W_in, COL_MODE)
         x_mask = pix_mask
         if COL_MODE == 0:
             x_mask = x_mask & (col >= 0) & (col < W_in)
-        x_pix = x_row + col[None, :] * stride_xw  # [1, BLOCK_W]
+        x_tile = x_row + col[None, :] * stride_xw  # [BLOCK_C, BLOCK_W]: the first channel block
         if ONE_C_BLOCK:
-            c_mask = offs_c < C
-            xt = tl.load(x_pix + offs_c[:, None] * stride_xc, mask=c_mask[:, None] & x_mask[None, :], other=0.0)
+            xt = tl.load(x_tile, mask=(offs_c < C)[:, None] & x_mask[None, :], other=0.0)
             tap = tl.sum(g_all * xt.to(tl.float32), axis=0)
         else:
             acc = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)
+            g_blk = g_tile
             for c0 in range(0, C, BLOCK_C):
-                c_mask = offs_c < C - c0
-                gt = tl.load(g_pix + (c0 + offs_c)[:, None] * stride_gc, mask=c_mask[:, None] & w_mask[None, :],
-                             other=0.0)
-                xt = tl.load(x_pix + (c0 + offs_c)[:, None] * stride_xc, mask=c_mask[:, None] & x_mask[None, :],
-                             other=0.0)
+                c_mask = (offs_c < C - c0)[:, None]
+                gt = tl.load(g_blk, mask=c_mask & w_mask[None, :], other=0.0)
+                xt = tl.load(x_tile, mask=c_mask & x_mask[None, :], other=0.0)
                 acc += gt.to(tl.float32) * xt.to(tl.float32)
+                g_blk += BLOCK_C * stride_gc
+                x_tile += BLOCK_C * stride_xc
             tap = tl.sum(acc, axis=0)
         tl.store(gw_row + j * stride_wj, tap.to(gw_row.dtype.element_ty), mask=w_mask)
 
@@ -297,14 +306,15 @@ def _adaptive_conv_grad_weights_kernel(
     offs_c = tl.arange(0, BLOCK_C)
 
     R: tl.constexpr = (K // 2) * (PAD_MODE != 3)  # as in the forward
-    w0 = offs_w - R
     interior = (pid_w * BLOCK_W >= R) & (pid_w * BLOCK_W + BLOCK_W + R <= W_in)
-    g_pix = g_ptr + b * stride_gb + h * stride_gh + offs_w[None, :] * stride_gw  # [1, BLOCK_W]
-    x_img = x_ptr + b * stride_xb
+    c_off = offs_c[:, None].to(tl.int64)  # int64: C * H * W may pass 2**31
+    # [BLOCK_C, BLOCK_W] pointers into grad_out (first channel block) and [BLOCK_C, 1] into x
+    g_tile = g_ptr + b * stride_gb + c_off * stride_gc + h * stride_gh + offs_w[None, :] * stride_gw
+    x_chan = x_ptr + b * stride_xb + c_off * stride_xc
     gw_pix = gw_ptr + b * stride_wb + h * stride_wh + offs_w * stride_ww  # [BLOCK_W]
     if ONE_C_BLOCK:
         # all channels in one tile (e.g. the 32-dim keys of the neighbour logits): load grad_out once
-        g_all = tl.load(g_pix + offs_c[:, None] * stride_gc, mask=(offs_c < C)[:, None] & w_mask[None, :], other=0.0)
+        g_all = tl.load(g_tile, mask=(offs_c < C)[:, None] & w_mask[None, :], other=0.0)
         g_all = g_all.to(tl.float32)
     else:
         g_all = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)  # unused: grad_out is streamed by channel block
@@ -313,14 +323,14 @@ def _adaptive_conv_grad_weights_kernel(
         pix_mask = w_mask
         if PAD_MODE == 0:
             pix_mask = pix_mask & (row >= 0) & (row < H_in)
-        x_row = x_img + row * stride_xh
+        x_row = x_chan + row * stride_xh
         gw_row = gw_pix + i * stride_wi
         if interior:
-            _grad_weights_tap_row(g_all, g_pix, x_row, gw_row, w0, w_mask, pix_mask, offs_c, C, W_in,
-                                  stride_gc, stride_xc, stride_xw, stride_wj, K, 3, BLOCK_C, BLOCK_W, ONE_C_BLOCK)
+            _grad_weights_tap_row(g_all, g_tile, x_row, gw_row, offs_w, w_mask, pix_mask, offs_c, C, W_in,
+                                  stride_gc, stride_xc, stride_xw, stride_wj, K, R, 3, BLOCK_C, BLOCK_W, ONE_C_BLOCK)
         else:
-            _grad_weights_tap_row(g_all, g_pix, x_row, gw_row, w0, w_mask, pix_mask, offs_c, C, W_in,
-                                  stride_gc, stride_xc, stride_xw, stride_wj, K, PAD_MODE, BLOCK_C, BLOCK_W,
+            _grad_weights_tap_row(g_all, g_tile, x_row, gw_row, offs_w, w_mask, pix_mask, offs_c, C, W_in,
+                                  stride_gc, stride_xc, stride_xw, stride_wj, K, R, PAD_MODE, BLOCK_C, BLOCK_W,
                                   ONE_C_BLOCK)
 
 
@@ -392,7 +402,7 @@ def adaptive_conv_forward(x: Tensor, weights: Tensor, pad_mode: int) -> Tensor:
     if out.numel() == 0:
         return out
     # (3) launch
-    grid = lambda META: (triton.cdiv(W, META["BLOCK_W"]), H, B * triton.cdiv(C, META["BLOCK_C"]))  # noqa: E731
+    grid = lambda META: (triton.cdiv(W, META["BLOCK_W"]), H, B * triton.cdiv(C, META["BLOCK_C"]))
     weights = _tap_major(weights)
     _adaptive_conv_fwd_kernel[grid](
         x, weights, out,
@@ -423,7 +433,7 @@ def adaptive_conv_grad_input_padded(grad_out: Tensor, weights: Tensor) -> Tensor
     if H == 0 or W == 0:
         return grad_xpad.zero_()
     # (3) launch
-    grid = lambda META: (triton.cdiv(W_pad, META["BLOCK_W"]), H_pad, B * triton.cdiv(C, META["BLOCK_C"]))  # noqa: E731
+    grid = lambda META: (triton.cdiv(W_pad, META["BLOCK_W"]), H_pad, B * triton.cdiv(C, META["BLOCK_C"]))
     weights = _tap_major(weights)
     _adaptive_conv_grad_input_kernel[grid](
         grad_out, weights, grad_xpad,
@@ -456,7 +466,7 @@ def adaptive_conv_grad_weights(grad_out: Tensor, x: Tensor, pad_mode: int, k: in
         return grad_w.zero_()
     # (3) launch. BLOCK_C follows C, so that small C (the 32-dim keys) is a single block, loaded once.
     block_c = min(triton.next_power_of_2(C), _INTERPRETER_META["BLOCK_C"] if INTERPRET else 64)
-    grid = lambda META: (triton.cdiv(W, META["BLOCK_W"]), H, B)  # noqa: E731
+    grid = lambda META: (triton.cdiv(W, META["BLOCK_W"]), H, B)
     _adaptive_conv_grad_weights_kernel[grid](
         grad_out, x, grad_w,
         *grad_out.stride(), *x.stride(), *grad_w.stride(),

@@ -26,15 +26,27 @@ def pad_input(x: Tensor, r: int, mode: int) -> Tensor:
 
 
 def fold_padding_grad(grad_xpad: Tensor, x_shape, r: int, mode: int) -> Tensor:
-    """The adjoint of ``pad_input``: the gradient of the padded tensor folded back onto ``x``."""
+    """The adjoint of ``pad_input``: the gradient of the padded tensor folded back onto ``x``.
+
+    Works in place on ``grad_xpad`` and returns a view of its interior (no copy of the map).
+    """
     if mode == PAD_MODES["valid"] or r == 0:
         return grad_xpad
-    if mode == PAD_MODES["zeros"]:
-        return grad_xpad[..., r:-r, r:-r]
-    with torch.enable_grad():
-        x = torch.zeros(x_shape, dtype=grad_xpad.dtype, device=grad_xpad.device, requires_grad=True)
-        (grad_x,) = torch.autograd.grad(pad_input(x, r, mode), x, grad_xpad)
-    return grad_x
+    return _fold_axis(_fold_axis(grad_xpad, r, mode, -1), r, mode, -2)
+
+
+def _fold_axis(grad: Tensor, r: int, mode: int, dim: int) -> Tensor:
+    """Add the ``r`` padded entries at each end of ``dim`` onto the entries they copied; the interior view."""
+    n = grad.shape[dim] - 2 * r
+    inner = grad.narrow(dim, r, n)
+    left, right = grad.narrow(dim, 0, r), grad.narrow(dim, n + r, r)
+    if mode == PAD_MODES["reflect"]:  # pad[r - 1 - t] = x[1 + t], pad[n + r + t] = x[n - 2 - t]
+        inner.narrow(dim, 1, r).add_(left.flip(dim))
+        inner.narrow(dim, n - 1 - r, r).add_(right.flip(dim))
+    elif mode == PAD_MODES["replicate"]:
+        inner.narrow(dim, 0, 1).add_(left.sum(dim, keepdim=True))
+        inner.narrow(dim, n - 1, 1).add_(right.sum(dim, keepdim=True))
+    return inner
 
 
 def adaptive_conv_unfold(x: Tensor, weights: Tensor, padding: str = "reflect") -> Tensor:

@@ -27,9 +27,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Outputs in the input dtype are compared with these; float32 outputs (both gradients) always with float32's:
 # products of half inputs are exact in float32, so only the accumulation order differs.
 TOL = {
-    "float32": dict(rtol=1e-5, atol=1e-5),
-    "float16": dict(rtol=2e-3, atol=2e-3),
-    "bfloat16": dict(rtol=1.6e-2, atol=1.6e-2),
+    "float32": {"rtol": 1e-5, "atol": 1e-5},
+    "float16": {"rtol": 2e-3, "atol": 2e-3},
+    "bfloat16": {"rtol": 1.6e-2, "atol": 1.6e-2},
 }
 
 
@@ -55,7 +55,7 @@ def taps(weights):
 
 
 def ref_forward(x, weights, mode):
-    B, H, W, k, _ = weights.shape
+    _, H, W, k, _ = weights.shape
     return (patches(pad(x.double(), k // 2, mode), k, H, W) * taps(weights.double())).sum(2)
 
 
@@ -67,7 +67,7 @@ def ref_grad_input_padded(grad_out, weights):
 
 
 def ref_grad_weights(grad_out, x, mode, k):
-    B, C, H, W = grad_out.shape
+    B, _, H, W = grad_out.shape
     prod = patches(pad(x.double(), k // 2, mode), k, H, W) * grad_out.double().unsqueeze(2)
     return prod.sum(1).permute(0, 2, 3, 1).reshape(B, H, W, k, k)
 
