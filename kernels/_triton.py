@@ -318,6 +318,7 @@ def _adaptive_conv_grad_weights_kernel(
         g_all = g_all.to(tl.float32)
     else:
         g_all = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.float32)  # unused: grad_out is streamed by channel block
+    # all K*K taps unrolled: each tap's sum is stored at once, so nothing piles up in registers
     for i in tl.static_range(K):
         row = _remap(h + (i - R), H_in, PAD_MODE)
         pix_mask = w_mask
