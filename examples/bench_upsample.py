@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ def subset(folder: Path, n: int, into: Path) -> Path:
 
 
 def run(images: Path, out: Path, **kwargs) -> dict:
+    os.sync()  # start each run with no dirty pages of the previous one left to write back
     result = upsample_folder(images, out, quiet=True, overwrite=True, **kwargs)
     files = list(out.glob("shard-*.h5"))
     return {
