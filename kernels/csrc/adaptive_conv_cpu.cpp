@@ -276,131 +276,35 @@ void run_tasks(int64_t ntasks, const MakeState& make_state, const Task& task) {
   });
 }
 
-// ---- forward, k <= 7 -----------------------------------------------------------------------------
-//
-// Tiles of R output rows x NC channels x one vector of w, all accumulators in registers. A padded input row p
-// feeds the output rows h0 + r with tap row i = p - r in [0, k), so each j-shifted input vector (one valignd)
-// feeds up to R FMAs instead of one, and each weight vector feeds NC. Weights of a block of R rows are stored
-// per w-chunk, [chunk][r][t][L], so one chunk (R * k * k vectors, compile-time offsets) stays in L1 while the
-// channel pairs of a scratch group (their padded rows in L2) stream past it.
-
-constexpr int kFR = kAvx512 ? 8 : 4;  // output rows per tile (and per task)
-constexpr int kFNC = 2;               // channels per tile
-constexpr int kFG = 16;               // channels per scratch group (a multiple of kFNC)
-
-// wc: weights of the tile's row 0 in a chunk (row stride K*K*L); xs: padded row 0 of channel 0 at w0 (row
-// stride rs, channel stride cs); orow[cc * R + r]: output row r of channel cc at w0 (`valid` entries).
-template <typename T, int K, int R, int NC>
-inline void forward_tile(const T* __restrict wc, const T* __restrict xs, int64_t rs, int64_t cs, T* const* orow,
-                         int64_t valid) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  constexpr int L = lanes<T>(), KK = K * K;
-  V acc[NC][R];
-  for (int cc = 0; cc < NC; ++cc)
-    for (int q = 0; q < R; ++q) acc[cc][q] = S::zero();
-  unroll<R + K - 1>([&](auto P) {
-    constexpr int p = decltype(P)::value;
-    Window<T, 1> win[NC];
-    for (int cc = 0; cc < NC; ++cc) win[cc].load(xs + cc * cs + p * rs);
-    unroll<K>([&](auto J) {
-      constexpr int j = decltype(J)::value;
-      V xv[NC];
-      for (int cc = 0; cc < NC; ++cc) xv[cc] = win[cc].template get<j>(0);
-      unroll<R>([&](auto Q) {
-        constexpr int q = decltype(Q)::value, i = p - q;
-        if constexpr (i >= 0 && i < K) {
-          const V wv = S::load(wc + (q * KK + i * K + j) * L);
-          for (int cc = 0; cc < NC; ++cc) acc[cc][q] = S::fma(wv, xv[cc], acc[cc][q]);
-        }
-      });
-    });
-  });
-  for (int cc = 0; cc < NC; ++cc)
-    for (int q = 0; q < R; ++q) {
-      T* o = orow[cc * R + q];
-      if (valid >= L) {
-        S::storeu(o, acc[cc][q]);
-      } else {
-        alignas(64) T tmp[L];
-        S::storeu(tmp, acc[cc][q]);
-        std::memcpy(o, tmp, valid * sizeof(T));
-      }
-    }
-}
-
-template <typename T, int K>
-void forward_impl_k(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_t H, int64_t W, int mode) {
-  constexpr int L = lanes<T>(), KK = K * K, R = kFR, NC = kFNC, pr = K / 2;
-  const int64_t Wv = round_up(W, L), Wr = Wv + L, nch = Wv / L;  // tiles read [w0, w0 + 2L), w0 < Wv
-  const int64_t Hs = mode == kValid ? H + K - 1 : H, Ws = mode == kValid ? W + K - 1 : W;
-  const int64_t nhb = (H + R - 1) / R, RB = R + K - 1;  // RB: padded rows per task
-  const int64_t G = std::min<int64_t>(kFG, round_up(C, NC));
-  struct State {
-    Buffer<T> wT, xs, dummy;
-  };
-  run_tasks(
-      B * nhb,
-      [&] { return State{Buffer<T>(nch * R * KK * L), Buffer<T>(G * RB * Wr), Buffer<T>(R * L)}; },
-      [&](State& s, int64_t task) {
-        const int64_t b = task / nhb, h0 = task % nhb * R;
-        const int nh = int(std::min<int64_t>(R, H - h0)), nrows = nh + K - 1;
-        // weights [w][t] of row h0 + q -> wT[chunk][q][t][l]
-        for (int q = 0; q < nh; ++q) {
-          const T* src = wts + ((b * H + h0 + q) * W) * KK;
-          for (int64_t ch = 0; ch < nch; ++ch) {
-            T* dst = s.wT.data() + (ch * R + q) * KK * L;
-            const int64_t w0 = ch * L;
-            const int nw = int(std::min<int64_t>(L, W - w0));
-            for (int t = 0; t < KK; ++t) {
-              for (int l = 0; l < nw; ++l) dst[t * L + l] = src[(w0 + l) * KK + t];
-              for (int l = nw; l < L; ++l) dst[t * L + l] = T(0);
-            }
-          }
-        }
-        for (int64_t c0 = 0; c0 < C; c0 += G) {
-          const int64_t ng = std::min<int64_t>(G, C - c0);
-          for (int64_t c = 0; c < ng; ++c) {
-            const T* plane = x + (b * C + c0 + c) * Hs * Ws;
-            for (int p = 0; p < nrows; ++p)
-              load_padded_row(s.xs.data() + (c * RB + p) * Wr, plane, H, W, h0 + p, pr, mode, Wr);
-          }
-          for (int64_t ch = 0; ch < nch; ++ch) {
-            const int64_t w0 = ch * L, valid = W - w0;
-            const T* wc = s.wT.data() + ch * R * KK * L;
-            for (int64_t c = 0; c < ng; c += NC) {
-              T* orow[NC * R];
-              int r0 = 0;
-              // channels past the group's end (c + cc >= ng): scratch rows of the group's buffer, results dropped
-              auto tile = [&](auto RT) {
-                constexpr int Rt = decltype(RT)::value;
-                for (int cc = 0; cc < NC; ++cc)
-                  for (int q = 0; q < Rt; ++q)
-                    orow[cc * Rt + q] = c + cc < ng ? out + ((b * C + c0 + c + cc) * H + h0 + r0 + q) * W + w0
-                                                    : s.dummy.data() + q * L;
-                forward_tile<T, K, Rt, NC>(wc + r0 * KK * L, s.xs.data() + (c * RB + r0) * Wr + w0, Wr, RB * Wr,
-                                           orow, valid);
-                r0 += Rt;
-              };
-              if (nh == R) {
-                tile(std::integral_constant<int, R>{});
-              } else {
-                if constexpr (R > 4)
-                  if (nh - r0 >= 4) tile(std::integral_constant<int, 4>{});
-                if constexpr (R > 2)
-                  if (nh - r0 >= 2) tile(std::integral_constant<int, 2>{});
-                if (nh - r0 >= 1) tile(std::integral_constant<int, 1>{});
-              }
-            }
-          }
-        }
-      });
-}
-
-// ---- forward, any k -------------------------------------------------------------------------------
+// ---- forward -------------------------------------------------------------------------------------
 //
 // One output row of kNC channels: wT [k*k][Wv] weights of the row; xr[cc * k + i] padded input row h + i of
 // channel cc (aligned, readable on [0, Wv + max(L, k - 1))); orow[cc] output row (W valid entries).
+
+template <typename T, int K>
+void forward_rows_k(const T* __restrict wT, int64_t Wv, const T* const* xr, T* const* orow, int64_t W) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = lanes<T>(), CH = L * kNV;
+  for (int64_t w0 = 0; w0 < Wv; w0 += CH) {
+    V acc[kNC][kNV];
+    for (int cc = 0; cc < kNC; ++cc)
+      for (int n = 0; n < kNV; ++n) acc[cc][n] = S::zero();
+    for (int i = 0; i < K; ++i) {
+      Window<T, kNV> win[kNC];
+      for (int cc = 0; cc < kNC; ++cc) win[cc].load(xr[cc * K + i] + w0);
+      const T* wi = wT + int64_t(i) * K * Wv + w0;
+      unroll<K>([&](auto J) {
+        constexpr int j = decltype(J)::value;
+        V wv[kNV];
+        for (int n = 0; n < kNV; ++n) wv[n] = S::load(wi + j * Wv + n * L);
+        for (int cc = 0; cc < kNC; ++cc)
+          for (int n = 0; n < kNV; ++n) acc[cc][n] = S::fma(wv[n], win[cc].template get<j>(n), acc[cc][n]);
+      });
+    }
+    store_rows<T, kNC, kNV>(acc, orow, w0, W - w0);
+  }
+}
 
 template <typename T>
 void forward_rows_any(const T* __restrict wT, int64_t Wv, const T* const* xr, T* const* orow, int64_t W, int k) {
@@ -426,8 +330,7 @@ void forward_rows_any(const T* __restrict wT, int64_t Wv, const T* const* xr, T*
 }
 
 template <typename T>
-void forward_impl_any(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_t H, int64_t W, int k,
-                      int mode) {
+void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_t H, int64_t W, int k, int mode) {
   constexpr int L = lanes<T>(), CH = L * kNV;
   const int r = k / 2, kk = k * k;
   const int64_t Wv = round_up(W, CH), Wr = round_up(Wv + std::max(L, k - 1), L);
@@ -459,21 +362,16 @@ void forward_impl_any(const T* x, const T* wts, T* out, int64_t B, int64_t C, in
               for (int i = 0; i < k; ++i) xr[cc * k + i] = s.xs.data() + (src * RB + hh + i) * Wr;
             }
             const T* wT = s.wT.data() + hh * kk * Wv;
-            forward_rows_any<T>(wT, Wv, xr, orow, W, k);
+            switch (k) {
+              case 1: forward_rows_k<T, 1>(wT, Wv, xr, orow, W); break;
+              case 3: forward_rows_k<T, 3>(wT, Wv, xr, orow, W); break;
+              case 5: forward_rows_k<T, 5>(wT, Wv, xr, orow, W); break;
+              case 7: forward_rows_k<T, 7>(wT, Wv, xr, orow, W); break;
+              default: forward_rows_any<T>(wT, Wv, xr, orow, W, k); break;
+            }
           }
         }
       });
-}
-
-template <typename T>
-void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_t H, int64_t W, int k, int mode) {
-  switch (k) {
-    case 1: forward_impl_k<T, 1>(x, wts, out, B, C, H, W, mode); break;
-    case 3: forward_impl_k<T, 3>(x, wts, out, B, C, H, W, mode); break;
-    case 5: forward_impl_k<T, 5>(x, wts, out, B, C, H, W, mode); break;
-    case 7: forward_impl_k<T, 7>(x, wts, out, B, C, H, W, mode); break;
-    default: forward_impl_any<T>(x, wts, out, B, C, H, W, k, mode); break;
-  }
 }
 
 // ---- grad input (padded frame), as a gather -------------------------------------------------------
