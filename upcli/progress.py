@@ -28,9 +28,6 @@ class Timings:
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] += seconds
 
-    def summary(self) -> str:
-        return ", ".join(f"{name} {sec:.2f}s" for name, sec in self.seconds.items())
-
 
 class ProgressReporter:
     """Counts finished items; draws a rich bar when stderr is a terminal, else logs a line every ``log_every`` s."""

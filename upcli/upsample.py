@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 
 from .errors import BadImageError, UsageError
 from .io.jobs import Item, Job, JobResult, resolve_split, run_job
-from .io.images import ImageRef, image_size, load_rgb, resize_rgb, scan_images, target_size
+from .io.images import IMAGE_EXTENSIONS, ImageRef, image_size, load_rgb, resize_rgb, scan_images, target_size
 from .io.store import COMPRESSIONS, DTYPES, to_storage
 from .progress import ProgressReporter, Timings
 
@@ -133,9 +134,7 @@ def upsample_folder(
     _check_choices(dtype=dtype, compression=compression, shard_size=shard_size, batch_size=batch_size, preview=preview)
     split = resolve_split(num_shards, shard_index)
     root = Path(folder)
-    inputs = scan_images(root)
-    if not inputs:
-        raise UsageError(f"{root}: no images found (looked for {', '.join(_extensions())})")
+    inputs = _scan(root)
     device = resolve_device(device)
     model = create_backbone(backbone, weights=weights, layer=layer).to(device).eval()
     up = create_upsampler(upsampler, backbone=model, **(upsampler_args or {})).to(device).eval()
@@ -149,7 +148,7 @@ def upsample_folder(
     timings = Timings(torch.cuda.synchronize if device.type == "cuda" else None)
     return run_job(
         job, functools.partial(load_resized, size=size), step, split=split,
-        shard_attrs={"command": "upsample", "settings": _json(settings)}, compression=compression,
+        shard_attrs={"command": "upsample", "settings": json.dumps(settings, sort_keys=True)}, compression=compression,
         batch_size=batch_size, workers=default_workers() if workers is None else workers, strict=strict,
         overwrite=overwrite, reporter=reporter, timings=timings,
     )
@@ -164,9 +163,7 @@ def plan_upsample(folder, *, backbone: str = "efficientnet-lite0", layer: str | 
 
     size = parse_size(size)
     _check_choices(dtype=dtype)
-    inputs = scan_images(Path(folder))
-    if not inputs:
-        raise UsageError(f"{folder}: no images found (looked for {', '.join(_extensions())})")
+    inputs = _scan(Path(folder))
     cfg = get_backbone_cfg(backbone, layer=layer)
     itemsize = np.dtype("float32").itemsize if dtype == "float32" else 2
     shapes, bad = {}, {}
@@ -191,10 +188,11 @@ def _check_choices(dtype="float16", compression="none", shard_size=1, batch_size
         raise UsageError(f"--preview must be 0 or more, got {preview}")
 
 
-def _extensions() -> tuple[str, ...]:
-    from .io.images import IMAGE_EXTENSIONS
-
-    return IMAGE_EXTENSIONS
+def _scan(folder: Path) -> list[ImageRef]:
+    inputs = scan_images(folder)
+    if not inputs:
+        raise UsageError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return inputs
 
 
 def _weights_identity(weights) -> dict | None:
@@ -203,9 +201,3 @@ def _weights_identity(weights) -> dict | None:
     path = Path(weights)
     stat = path.stat() if path.exists() else None
     return {"path": str(path.resolve()), "bytes": stat.st_size if stat else None}
-
-
-def _json(value) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True)
