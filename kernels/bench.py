@@ -26,6 +26,9 @@ from .adaptive_conv import adaptive_conv, neighbour_logits
 from .reference import adaptive_conv_forward, adaptive_conv_unfold
 
 
+_START = time.perf_counter()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -116,10 +119,12 @@ def run_case(name, fn, make_inputs, flops, nbytes, rates, device, backward, chec
                 t.grad = None
         return out
 
+    call()  # warm-up: compilation and autotuning stay out of the time and the memory
     with PeakMemory(device) as mem:
         out = call()
     ok = True if check is None else check(out.detach())
     seconds = timed(call, device)
+    print(f"  [{time.perf_counter() - _START:6.1f} s] {name}", file=sys.stderr, flush=True)
     copy_gbs, gemm_gflops = rates
     gbs, gflops = nbytes / seconds / 1e9, flops / seconds / 1e9
     return {"impl": name, "ms": seconds * 1e3, "GB/s": gbs, "copy_frac": gbs / copy_gbs, "GFLOP/s": gflops,

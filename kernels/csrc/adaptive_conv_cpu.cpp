@@ -38,6 +38,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <cstring>
 #include <utility>
 
@@ -617,21 +618,32 @@ void grad_weights_impl(const T* gout, const T* x, T* gw, int64_t B, int64_t C, i
 
 constexpr int64_t kMaxK = 63;  // row-pointer arrays are sized for k <= 64
 
+// Error messages are built from strings only: streaming integers into TORCH_CHECK segfaulted with torch 2.11
+// built by g++ 12 (seen on the GPU machine); strings and C strings were fine.
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + ")";
+}
+
+std::string dtype_str(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
+
 void check_common(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "upcli adaptive_conv cpu: ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.device().is_cpu(), "upcli adaptive_conv cpu: ", name, " must be on the CPU, got ", t.device().str());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "upcli adaptive_conv cpu: ", name, " must be float32 or float64, got ", t.scalar_type());
+              "upcli adaptive_conv cpu: ", name, " must be float32 or float64, got ", dtype_str(t));
   TORCH_CHECK(t.is_contiguous(), "upcli adaptive_conv cpu: ", name, " must be contiguous");
 }
 
 void check_mode(int64_t mode) {
-  TORCH_CHECK(mode >= 0 && mode <= 3, "upcli adaptive_conv cpu: pad_mode must be 0..3, got ", mode);
+  TORCH_CHECK(mode >= 0 && mode <= 3, "upcli adaptive_conv cpu: pad_mode must be 0..3, got ", std::to_string(mode));
 }
 
 int64_t check_weights(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 5 && w.size(3) == w.size(4) && w.size(3) % 2 == 1,
-              "upcli adaptive_conv cpu: weights must be (B, H, W, k, k) with k odd, got ", w.sizes());
-  TORCH_CHECK(w.size(3) <= kMaxK, "upcli adaptive_conv cpu: k must be <= ", kMaxK, ", got ", w.size(3));
+              "upcli adaptive_conv cpu: weights must be (B, H, W, k, k) with k odd, got ", shape_str(w));
+  TORCH_CHECK(w.size(3) <= kMaxK, "upcli adaptive_conv cpu: k must be <= ", std::to_string(kMaxK), ", got ",
+              std::to_string(w.size(3)));
   return w.size(3);
 }
 
@@ -639,18 +651,19 @@ int64_t check_weights(const at::Tensor& w) {
 void check_x(const at::Tensor& x, int64_t B, int64_t H, int64_t W, int64_t k, int64_t mode) {
   const int64_t extra = mode == kValid ? k - 1 : 0;
   TORCH_CHECK(x.dim() == 4 && x.size(0) == B && x.size(2) == H + extra && x.size(3) == W + extra,
-              "upcli adaptive_conv cpu: x ", x.sizes(), " does not match (B, H, W) = (", B, ", ", H, ", ", W,
-              "), k = ", k, ", pad_mode = ", mode);
+              "upcli adaptive_conv cpu: x ", shape_str(x), " does not match (B, H, W) = (", std::to_string(B), ", ",
+              std::to_string(H), ", ", std::to_string(W), "), k = ", std::to_string(k), ", pad_mode = ", std::to_string(mode));
   TORCH_CHECK(mode != kReflect || H == 0 || W == 0 || (k / 2 < H && k / 2 < W),
-              "upcli adaptive_conv cpu: reflect padding needs k // 2 < H and W, got k = ", k, ", ", H, "x", W);
+              "upcli adaptive_conv cpu: reflect padding needs k // 2 < H and W, got k = ", std::to_string(k), ", ",
+              std::to_string(H), "x", std::to_string(W));
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weights, int64_t pad_mode) {
   check_common(x, "x");
   check_common(weights, "weights");
   check_mode(pad_mode);
-  TORCH_CHECK(x.scalar_type() == weights.scalar_type(), "upcli adaptive_conv cpu: x is ", x.scalar_type(),
-              ", weights ", weights.scalar_type());
+  TORCH_CHECK(x.scalar_type() == weights.scalar_type(), "upcli adaptive_conv cpu: x is ", dtype_str(x), ", weights ",
+              dtype_str(weights));
   const int64_t k = check_weights(weights);
   const int64_t B = weights.size(0), H = weights.size(1), W = weights.size(2);
   check_x(x, B, H, W, k, pad_mode);
@@ -670,11 +683,11 @@ at::Tensor grad_input_padded(const at::Tensor& grad_out, const at::Tensor& weigh
   check_common(grad_out, "grad_out");
   check_common(weights, "weights");
   TORCH_CHECK(grad_out.scalar_type() == weights.scalar_type(), "upcli adaptive_conv cpu: grad_out is ",
-              grad_out.scalar_type(), ", weights ", weights.scalar_type());
+              dtype_str(grad_out), ", weights ", dtype_str(weights));
   const int64_t k = check_weights(weights);
   const int64_t B = weights.size(0), H = weights.size(1), W = weights.size(2);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == B && grad_out.size(2) == H && grad_out.size(3) == W,
-              "upcli adaptive_conv cpu: grad_out ", grad_out.sizes(), " does not match weights ", weights.sizes());
+              "upcli adaptive_conv cpu: grad_out ", shape_str(grad_out), " does not match weights ", shape_str(weights));
   const int64_t C = grad_out.size(1);
   if (B * C * H * W == 0) return at::zeros({B, C, H + k - 1, W + k - 1}, grad_out.options());
   at::Tensor gx = new_output({B, C, H + k - 1, W + k - 1}, grad_out.options());
@@ -692,13 +705,13 @@ at::Tensor grad_weights(const at::Tensor& grad_out, const at::Tensor& x, int64_t
   check_common(x, "x");
   check_mode(pad_mode);
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "upcli adaptive_conv cpu: grad_out is ",
-              grad_out.scalar_type(), ", x ", x.scalar_type());
-  TORCH_CHECK(k >= 1 && k % 2 == 1 && k <= kMaxK, "upcli adaptive_conv cpu: k must be odd in [1, ", kMaxK,
-              "], got ", k);
-  TORCH_CHECK(grad_out.dim() == 4, "upcli adaptive_conv cpu: grad_out must be (B, C, H, W), got ", grad_out.sizes());
+              dtype_str(grad_out), ", x ", dtype_str(x));
+  TORCH_CHECK(k >= 1 && k % 2 == 1 && k <= kMaxK, "upcli adaptive_conv cpu: k must be odd in [1, ",
+              std::to_string(kMaxK), "], got ", std::to_string(k));
+  TORCH_CHECK(grad_out.dim() == 4, "upcli adaptive_conv cpu: grad_out must be (B, C, H, W), got ", shape_str(grad_out));
   const int64_t B = grad_out.size(0), C = grad_out.size(1), H = grad_out.size(2), W = grad_out.size(3);
   check_x(x, B, H, W, k, pad_mode);
-  TORCH_CHECK(x.size(1) == C, "upcli adaptive_conv cpu: x ", x.sizes(), " and grad_out ", grad_out.sizes(),
+  TORCH_CHECK(x.size(1) == C, "upcli adaptive_conv cpu: x ", shape_str(x), " and grad_out ", shape_str(grad_out),
               " have different channel counts");
   if (B * C * H * W == 0) return at::zeros({B, H, W, k, k}, grad_out.options());
   at::Tensor gw = new_output({B, H, W, k, k}, grad_out.options());
