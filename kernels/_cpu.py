@@ -23,6 +23,7 @@ All functions take contiguous CPU tensors of one dtype, float32 or float64. ``pa
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -75,6 +76,19 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _import_cpp_extension():
+    """``torch.utils.cpp_extension``, without its import-time "No CUDA runtime is found" log line (a CUDA build of
+    torch on a CPU machine prints it; this path never uses CUDA)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _build() -> tuple[bool, str | None, list[str]]:
     if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
         return False, f"disabled by {_DISABLE_ENV}={os.environ[_DISABLE_ENV]}", []
@@ -84,7 +98,7 @@ def _build() -> tuple[bool, str | None, list[str]]:
     if shutil.which(compiler) is None:
         return False, f"no C++ compiler found ({compiler!r} is not on PATH)", []
     try:
-        from torch.utils import cpp_extension
+        cpp_extension = _import_cpp_extension()
 
         if not cpp_extension.is_ninja_available():
             return False, "ninja is not installed (pip install ninja)", []

@@ -34,7 +34,13 @@ def _call(command: str, fn, *args, **kwargs):
     except UpcliError as e:
         raise _fail(command, str(e), e.exit_code) from None
     except KeyboardInterrupt:
-        raise _fail(command, "interrupted; finished shards are kept, re-run the same command to resume", EXIT_INTERRUPTED) from None
+        raise _fail(command, _INTERRUPTED.get(command, _INTERRUPTED["upsample"]), EXIT_INTERRUPTED) from None
+
+
+_INTERRUPTED = {
+    "upsample": "interrupted; finished shards are kept, re-run the same command to resume",
+    "train": "interrupted; the last steps are checkpointed, add --resume to the same command to continue",
+}
 
 
 UPSAMPLE_EXAMPLE = """Examples:
@@ -56,7 +62,7 @@ def upsample(
     backbone: Annotated[str, typer.Option(help="Backbone name (see --list-backbones), or timm:<model>.")] = "efficientnet-lite0",
     weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint: official DINOv2/DINO .pth, timm or torchvision layout.", dir_okay=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="Backbone layer to read (default: the entry's own).")] = None,
-    upsampler: Annotated[str, typer.Option(help="bilinear or bilateral.")] = "bilinear",
+    upsampler: Annotated[str, typer.Option(help="bilinear, bilateral, jbu, resize-conv (the checkpoint shipped for the backbone), or a checkpoint PATH from upcli train.")] = "bilinear",
     sigma_spatial: Annotated[Optional[float], typer.Option(help="bilateral: spatial sigma in low-res pixels.")] = None,
     sigma_color: Annotated[Optional[float], typer.Option(help="bilateral: colour sigma on [0, 1] RGB.")] = None,
     size: Annotated[str, typer.Option(help="Shorter side of the output in pixels, or 'original'.")] = "448",
@@ -147,7 +153,60 @@ def _not_implemented(name: str, example: str, help_text: str, parent: typer.Type
     )(command)
 
 
-_not_implemented("train", "./coco --backbone dinov2 --out jbu.safetensors", "Train a JBU upsampler by multi-view reconstruction.")
+TRAIN_EXAMPLE = """Examples:
+
+  upcli train ./coco --backbone dinov2 --weights dinov2_vits14_pretrain.pth --out jbu-dinov2.safetensors
+
+  upcli train ./photos ./camvid/train --image-size 112,128,96x144 --steps 1500 --out jbu.safetensors --val ./val
+
+  upcli train ./photos --out jbu.safetensors --steps 3000 --resume      # continue a run to 3000 steps
+
+  torchrun --nproc-per-node 4 -m upcli.cli train ./coco --batch-size 16 --out jbu.safetensors
+
+  upcli upsample ./imgs --out feats/ --upsampler jbu.safetensors        # use the result
+"""
+
+
+@app.command(epilog=TRAIN_EXAMPLE)
+def train(
+    images: Annotated[list[Path], typer.Argument(help="Folders of training images (unlabeled), scanned recursively.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors); training state goes beside it.", dir_okay=False)],
+    backbone: Annotated[str, typer.Option(help="Backbone name, or timm:<model>.")] = "efficientnet-lite0",
+    weights: Annotated[Optional[Path], typer.Option(help="Local backbone checkpoint.", dir_okay=False)] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Backbone layer (default: the entry's own).")] = None,
+    upsampler: Annotated[str, typer.Option(help="jbu or resize-conv.")] = "jbu",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in all (also when resuming).")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step, over all processes.")] = 4,
+    lr: Annotated[float, typer.Option(help="NAdam learning rate.")] = 1e-3,
+    image_size: Annotated[str, typer.Option(help="Training crop size: N, HxW, or a comma list for multi-resolution training (one is drawn per step).")] = "224",
+    views: Annotated[int, typer.Option(min=1, help="Jittered views per image and step.")] = 2,
+    downsampler: Annotated[str, typer.Option(help="attention or simple.")] = "attention",
+    guidance: Annotated[str, typer.Option(help="jbu: rgb (the pixel) or conv (a 3x3 conv of the image).")] = "rgb",
+    fixup: Annotated[bool, typer.Option(help="jbu: FeatUp's additive kernel correction.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    save_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 100,
+    val: Annotated[Optional[Path], typer.Option(help="Folder of held-out images: report the reconstruction loss at each checkpoint.", file_okay=False)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from --out and its training state.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+) -> None:
+    """Train a learned upsampler (JBU or resize-conv) by FeatUp's multi-view reconstruction."""
+    from .upsamplers import train as lib
+
+    upsampler_args = {"guidance": guidance, "fixup": fixup} if upsampler == "jbu" else {}
+    cfg = lib.TrainConfig(
+        images=[str(p) for p in images], out=str(out), backbone=backbone, upsampler=upsampler, steps=steps,
+        batch_size=batch_size, lr=lr, image_sizes=_call("train", lib.parse_image_sizes, image_size), views=views,
+        downsampler=downsampler, seed=seed, save_every=save_every, val=str(val) if val else None,
+        weights=str(weights) if weights else None, layer=layer, upsampler_args=upsampler_args, device=device,
+    )
+    result = _call("train", lib.train, cfg, resume=resume, quiet=quiet)
+    if not quiet and result["losses"]:
+        val_text = f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else ""
+        print(f"train: steps {result['start']}..{result['steps']} in {result['seconds']:.0f} s, last loss "
+              f"{result['losses'][-1]:.4f}{val_text}; wrote {out}", file=sys.stderr)
+
+
 _not_implemented("fit-image", "cat.jpg --backbone dinov2 --out feats/", "Fit FeatUp's per-image implicit upsampler.")
 _not_implemented("sr", "./lr --zero-shot --scale 2 --out sr/", "Zero-shot super-resolution (ZSSR, or MZSR with --meta).")
 _not_implemented("pretrain itpn", "./imagenet --out itpn/", "Pretrain a hierarchical ViT and its feature pyramid (iTPN).", pretrain_app)

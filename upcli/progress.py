@@ -32,8 +32,10 @@ class Timings:
 class ProgressReporter:
     """Counts finished items; draws a rich bar when stderr is a terminal, else logs a line every ``log_every`` s."""
 
-    def __init__(self, description: str, quiet: bool = False, log_every: float = 30.0, stream=None):
+    def __init__(self, description: str, quiet: bool = False, log_every: float = 30.0, stream=None,
+                 unit: str = "images"):
         self.description = description
+        self.unit = unit
         self.quiet = quiet
         self.log_every = log_every
         self.stream = stream or sys.stderr
@@ -61,14 +63,16 @@ class ProgressReporter:
     def rate(self) -> float:
         return self.done / max(time.monotonic() - self._start, 1e-9)
 
-    def advance(self, n: int) -> None:
+    def advance(self, n: int, status: str = "") -> None:
+        """``n`` more items done; ``status`` (e.g. "loss 0.123") is shown beside the rate."""
         self.done += n
+        rate = f"{self.rate():.2f} {self.unit}/s" + (f", {status}" if status else "")
         if self._bar is not None:
-            self._bar.update(self._task, advance=n, rate=f"{self.rate():.2f} img/s")
+            self._bar.update(self._task, advance=n, rate=rate)
         elif not self.quiet and time.monotonic() - self._last_log >= self.log_every:
             self._last_log = time.monotonic()
             left = (self.total - self.done) / max(self.rate(), 1e-9)
-            self.log(f"{self.description}: {self.done}/{self.total} images, {self.rate():.2f} img/s, eta {_hms(left)}")
+            self.log(f"{self.description}: {self.done}/{self.total} {self.unit}, {rate}, eta {_hms(left)}")
 
     def log(self, message: str) -> None:
         """A line that is always worth showing (a skipped file, a finished shard), unless quiet."""

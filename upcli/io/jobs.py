@@ -255,7 +255,7 @@ def _store_error(error: BaseException, writer: ShardWriter | None) -> BaseExcept
     return error
 
 
-class _TerminateAsInterrupt:
+class TerminateAsInterrupt:
     """SIGTERM (SLURM, kill) is handled like Ctrl-C, so files are closed cleanly."""
 
     def __enter__(self):
@@ -326,7 +326,7 @@ def run_job(
     start_time = time.perf_counter()
     processed = 0
     try:
-        with _TerminateAsInterrupt():
+        with TerminateAsInterrupt():
             current = None
             for position, items in enumerate(loader):
                 shard = batch_shards[position]

@@ -6,6 +6,7 @@ One registry, timm style: ``@register_upsampler("name")`` on an ``Upsampler`` su
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch.nn.functional as F
@@ -49,8 +50,13 @@ def create_upsampler(name: str, backbone: nn.Module | None = None, **kwargs) -> 
     """Build upsampler ``name``; ``None`` kwargs are dropped so the entry's defaults apply.
 
     ``backbone`` is handed to every entry (learned upsamplers check its ``dim``); it may be ``None``.
+    ``name`` may also be the path of a checkpoint written by ``upcli train`` (any learned upsampler).
     Unknown names raise ``UsageError`` listing the choices.
     """
+    if name not in _UPSAMPLERS and (name.endswith(".safetensors") or os.path.sep in name or os.path.isfile(name)):
+        from .jbu import load_upsampler
+
+        return load_upsampler(name, backbone)
     return _UPSAMPLERS.create(name, backbone=backbone, **kwargs)
 
 
@@ -60,6 +66,6 @@ def list_upsamplers(pattern: str = "*") -> list[str]:
 
 
 # Entries register themselves on import; they need the names above.
-from . import bilateral, bilinear  # noqa: F401
+from . import bilateral, bilinear, jbu, resize_conv  # noqa: F401
 
 __all__ = ["Upsampler", "create_upsampler", "guidance_at", "list_upsamplers", "register_upsampler"]

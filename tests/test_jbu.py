@@ -1,0 +1,164 @@
+"""The learned JBU stack, resize-conv, the downsamplers and the multi-view objective."""
+
+import pytest
+import torch
+
+from upcli.errors import UsageError, WeightsError
+from upcli.upsamplers import create_upsampler
+from upcli.upsamplers.jbu import JBULayer, JBUStack, save_upsampler, stage_sizes
+from upcli.upsamplers.multiview import (DOWNSAMPLERS, MultiViewObjective, apply_jitter, random_projection,
+                                        sample_jitter)
+from upcli.training import generator
+
+
+class FakeBackbone:
+    def __init__(self, dim=8, stride=16, name="fake", layer="x"):
+        self.dim, self.stride, self.name, self.layer = dim, stride, name, layer
+
+
+@pytest.mark.parametrize("low, high", [((3, 5), (37, 53)), ((7, 7), (224, 224)), ((2, 3), (33, 47)), ((5, 4), (5, 4))])
+def test_stage_sizes_land_exactly(low, high):
+    sizes = stage_sizes(low, high)
+    assert sizes[-1] == high
+    prev = low
+    for size in sizes:  # each stage grows by about 2x, never shrinks
+        assert all(p <= s <= 3 * p for p, s in zip(prev, size))
+        prev = size
+
+
+@pytest.mark.parametrize("name", ["jbu", "resize-conv"])
+@pytest.mark.parametrize("size", [(37, 53), (31, 19), (8, 8)])
+def test_output_size_odd_non_square(name, size):
+    up = create_upsampler(name, FakeBackbone(), pretrained=False)
+    feats = torch.randn(2, 8, 3, 5)
+    out = up(feats, torch.rand(2, 3, 41, 29), size)
+    assert out.shape == (2, 8, *size) and out.dtype == feats.dtype and torch.isfinite(out).all()
+
+
+def test_every_tap_gets_a_gradient():
+    layer = JBULayer()
+    guidance = torch.randn(1, 3, 12, 14)
+    kernel = layer.kernel(guidance)
+    kernel.retain_grad()
+    feats = torch.randn(1, 5, 6, 7)
+    up = torch.nn.functional.interpolate(feats, size=(12, 14), mode="bicubic", align_corners=False)
+    from upcli.kernels import adaptive_conv
+
+    adaptive_conv(up, kernel).square().sum().backward()
+    per_tap = kernel.grad.abs().amax(dim=(0, 1, 2)).flatten()
+    assert per_tap.numel() == 49 and (per_tap > 0).all(), "a tap got no gradient"
+    for p in (layer.range_temp, layer.sigma_spatial, layer.range_proj[0].weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_kernel_is_a_normalised_window_without_fixup():
+    layer = JBULayer()
+    kernel = layer.kernel(torch.randn(2, 3, 9, 11))
+    assert kernel.shape == (2, 9, 11, 7, 7)
+    torch.testing.assert_close(kernel.sum(dim=(-1, -2)), torch.ones(2, 9, 11))
+    assert (kernel >= 0).all()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fixup": True, "guidance": "conv"}])
+def test_eval_is_deterministic_and_equals_train(kwargs):
+    up = create_upsampler("jbu", FakeBackbone(), pretrained=False, **kwargs)
+    torch.nn.init.normal_(up.residual.weight, std=0.1)
+    feats, image = torch.randn(1, 8, 4, 6), torch.rand(1, 3, 40, 60)
+    up.eval()
+    with torch.no_grad():
+        a, b = up(feats, image, (40, 60)), up(feats, image, (40, 60))
+        up.train()
+        c = up(feats, image, (40, 60))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_residual_on_the_input_grid_equals_on_the_output():
+    # the stages are linear, channel-shared and normalised: a 1x1 conv commutes with them
+    torch.manual_seed(0)
+    up_in = create_upsampler("jbu", FakeBackbone(), pretrained=False, residual="input")
+    up_out = create_upsampler("jbu", FakeBackbone(), pretrained=False, residual="output")
+    torch.nn.init.normal_(up_in.residual.weight, std=0.2)
+    torch.nn.init.normal_(up_in.residual.bias, std=0.2)
+    up_out.load_state_dict(up_in.state_dict())
+    feats, image = torch.randn(1, 8, 4, 5), torch.rand(1, 3, 32, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(up_in(feats, image, (32, 40)), up_out(feats, image, (32, 40)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["simple", "attention"])
+@pytest.mark.parametrize("high, low", [((45, 70), (3, 5)), ((64, 96), (4, 6)), ((50, 33), (7, 4))])
+def test_downsamplers_on_non_square_input(name, high, low):
+    down = DOWNSAMPLERS.create(name, dim=6)
+    x = torch.randn(2, 6, *high, requires_grad=True)
+    y = down(x, low)
+    assert y.shape == (2, 6, *low) and torch.isfinite(y).all()
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_simple_downsampler_starts_as_average_pooling():
+    down = DOWNSAMPLERS.create("simple", dim=3)
+    x = torch.randn(1, 3, 32, 48)
+    torch.testing.assert_close(down(x, (4, 6)), torch.nn.functional.avg_pool2d(x, 8))
+
+
+def test_jitter_is_per_sample_and_reproducible():
+    gens = lambda: [generator(0, 1, 0, s) for s in range(4)]  # noqa: E731
+    a, b = sample_jitter(gens()), sample_jitter(gens())
+    assert torch.equal(a, b) and a.shape == (4, 2, 3)
+    assert len({tuple(t.flatten().tolist()) for t in a}) == 4, "each sample draws its own view"
+    identity = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]])
+    x = torch.rand(1, 2, 9, 13)
+    torch.testing.assert_close(apply_jitter(x, identity), x, atol=1e-5, rtol=0)
+
+
+def test_projected_objective_equals_the_unprojected_definition():
+    # P^T down(t(F)) == down(t(P^T F)) with the saliency of F: the objective's shortcut changes nothing
+    torch.manual_seed(0)
+    up = create_upsampler("jbu", FakeBackbone(), pretrained=False)
+    obj = MultiViewObjective(up, 8, "attention", projection_dim=5)
+    lr, image = torch.randn(2, 8, 3, 4), torch.rand(2, 3, 48, 64)
+    gens = [generator(0, 2, s) for s in range(2)]
+    theta, proj = sample_jitter(gens), random_projection(gens, 8, 5)
+    target = torch.randn(1, 8, 3, 4).expand(2, -1, -1, -1)  # one RMS for both samples
+    with torch.no_grad():
+        loss = obj(lr, image, [(theta, target, proj)])
+        hr = up(lr, image, (48, 64))
+        pred = obj.downsampler(apply_jitter(hr, theta), (3, 4))
+        err = torch.einsum("bchw,bcp->bphw", pred - target, proj) / target.square().mean().sqrt()
+        log_s = obj.scale_net(target) + 0.1
+        direct = (err.square() / (2 * (2 * log_s).exp()) + log_s).mean()
+    torch.testing.assert_close(loss, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    bb = FakeBackbone(dim=8, name="fake-a")
+    up = create_upsampler("jbu", bb, pretrained=False, guidance="conv")
+    torch.nn.init.normal_(up.residual.weight)
+    path = tmp_path / "jbu.safetensors"
+    save_upsampler(path, up, bb)
+    loaded = create_upsampler(str(path), backbone=bb)
+    assert isinstance(loaded, JBUStack) and loaded.config == up.config
+    feats, image = torch.randn(1, 8, 3, 3), torch.rand(1, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded(feats, image, (24, 24)), up(feats, image, (24, 24)))
+    with pytest.raises(WeightsError, match="trained for backbone 'fake-a'"):
+        create_upsampler(str(path), backbone=FakeBackbone(dim=8, name="other"))
+    with pytest.raises(WeightsError, match="trained for dim 8"):
+        create_upsampler(str(path), backbone=FakeBackbone(dim=16, name="fake-a"))
+    with pytest.raises(WeightsError, match="not resize-conv"):
+        create_upsampler("resize-conv", backbone=bb, checkpoint=str(path))
+
+
+def test_no_shipped_checkpoint_is_one_clear_error():
+    with pytest.raises(WeightsError, match="no jbu checkpoint ships for backbone 'fake'.*upcli train"):
+        create_upsampler("jbu", FakeBackbone())
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(WeightsError, match="not a safetensors checkpoint"):
+        create_upsampler(str(bad), backbone=FakeBackbone())
+    with pytest.raises(UsageError, match="unknown upsampler"):
+        create_upsampler("nosuch", backbone=FakeBackbone())

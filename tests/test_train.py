@@ -1,0 +1,140 @@
+"""``upcli train``: the loop, checkpoints and resume, DDP against one process, the CLI."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from upcli.errors import UsageError
+from upcli.training import read_config
+from upcli.upsamplers.train import TrainConfig, parse_image_sizes, train, train_state_path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
+
+
+def config(tmp_path, name="jbu.safetensors", **kw):
+    base = dict(images=[str(EXAMPLES)], out=str(tmp_path / name), steps=4, batch_size=2,
+                image_sizes=[(64, 64), (48, 80)], views=1, save_every=2, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_short_run_lowers_the_held_out_loss(tmp_path):
+    sizes = [(96, 96), (64, 96)]
+    cfg = config(tmp_path, steps=1, save_every=1, val=str(EXAMPLES), val_images=4, image_sizes=sizes)
+    first = train(cfg, quiet=True)["val_loss"]
+    cfg = config(tmp_path, name="long.safetensors", steps=25, save_every=25, val=str(EXAMPLES), val_images=4,
+                 image_sizes=sizes)
+    result = train(cfg, quiet=True)
+    assert result["val_loss"] < first - 0.05, (first, result["val_loss"])
+    config_ = read_config(cfg.out)
+    assert config_["upsampler"] == "jbu" and config_["backbone"] == "efficientnet-lite0" and config_["dim"] == 320
+    assert config_["training"]["step"] == 25
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    straight = config(tmp_path, name="a.safetensors")
+    train(straight, quiet=True)
+    split = config(tmp_path, name="b.safetensors", steps=2)
+    train(split, quiet=True)
+    split.steps = 4
+    result = train(split, resume=True, quiet=True)
+    assert result["start"] == 2 and len(result["losses"]) == 2
+    a, b = load_file(straight.out), load_file(split.out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    sa, sb = load_file(train_state_path(straight.out)), load_file(train_state_path(split.out))
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_resume_refuses_other_settings_and_missing_state(tmp_path):
+    cfg = config(tmp_path, steps=2)
+    with pytest.raises(UsageError, match="no checkpoint to resume"):
+        train(cfg, resume=True, quiet=True)
+    train(cfg, quiet=True)
+    cfg.steps, cfg.lr = 4, 5e-4
+    with pytest.raises(UsageError, match="other settings \\(lr\\)"):
+        train(cfg, resume=True, quiet=True)
+
+
+def test_parse_image_sizes():
+    assert parse_image_sizes("224") == [(224, 224)]
+    assert parse_image_sizes("112, 96x144") == [(112, 112), (96, 144)]
+    for bad in ("", "abc", "8", "1x2x3"):
+        with pytest.raises(UsageError):
+            parse_image_sizes(bad)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    args = ["train", str(EXAMPLES), "--steps", "3", "--batch-size", "2", "--image-size", "64,48x80", "--views", "1",
+            "--save-every", "3", "--device", "cpu", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    init = subprocess.run([sys.executable, "-m", "upcli.cli", *args[:1], str(EXAMPLES), "--steps", "1", "--lr", "0",
+                           "--image-size", "64", "--views", "1", "--device", "cpu", "-q", "--out",
+                           str(tmp_path / "init.safetensors")], env=env, capture_output=True, text=True, timeout=300)
+    assert init.returncode == 0, init.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "upcli.cli", *args, "--out", str(tmp_path / "one.safetensors")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "upcli.cli", *args,
+                          "--out", str(tmp_path / "two.safetensors")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    # the loss of the last step (a mean over both samples, all-reduced) agrees to float precision ...
+    loss_one, loss_two = (read_config(p)["training"]["train_loss"] for p in (one, two))
+    assert loss_one == pytest.approx(loss_two, rel=1e-5)
+    # ... and so do the weights, up to NAdam's normalised steps: an element whose gradient is at rounding level
+    # moves by up to lr (1e-3) per step either way, so differences stay well under lr
+    a, b, start = load_file(one), load_file(two), load_file(tmp_path / "init.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=3e-4, msg=key)
+    moved = (a["stages.0.range_proj.0.weight"] - start["stages.0.range_proj.0.weight"]).abs().max()
+    assert moved > 1e-3, "the weights must have moved by more than the tolerance"
+
+
+def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
+    ckpt = tmp_path / "jbu.safetensors"
+    run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out", str(ckpt), "--steps", "2",
+                          "--batch-size", "1", "--image-size", "64", "--views", "1", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "wrote" in run.stderr and ckpt.is_file() and train_state_path(ckpt).is_file()
+    out = tmp_path / "feats"
+    run = subprocess.run([sys.executable, "-m", "upcli.cli", "upsample", str(EXAMPLES), "--out", str(out),
+                          "--upsampler", str(ckpt), "--size", "64", "--device", "cpu", "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from upcli.io.store import FeatureStore
+
+    store = FeatureStore(out)
+    assert len(store) == 4 and store[next(iter(store))].shape[0] == 320
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "12"], "sides >= 16"),
+    (["--upsampler", "bilinear"], "must be jbu or resize-conv"),
+    (["--guidance", "depth"], "--guidance must be rgb or conv"),
+    (["--downsampler", "nope"], "unknown downsampler"),
+])
+def test_cli_train_bad_flags_are_one_line(tmp_path, flags, message):
+    run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out",
+                          str(tmp_path / "x.safetensors"), "--steps", "1", *flags], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,0 +1,136 @@
+"""Helpers shared by every training loop: process groups, checkpoints, seeded randomness.
+
+Checkpoints are ``.safetensors`` files: tensors plus one JSON config in the metadata under ``"upcli"``
+(``format``, ``version``, ``kind``, ``backbone``, ``layer``, ``dim``, ...). :func:`read_config` reads the config
+without touching a weight, so mismatches are refused before anything is loaded. Files are written to a
+temporary name, fsynced and renamed: a crash leaves the previous checkpoint intact.
+
+Optimiser state goes through the same format: :func:`optimizer_tensors` flattens ``optimizer.state_dict()``
+into tensors plus a JSON part, :func:`load_optimizer_tensors` rebuilds it. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import WeightsError
+from .io.store import write_atomic
+
+CHECKPOINT_FORMAT = "upcli-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# ---- processes ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device | None = None) -> Distributed:
+    """Join the torchrun process group if ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA); else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return Distributed(rank=rank, world_size=world, local_rank=local)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def generator(seed: int, *stream: int) -> torch.Generator:
+    """A CPU generator for one named stream, e.g. ``generator(seed, step, sample)``: the same numbers on any
+    number of processes and after any resume, because nothing depends on what was drawn before."""
+    mixed = seed
+    for s in stream:
+        mixed = (mixed * 1_000_003 + int(s) + 0x9E3779B9) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], config: dict) -> None:
+    """Write ``tensors`` and ``config`` to ``path`` (safetensors), atomically."""
+    from safetensors.torch import save
+
+    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **config}
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"upcli": json.dumps(meta)})
+    write_atomic(Path(path), data)
+
+
+def read_config(path: str | Path) -> dict:
+    """The JSON config of a checkpoint, without loading a weight. Raises ``WeightsError`` for anything else."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not our checkpoint"
+        raise WeightsError(f"{path} is not a safetensors checkpoint ({type(exc).__name__})") from None
+    try:
+        config = json.loads(meta["upcli"])
+    except (KeyError, ValueError):
+        raise WeightsError(f"{path} has no upcli config in its metadata (not made by upcli?)") from None
+    if config.get("format") != CHECKPOINT_FORMAT or int(config.get("version", 0)) > CHECKPOINT_VERSION:
+        raise WeightsError(f"{path}: unsupported checkpoint format {config.get('format')} v{config.get('version')}")
+    return config
+
+
+def load_checkpoint(path: str | Path, prefix: str = "") -> tuple[dict[str, Tensor], dict]:
+    """``(tensors, config)``; with ``prefix``, only the tensors under it, with the prefix removed."""
+    from safetensors.torch import load_file
+
+    config = read_config(path)
+    tensors = load_file(str(path))
+    if prefix:
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return tensors, config
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> tuple[dict[str, Tensor], str]:
+    """``optimizer.state_dict()`` as flat tensors plus a JSON string of everything that is not a tensor."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"{prefix}{index}.{name}"] = value
+            else:
+                plain.setdefault(str(index), {})[name] = value
+    return tensors, json.dumps({"param_groups": state["param_groups"], "plain": plain})
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], plain_json: str,
+                           prefix: str = "optim.") -> None:
+    """Inverse of :func:`optimizer_tensors`."""
+    extra = json.loads(plain_json)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, name = key[len(prefix):].split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+    for index, entry in extra["plain"].items():
+        state.setdefault(int(index), {}).update(entry)
+    optimizer.load_state_dict({"state": state, "param_groups": extra["param_groups"]})

@@ -1,0 +1,220 @@
+"""Learned joint bilateral upsampling (FeatUp's JBU stack, rebuilt on ``upcli.kernels``) and its checkpoints.
+
+One stage maps features ``(B, C, h, w)`` to ``(B, C, H, W)`` guided by the image at ``(H, W)``:
+
+    up      = bicubic(feats, (H, W))
+    keys    = MLP(guidance)                                   per-pixel keys, (B, key_dim, H, W)
+    logits  = exp(t) * <key(p), key(q)> - |p - q|^2 / (2 s^2)   for the k x k neighbours q of p
+    kernel  = softmax over the k x k taps                     range x spatial, normalised
+    out     = adaptive_conv(up, kernel)                       one fused op, no unfold
+
+``t`` (temperature) and ``s`` (spatial sigma, in window-normalised units as in FeatUp) are learned. The
+logits come from ``neighbour_logits`` and the aggregation from ``adaptive_conv``: both run without unfolding
+the keys or the features, and their filter gradients reach all k*k taps (FeatUp's CUDA op reaches 7 of 49).
+
+The stack (:class:`JBUStack`) runs stages of about 2x from the backbone's grid to *exactly* the requested size,
+any aspect ratio: ``n = round(log2(ratio))`` stages with sizes ``round(h * (H / h) ** (s / n))``. Stage ``s`` uses
+layer ``min(s, layers - 1)``. A zero-initialised 1x1 residual corrects the features. FeatUp applies it at the
+output; here it runs on the backbone grid, before the stages. The stages are linear and treat every channel
+alike with weights that sum to one, so both places compute the same function (exactly so without ``fixup``),
+and the low-res one costs (H W) / (h w) times less: at 448^2 and C = 320, 0.04 instead of 41 GFLOP. No dropout:
+eval and train compute the same function, and inference is deterministic.
+
+Options kept for the ablation (see ``examples/``): ``fixup`` adds FeatUp's unnormalised correction of the
+kernel, ``0.1 * MLP([kernel, guidance])``; ``guidance="conv"`` feeds the key MLP a 3x3 conv of the image
+instead of the bare RGB pixel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import WeightsError
+from ..kernels import adaptive_conv, neighbour_logits
+from . import Upsampler, guidance_at, register_upsampler
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def stage_sizes(low: tuple[int, int], high: tuple[int, int]) -> list[tuple[int, int]]:
+    """Output size of each ~2x stage from ``low`` to exactly ``high``."""
+    ratio = max(high[0] / low[0], high[1] / low[1])
+    n = max(1, round(math.log2(ratio)))
+    sizes = [(round(low[0] * (high[0] / low[0]) ** (s / n)), round(low[1] * (high[1] / low[1]) ** (s / n)))
+             for s in range(1, n)]
+    return sizes + [tuple(high)]
+
+
+class JBULayer(nn.Module):
+    """One learned joint bilateral stage: ``(feats (B, C, h, w), guidance (B, 3, H, W)) -> (B, C, H, W)``."""
+
+    def __init__(self, key_dim: int = 32, radius: int = 3, guidance: str = "rgb", fixup: bool = False):
+        super().__init__()
+        if guidance not in ("rgb", "conv"):
+            raise ValueError(f"guidance must be 'rgb' or 'conv', got {guidance!r}")
+        self.radius, self.kernel_size = radius, 2 * radius + 1
+        taps = self.kernel_size**2
+        in_dim = 3 if guidance == "rgb" else 16
+        self.guidance_stem = nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect") if guidance == "conv" else None
+        self.range_proj = nn.Sequential(nn.Conv2d(in_dim, key_dim, 1), nn.GELU(), nn.Conv2d(key_dim, key_dim, 1))
+        self.range_temp = nn.Parameter(torch.zeros(()))
+        self.sigma_spatial = nn.Parameter(torch.ones(()))
+        self.fixup_proj = (nn.Sequential(nn.Conv2d(taps + 3, taps, 1), nn.GELU(), nn.Conv2d(taps, taps, 1))
+                           if fixup else None)
+        grid = torch.linspace(-1, 1, self.kernel_size)
+        self.register_buffer("dist2", (grid[:, None] ** 2 + grid[None, :] ** 2).reshape(taps, 1, 1), persistent=False)
+
+    def padding(self, size) -> str:
+        """Reflect, as FeatUp; maps too small to reflect (a few pixels) replicate."""
+        return "reflect" if min(size) > self.radius else "replicate"
+
+    def kernel(self, guidance: Tensor) -> Tensor:
+        """Per-pixel weights ``(B, H, W, k, k)`` from the normalised guidance ``(B, 3, H, W)``."""
+        g = guidance if self.guidance_stem is None else F.gelu(self.guidance_stem(guidance))
+        keys = self.range_proj(g)
+        temp = self.range_temp.exp().clamp(1e-4, 1e4)
+        spatial = -self.dist2 / (2 * self.sigma_spatial.square().clamp_min(1e-6))
+        logits = neighbour_logits(keys, self.kernel_size, self.padding(keys.shape[-2:])) * temp + spatial
+        weights = torch.softmax(logits, dim=1)
+        if self.fixup_proj is not None:
+            weights = weights + 0.1 * self.fixup_proj(torch.cat([weights, guidance], dim=1))
+        B, _, H, W = weights.shape
+        return weights.permute(0, 2, 3, 1).reshape(B, H, W, self.kernel_size, self.kernel_size)
+
+    def forward(self, feats: Tensor, guidance: Tensor) -> Tensor:
+        size = tuple(guidance.shape[-2:])
+        up = F.interpolate(feats, size=size, mode="bicubic", align_corners=False)
+        return adaptive_conv(up, self.kernel(guidance).to(up.dtype), padding=self.padding(size))
+
+
+@register_upsampler("jbu")
+class JBUStack(Upsampler):
+    """Stages of learned JBU from the backbone grid to any output size, plus a 1x1 residual correction.
+
+    ``create_upsampler("jbu", backbone)`` loads the checkpoint shipped for that backbone (or ``checkpoint=PATH``);
+    ``pretrained=False`` gives fresh weights for training.
+    """
+
+    def __init__(self, backbone: nn.Module | None = None, dim: int | None = None, layers: int | None = None,
+                 key_dim: int = 32, radius: int = 3, guidance: str = "rgb", fixup: bool = False,
+                 residual: str = "input", channel_norm: bool = False, guidance_resize: str = "bilinear",
+                 checkpoint: str | None = None, pretrained: bool = True):
+        super().__init__()
+        if checkpoint is None and pretrained:
+            checkpoint = shipped_checkpoint(self.name, backbone)
+        if checkpoint is not None:
+            config = check_checkpoint(checkpoint, self.name, backbone)
+            dim, layers, key_dim, radius = config["dim"], config["layers"], config["key_dim"], config["radius"]
+            guidance, fixup = config.get("guidance", "rgb"), config.get("fixup", False)
+            residual, channel_norm = config.get("residual", "input"), config.get("channel_norm", False)
+            guidance_resize = config.get("guidance_resize", "bilinear")
+        if residual not in ("input", "output") or guidance_resize not in ("bilinear", "area"):
+            raise ValueError(f"residual must be input or output and guidance_resize bilinear or area, got "
+                             f"{residual!r} and {guidance_resize!r}")
+        dim = dim if dim is not None else _backbone_dim(backbone)
+        layers = layers if layers is not None else max(1, round(math.log2(getattr(backbone, "stride", 16))))
+        self.config = {"dim": dim, "layers": layers, "key_dim": key_dim, "radius": radius, "guidance": guidance,
+                       "fixup": fixup, "residual": residual, "channel_norm": channel_norm,
+                       "guidance_resize": guidance_resize}
+        # FeatUp checkpoints (see featup.py) normalise the backbone features over channels first
+        self.channel_norm = nn.LayerNorm(dim) if channel_norm else None
+        self.stages = nn.ModuleList(JBULayer(key_dim, radius, guidance, fixup) for _ in range(layers))
+        self.residual = nn.Conv2d(dim, dim, 1)
+        nn.init.zeros_(self.residual.weight)
+        nn.init.zeros_(self.residual.bias)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if checkpoint is not None:
+            load_weights(self, checkpoint)
+
+    def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
+        x = lr_feats.float()
+        if self.channel_norm is not None:
+            x = self.channel_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.config["residual"] == "input":  # at the low resolution: see the module docstring
+            x = x + self.residual(x)
+        image = (image.float() - self.mean) / self.std
+        for s, stage_size in enumerate(stage_sizes(tuple(x.shape[-2:]), tuple(size))):
+            x = self.stages[min(s, len(self.stages) - 1)](x, self.guidance(image, stage_size))
+        if self.config["residual"] == "output":  # FeatUp's place
+            x = x + self.residual(x)
+        return x.to(lr_feats.dtype)
+
+
+    def guidance(self, image: Tensor, size: tuple[int, int]) -> Tensor:
+        """The normalised image at a stage's size: antialiased bilinear, or box-filtered ("area") as FeatUp."""
+        if self.config["guidance_resize"] == "area":
+            return F.adaptive_avg_pool2d(image, size)
+        return guidance_at(image, size)
+
+
+# ---- checkpoints of learned upsamplers ----------------------------------------------------------------------
+
+def _backbone_dim(backbone) -> int:
+    if backbone is None or not hasattr(backbone, "dim"):
+        raise ValueError("a learned upsampler needs the backbone (for its feature dim) or dim=")
+    return int(backbone.dim)
+
+
+def shipped_checkpoint(kind: str, backbone) -> str:
+    """The checkpoint shipped in the package for ``kind`` and this backbone, or a one-line ``WeightsError``."""
+    from importlib import resources
+
+    name = getattr(backbone, "name", None)
+    path = resources.files("upcli") / "weights" / f"{kind}-{name}.safetensors"
+    if name is None or not path.is_file():
+        raise WeightsError(f"no {kind} checkpoint ships for backbone {name!r}; train one with "
+                           f"`upcli train IMAGES --backbone {name} --upsampler {kind} --out CKPT` and pass "
+                           f"--upsampler CKPT")
+    return str(path)
+
+
+def check_checkpoint(path: str, kind: str | None, backbone) -> dict:
+    """The checkpoint's config, after refusing a wrong kind, backbone, layer or dim (no weight is read)."""
+    from ..training import read_config
+
+    config = read_config(path)
+    if config.get("kind") != "upsampler" or (kind is not None and config.get("upsampler") != kind):
+        raise WeightsError(f"{path} is a {config.get('upsampler') or config.get('kind')} checkpoint, not {kind}")
+    if backbone is not None:
+        want = {"backbone": getattr(backbone, "name", None), "layer": str(getattr(backbone, "layer", None)),
+                "dim": getattr(backbone, "dim", None)}
+        for key, value in want.items():
+            if value is not None and str(config.get(key)) != str(value):
+                raise WeightsError(f"{path} was trained for {key} {config.get(key)!r}, but the backbone has "
+                                   f"{value!r}; train one for this backbone with `upcli train`")
+    return config
+
+
+def upsampler_config(upsampler: Upsampler, backbone) -> dict:
+    """What :func:`check_checkpoint` checks, plus the architecture."""
+    return {"kind": "upsampler", "upsampler": upsampler.name, "backbone": getattr(backbone, "name", None),
+            "layer": str(getattr(backbone, "layer", None)), **upsampler.config}
+
+
+def save_upsampler(path, upsampler: Upsampler, backbone, extra: dict | None = None) -> None:
+    from ..training import save_checkpoint
+
+    save_checkpoint(path, upsampler.state_dict(), {**upsampler_config(upsampler, backbone), **(extra or {})})
+
+
+def load_weights(upsampler: nn.Module, path: str) -> None:
+    from ..training import load_checkpoint
+
+    tensors, _ = load_checkpoint(path)
+    missing, unexpected = upsampler.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise WeightsError(f"{path} does not fit this upsampler (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_upsampler(path: str, backbone=None) -> Upsampler:
+    """Any upsampler checkpoint made by ``upcli train`` (``--upsampler PATH``)."""
+    from . import create_upsampler
+
+    config = check_checkpoint(path, None, backbone)
+    return create_upsampler(config["upsampler"], backbone=backbone, checkpoint=path)

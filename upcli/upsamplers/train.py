@@ -1,0 +1,267 @@
+"""``upcli train``: fit a learned upsampler (jbu, resize-conv) by multi-view reconstruction.
+
+The loop, in one place (nanoGPT style):
+
+    for step in range(start, steps):
+        images  = crops of the training images        # which ones and where: a function of (seed, step, sample)
+        lr      = backbone(images)                    # frozen
+        views   = [(jitter, backbone(jitter(images)), projection) for each of --views]
+        loss    = objective(lr, images, views)         # upsample, jitter, downsample, NLL
+        loss.backward(); optimizer.step()
+        every --save-every steps: checkpoint (and the --val loss)
+
+Every random choice comes from ``generator(seed, purpose, step, sample)``: a run resumed from a checkpoint, or
+split over torchrun processes (DDP, same global batch), draws the same images, crops, views and projections as
+one uninterrupted process. The checkpoint ``OUT`` holds the upsampler (what ``upcli upsample --upsampler OUT``
+loads); ``OUT`` with ``.train.safetensors`` beside it holds the rest (objective, optimiser, step) for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+from ..errors import BadImageError
+from ..io.images import load_rgb, resize_rgb, scan_images, target_size
+from ..io.jobs import TerminateAsInterrupt
+from ..progress import ProgressReporter
+from ..training import (generator, load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint,
+                        setup_distributed, teardown_distributed)
+from .jbu import stage_sizes
+from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
+
+# purposes of the random streams
+_DATA, _VIEW, _PROJ, _SIZE, _VAL = 1, 2, 3, 4, 5
+
+
+@dataclass
+class TrainConfig:
+    images: list[str]
+    out: str
+    backbone: str = "efficientnet-lite0"
+    upsampler: str = "jbu"
+    steps: int = 2000
+    batch_size: int = 4
+    lr: float = 1e-3
+    image_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(224, 224)])
+    views: int = 2
+    downsampler: str = "attention"
+    projection_dim: int = 30
+    seed: int = 0
+    save_every: int = 100
+    val: str | None = None
+    val_images: int = 16
+    weights: str | None = None
+    layer: str | None = None
+    upsampler_args: dict = field(default_factory=dict)
+    device: str = "auto"
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the run it continues."""
+        d = asdict(self)
+        for key in ("steps", "save_every", "val", "val_images", "device", "out"):
+            d.pop(key)
+        d["image_sizes"] = [list(s) for s in self.image_sizes]
+        return d
+
+
+def parse_image_sizes(text: str) -> list[tuple[int, int]]:
+    """``"224"`` -> ``[(224, 224)]``; ``"112,96x144"`` -> ``[(112, 112), (96, 144)]``."""
+    sizes = []
+    for item in str(text).split(","):
+        parts = item.strip().lower().split("x")
+        try:
+            h, w = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+        except (ValueError, IndexError):
+            raise UsageError(f"--image-size: expected N, HxW or a comma list of them, got {text!r}") from None
+        if len(parts) > 2 or h < 16 or w < 16:
+            raise UsageError(f"--image-size: sizes must be N or HxW with sides >= 16, got {item.strip()!r}")
+        sizes.append((h, w))
+    return sizes
+
+
+class ImagePool:
+    """Training images (all under ``roots``) decoded once, shorter side resized to ``side``, kept as uint8."""
+
+    def __init__(self, roots: str | list[str], side: int, reporter: ProgressReporter | None = None):
+        roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+        refs = [ref for root in roots for ref in scan_images(root)]
+        self.images, self.skipped = [], []
+        for ref in refs:
+            try:
+                rgb = load_rgb(ref.path)
+            except BadImageError as exc:
+                self.skipped.append(str(exc))
+                if reporter:
+                    reporter.log(f"skipped {exc}")
+                continue
+            self.images.append(torch.from_numpy(resize_rgb(rgb, target_size(*rgb.shape[:2], side))).permute(2, 0, 1))
+        if not self.images:
+            raise UsageError(f"no readable images under {', '.join(map(str, roots))}")
+
+    def crop(self, g: torch.Generator, size: tuple[int, int]) -> torch.Tensor:
+        """A random image, resized so ``size`` fits, randomly cropped to ``size``; float (3, H, W) in [0, 1]."""
+        img = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
+        H, W = size
+        scale = max(H / img.shape[1], W / img.shape[2])
+        if scale > 1 or min(img.shape[1:]) > 2 * max(H, W):
+            img = F.interpolate(img[None].float(), size=(max(H, math.ceil(img.shape[1] * scale)),
+                                                          max(W, math.ceil(img.shape[2] * scale))),
+                                mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 255)
+        top = int(torch.randint(img.shape[1] - H + 1, (1,), generator=g))
+        left = int(torch.randint(img.shape[2] - W + 1, (1,), generator=g))
+        return img[:, top:top + H, left:left + W].float() / 255
+
+
+def make_batch(pool: ImagePool, cfg: TrainConfig, step: int, samples: range, purpose: int = _DATA):
+    """The crops for global sample indices ``samples`` of ``step`` and the (shared) image size."""
+    sizes = cfg.image_sizes
+    size = sizes[int(torch.randint(len(sizes), (1,), generator=generator(cfg.seed, _SIZE, step)))]
+    return torch.stack([pool.crop(generator(cfg.seed, purpose, step, s), size) for s in samples])
+
+
+def make_views(backbone, images, cfg: TrainConfig, step: int, samples: range, dim: int, purpose_offset: int = 0):
+    views = []
+    for v in range(cfg.views):
+        gens = [generator(cfg.seed, _VIEW + purpose_offset, step, s, v) for s in samples]
+        theta = sample_jitter(gens, JitterConfig())
+        with torch.no_grad():
+            target = backbone(apply_jitter(images, theta))
+        proj = random_projection([generator(cfg.seed, _PROJ + purpose_offset, step, s, v) for s in samples],
+                                 dim, cfg.projection_dim)
+        views.append((theta, target.float(), proj))
+    return views
+
+
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+    """Run (or continue) training; returns a summary dict. Writes ``cfg.out`` and its ``.train`` state."""
+    from ..backbones import create_backbone
+    from ..upsample import resolve_device
+    from . import create_upsampler
+    from .jbu import save_upsampler
+
+    device = resolve_device(cfg.device)
+    dist = setup_distributed(device)
+    if cfg.batch_size % dist.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {dist.world_size} processes")
+    if cfg.upsampler not in ("jbu", "resize-conv"):
+        raise UsageError(f"--upsampler must be jbu or resize-conv, got {cfg.upsampler!r}")
+    if cfg.upsampler_args.get("guidance", "rgb") not in ("rgb", "conv"):
+        raise UsageError(f"--guidance must be rgb or conv, got {cfg.upsampler_args['guidance']!r}")
+    out, state_path = Path(cfg.out), train_state_path(cfg.out)
+    torch.manual_seed(cfg.seed)  # parameter initialisation: the same on every process
+    backbone = create_backbone(cfg.backbone, weights=cfg.weights, layer=cfg.layer).to(device).eval()
+    backbone.requires_grad_(False)
+    upsampler = create_upsampler(cfg.upsampler, backbone=backbone, pretrained=False, **cfg.upsampler_args)
+    objective = MultiViewObjective(upsampler, backbone.dim, cfg.downsampler, cfg.projection_dim).to(device)
+    optimizer = torch.optim.NAdam(objective.parameters(), lr=cfg.lr)
+    start = 0
+    if resume:
+        start = _resume(cfg, objective, optimizer, out, state_path)
+    model = objective
+    if dist.world_size > 1:
+        # a size that needs fewer stages than the stack has leaves the last layers unused in that step
+        stages = {len(stage_sizes(backbone.grid_size(*size), size)) for size in cfg.image_sizes}
+        unused = hasattr(upsampler, "stages") and min(stages) < len(upsampler.stages)
+        model = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=unused)
+
+    side = max(max(s) for s in cfg.image_sizes)
+    reporter = ProgressReporter("train", quiet=quiet or not dist.is_main, unit="steps", log_every=10.0)
+    pool = ImagePool(cfg.images, side, reporter)
+    val_pool = ImagePool(cfg.val, side, reporter) if cfg.val else None
+    local = cfg.batch_size // dist.world_size
+    mine = range(dist.rank * local, (dist.rank + 1) * local)
+    reporter.start(cfg.steps - start)
+
+    def checkpoint(step: int, **info) -> None:
+        if dist.is_main:
+            save_upsampler(out, upsampler, backbone, extra={"training": {"step": step, **info}})
+            _save_state(state_path, cfg, objective, optimizer, step)
+
+    with TerminateAsInterrupt():
+        history, t0, val_loss, done = [], time.perf_counter(), None, start
+        try:
+            for step in range(start, cfg.steps):
+                images = make_batch(pool, cfg, step, mine).to(device)
+                with torch.no_grad():
+                    lr_feats = backbone(images).float()
+                views = make_views(backbone, images, cfg, step, mine, backbone.dim)
+                loss = model(lr_feats, images, views)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = _global_mean(loss.detach(), dist.world_size)
+                history.append(value)
+                reporter.advance(1, status=f"loss {value:.4f}")
+                done = step + 1
+                if done % cfg.save_every == 0 or done == cfg.steps:
+                    if val_pool is not None:
+                        val_loss = validation_loss(objective, backbone, val_pool, cfg, device)
+                        reporter.log(f"step {done}: train loss {value:.4f}, val loss {val_loss:.4f}")
+                    checkpoint(done, train_loss=value, val_loss=val_loss)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the finished steps, then stop
+            if done > start and done % cfg.save_every and done != cfg.steps:
+                checkpoint(done, interrupted=True)
+            raise
+        finally:
+            reporter.close()
+            teardown_distributed()
+    return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "losses": history,
+            "val_loss": val_loss}
+
+
+def train_state_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + ".train.safetensors")
+
+
+def validation_loss(objective: MultiViewObjective, backbone, pool: ImagePool, cfg: TrainConfig, device) -> float:
+    """The objective on the first ``cfg.val_images`` crops of the val images, with fixed views: comparable
+    between checkpoints and runs."""
+    samples = range(cfg.val_images)
+    with torch.no_grad():
+        images = make_batch(pool, cfg, 0, samples, purpose=_VAL).to(device)
+        views = make_views(backbone, images, cfg, 0, samples, backbone.dim, purpose_offset=10)
+        return float(objective(backbone(images).float(), images, views))
+
+
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as tdist
+
+        value = value.clone()
+        tdist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _save_state(path: Path, cfg: TrainConfig, objective, optimizer, step: int) -> None:
+    tensors, optim_json = optimizer_tensors(optimizer)
+    for name, t in objective.state_dict().items():
+        if not name.startswith("upsampler."):
+            tensors[f"objective.{name}"] = t
+    save_checkpoint(path, tensors, {"kind": "train-state", "step": step, "optimizer": optim_json,
+                                    "train_config": cfg.identity()})
+
+
+def _resume(cfg: TrainConfig, objective, optimizer, out: Path, state_path: Path) -> int:
+    if not state_path.is_file() or not out.is_file():
+        raise UsageError(f"--resume: no checkpoint to resume at {out} (and {state_path.name})")
+    state, config = load_checkpoint(state_path)
+    if config.get("kind") != "train-state":
+        raise UsageError(f"--resume: {state_path} is not a training state")
+    if config["train_config"] != json.loads(json.dumps(cfg.identity())):
+        diff = [k for k, v in cfg.identity().items() if json.loads(json.dumps(v)) != config["train_config"].get(k)]
+        raise UsageError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)})")
+    up, _ = load_checkpoint(out)
+    rest = {k[len("objective."):]: v for k, v in state.items() if k.startswith("objective.")}
+    objective.load_state_dict({**{f"upsampler.{k}": v for k, v in up.items()}, **rest})
+    load_optimizer_tensors(optimizer, state, config["optimizer"])
+    return int(config["step"])
