@@ -2,6 +2,7 @@
 
     python examples/bench_upsample.py                     # 16 photos from ../shared/data/photos, or examples/images
     python examples/bench_upsample.py --images DIR -n 32 --json bench.json
+    python examples/bench_upsample.py --upsamplers bilinear,jbu          # learned JBU next to the backbone time
 
 Prints two tables: images/s with the time split per (size, upsampler), and bytes per image on disk per
 (dtype, compression). Writes one JSON with the same numbers.
@@ -49,8 +50,11 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=16, help="number of images")
     parser.add_argument("--backbone", default="efficientnet-lite0")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--upsamplers", default="bilinear,bilateral",
+                        help="comma list: names (bilinear, bilateral, jbu, resize-conv) or checkpoint paths")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    upsamplers = [u.strip() for u in args.upsamplers.split(",") if u.strip()]
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,11 +64,11 @@ def main() -> None:
         print(f"{args.backbone}, {args.n} images from {args.images}, {args.workers} decode worker(s)\n")
         print(f"{'size':>5} {'upsampler':>10} {'img/s':>7}  time split (s)")
         for size in (224, 448):
-            for upsampler in ("bilinear", "bilateral"):
+            for upsampler in upsamplers:
                 r = run(images, Path(tmp) / "out", size=size, upsampler=upsampler, **common)
                 results[f"size{size}-{upsampler}"] = r
                 split = ", ".join(f"{k} {v:.2f}" for k, v in r["split_s"].items())
-                print(f"{size:>5} {upsampler:>10} {r['images_per_s']:>7.2f}  {split}")
+                print(f"{size:>5} {Path(upsampler).stem[:10]:>10} {r['images_per_s']:>7.2f}  {split}")
         print(f"\n{'dtype':>9} {'compression':>11} {'MiB/image':>10}  (size 448, bilinear)")
         for dtype in ("float16", "bfloat16", "float32"):
             for compression in ("none", "lzf", "gzip"):
