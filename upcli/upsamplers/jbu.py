@@ -92,8 +92,41 @@ class JBULayer(nn.Module):
         return adaptive_conv(up, self.kernel(guidance).to(up.dtype), padding=self.padding(size))
 
 
+class LearnedUpsampler(Upsampler):
+    """What learned upsamplers share: where their architecture and weights come from, and image normalisation.
+
+    Subclasses call ``self.setup(backbone, checkpoint, pretrained, **arch)`` first: with ``checkpoint`` (or the
+    one shipped for the backbone when ``pretrained``) the architecture is the checkpoint's, after
+    :func:`check_checkpoint`; ``dim`` defaults to the backbone's, ``layers`` to ``round(log2(stride))``. Once the
+    modules exist, ``self.load_setup_weights()`` fills them from that checkpoint.
+    """
+
+    def setup(self, backbone, checkpoint: str | None, pretrained: bool, **arch) -> dict:
+        if checkpoint is None and pretrained:
+            checkpoint = shipped_checkpoint(self.name, backbone)
+        if checkpoint is not None:
+            config = check_checkpoint(checkpoint, self.name, backbone)
+            arch = {key: config.get(key, value) for key, value in arch.items()}
+        if arch.get("dim") is None:
+            arch["dim"] = _backbone_dim(backbone)
+        if arch.get("layers") is None:
+            arch["layers"] = max(1, round(math.log2(getattr(backbone, "stride", 16))))
+        self._checkpoint, self.config = checkpoint, arch
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        return arch
+
+    def load_setup_weights(self) -> None:
+        if self._checkpoint is not None:
+            load_weights(self, self._checkpoint)
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """``[0, 1]`` RGB -> ImageNet-normalised, the guidance's scale."""
+        return (image.float() - self.mean) / self.std
+
+
 @register_upsampler("jbu")
-class JBUStack(Upsampler):
+class JBUStack(LearnedUpsampler):
     """Stages of learned JBU from the backbone grid to any output size, plus a 1x1 residual correction.
 
     ``create_upsampler("jbu", backbone)`` loads the checkpoint shipped for that backbone (or ``checkpoint=PATH``);
@@ -105,32 +138,20 @@ class JBUStack(Upsampler):
                  residual: str = "input", channel_norm: bool = False, guidance_resize: str = "bilinear",
                  checkpoint: str | None = None, pretrained: bool = True):
         super().__init__()
-        if checkpoint is None and pretrained:
-            checkpoint = shipped_checkpoint(self.name, backbone)
-        if checkpoint is not None:
-            config = check_checkpoint(checkpoint, self.name, backbone)
-            dim, layers, key_dim, radius = config["dim"], config["layers"], config["key_dim"], config["radius"]
-            guidance, fixup = config.get("guidance", "rgb"), config.get("fixup", False)
-            residual, channel_norm = config.get("residual", "input"), config.get("channel_norm", False)
-            guidance_resize = config.get("guidance_resize", "bilinear")
-        if residual not in ("input", "output") or guidance_resize not in ("bilinear", "area"):
+        c = self.setup(backbone, checkpoint, pretrained, dim=dim, layers=layers, key_dim=key_dim, radius=radius,
+                       guidance=guidance, fixup=fixup, residual=residual, channel_norm=channel_norm,
+                       guidance_resize=guidance_resize)
+        if c["residual"] not in ("input", "output") or c["guidance_resize"] not in ("bilinear", "area"):
             raise ValueError(f"residual must be input or output and guidance_resize bilinear or area, got "
-                             f"{residual!r} and {guidance_resize!r}")
-        dim = dim if dim is not None else _backbone_dim(backbone)
-        layers = layers if layers is not None else max(1, round(math.log2(getattr(backbone, "stride", 16))))
-        self.config = {"dim": dim, "layers": layers, "key_dim": key_dim, "radius": radius, "guidance": guidance,
-                       "fixup": fixup, "residual": residual, "channel_norm": channel_norm,
-                       "guidance_resize": guidance_resize}
+                             f"{c['residual']!r} and {c['guidance_resize']!r}")
         # FeatUp checkpoints (see featup.py) normalise the backbone features over channels first
-        self.channel_norm = nn.LayerNorm(dim) if channel_norm else None
-        self.stages = nn.ModuleList(JBULayer(key_dim, radius, guidance, fixup) for _ in range(layers))
-        self.residual = nn.Conv2d(dim, dim, 1)
+        self.channel_norm = nn.LayerNorm(c["dim"]) if c["channel_norm"] else None
+        self.stages = nn.ModuleList(JBULayer(c["key_dim"], c["radius"], c["guidance"], c["fixup"])
+                                    for _ in range(c["layers"]))
+        self.residual = nn.Conv2d(c["dim"], c["dim"], 1)
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.residual.bias)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        if checkpoint is not None:
-            load_weights(self, checkpoint)
+        self.load_setup_weights()
 
     def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
         x = lr_feats.float()
@@ -138,13 +159,12 @@ class JBUStack(Upsampler):
             x = self.channel_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if self.config["residual"] == "input":  # at the low resolution: see the module docstring
             x = x + self.residual(x)
-        image = (image.float() - self.mean) / self.std
+        image = self.normalize(image)
         for s, stage_size in enumerate(stage_sizes(tuple(x.shape[-2:]), tuple(size))):
             x = self.stages[min(s, len(self.stages) - 1)](x, self.guidance(image, stage_size))
         if self.config["residual"] == "output":  # FeatUp's place
             x = x + self.residual(x)
         return x.to(lr_feats.dtype)
-
 
     def guidance(self, image: Tensor, size: tuple[int, int]) -> Tensor:
         """The normalised image at a stage's size: antialiased bilinear, or box-filtered ("area") as FeatUp."""

@@ -8,42 +8,29 @@ resize-conv is bilinear upsampling.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Upsampler, guidance_at, register_upsampler
-from .jbu import (IMAGENET_MEAN, IMAGENET_STD, _backbone_dim, check_checkpoint, load_weights, shipped_checkpoint,
-                  stage_sizes)
+from . import guidance_at, register_upsampler
+from .jbu import LearnedUpsampler, stage_sizes
 
 
 @register_upsampler("resize-conv")
-class ResizeConv(Upsampler):
+class ResizeConv(LearnedUpsampler):
     def __init__(self, backbone: nn.Module | None = None, dim: int | None = None, layers: int | None = None,
                  checkpoint: str | None = None, pretrained: bool = True):
         super().__init__()
-        if checkpoint is None and pretrained:
-            checkpoint = shipped_checkpoint(self.name, backbone)
-        if checkpoint is not None:
-            config = check_checkpoint(checkpoint, self.name, backbone)
-            dim, layers = config["dim"], config["layers"]
-        dim = dim if dim is not None else _backbone_dim(backbone)
-        layers = layers if layers is not None else max(1, round(math.log2(getattr(backbone, "stride", 16))))
-        self.config = {"dim": dim, "layers": layers}
-        self.stages = nn.ModuleList(nn.Conv2d(dim + 3, dim, 1) for _ in range(layers))
+        c = self.setup(backbone, checkpoint, pretrained, dim=dim, layers=layers)
+        self.stages = nn.ModuleList(nn.Conv2d(c["dim"] + 3, c["dim"], 1) for _ in range(c["layers"]))
         for conv in self.stages:
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        if checkpoint is not None:
-            load_weights(self, checkpoint)
+        self.load_setup_weights()
 
     def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
         x = lr_feats.float()
-        image = (image.float() - self.mean) / self.std
+        image = self.normalize(image)
         sizes = stage_sizes(tuple(x.shape[-2:]), tuple(size))
         for s, stage_size in enumerate(sizes):
             x = F.interpolate(x, size=stage_size, mode="bilinear", align_corners=False)
