@@ -34,6 +34,8 @@ def test_short_run_lowers_the_held_out_loss(tmp_path):
     config_ = read_config(cfg.out)
     assert config_["upsampler"] == "jbu" and config_["backbone"] == "efficientnet-lite0" and config_["dim"] == 320
     assert config_["training"]["step"] == 25
+    best = read_config(tmp_path / "long.best.safetensors")["training"]
+    assert best["val_loss"] <= result["val_loss"] + 1e-12
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
@@ -138,3 +140,12 @@ def test_cli_train_bad_flags_are_one_line(tmp_path, flags, message):
     assert run.returncode == 2, run.stderr
     assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_learning_rate_decays_by_cosine(tmp_path):
+    from upcli.upsamplers.train import learning_rate
+
+    cfg = config(tmp_path, steps=101, lr=1e-3)
+    rates = [learning_rate(cfg, s) for s in range(101)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4) and rates[50] == pytest.approx(5.5e-4)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))

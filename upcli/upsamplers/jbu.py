@@ -63,7 +63,10 @@ class JBULayer(nn.Module):
         self.guidance_stem = nn.Conv2d(3, 16, 3, padding=1, padding_mode="reflect") if guidance == "conv" else None
         self.range_proj = nn.Sequential(nn.Conv2d(in_dim, key_dim, 1), nn.GELU(), nn.Conv2d(key_dim, key_dim, 1))
         self.range_temp = nn.Parameter(torch.zeros(()))
-        self.sigma_spatial = nn.Parameter(torch.ones(()))
+        # FeatUp starts at 1.0 (a 7x7 blur of sigma ~3 px per stage, ~45 px over five stages); 0.25 (~0.75 px)
+        # starts near plain bicubic upsampling. Measured on CamVid (see the note of issue 4): untrained, 28.9 vs
+        # 33.2 mIoU, bilinear 34.5.
+        self.sigma_spatial = nn.Parameter(torch.full((), 0.25))
         self.fixup_proj = (nn.Sequential(nn.Conv2d(taps + 3, taps, 1), nn.GELU(), nn.Conv2d(taps, taps, 1))
                            if fixup else None)
         grid = torch.linspace(-1, 1, self.kernel_size)

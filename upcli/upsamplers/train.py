@@ -12,8 +12,10 @@ The loop, in one place (nanoGPT style):
 
 Every random choice comes from ``generator(seed, purpose, step, sample)``: a run resumed from a checkpoint, or
 split over torchrun processes (DDP, same global batch), draws the same images, crops, views and projections as
-one uninterrupted process. The checkpoint ``OUT`` holds the upsampler (what ``upcli upsample --upsampler OUT``
-loads); ``OUT`` with ``.train.safetensors`` beside it holds the rest (objective, optimiser, step) for ``--resume``.
+one uninterrupted process. The learning rate follows a cosine from ``--lr`` to a tenth of it. The checkpoint ``OUT``
+holds the upsampler (what ``upcli upsample --upsampler OUT`` loads); ``.train.safetensors`` beside it holds the
+rest (objective, optimiser, step) for ``--resume``; with ``--val``, ``.best.safetensors`` keeps the upsampler of
+the checkpoint with the lowest held-out loss so far.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     if cfg.upsampler_args.get("guidance", "rgb") not in ("rgb", "conv"):
         raise UsageError(f"--guidance must be rgb or conv, got {cfg.upsampler_args['guidance']!r}")
     out, state_path = Path(cfg.out), train_state_path(cfg.out)
+    best_path = out.with_name(out.name.removesuffix(".safetensors") + ".best.safetensors")
     torch.manual_seed(cfg.seed)  # parameter initialisation: the same on every process
     backbone = create_backbone(cfg.backbone, weights=cfg.weights, layer=cfg.layer).to(device).eval()
     backbone.requires_grad_(False)
@@ -189,6 +192,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
         history, t0, val_loss, done = [], time.perf_counter(), None, start
         try:
             for step in range(start, cfg.steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, step)
                 images = make_batch(pool, cfg, step, mine).to(device)
                 with torch.no_grad():
                     lr_feats = backbone(images).float()
@@ -206,6 +211,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                         val_loss = validation_loss(objective, backbone, val_pool, cfg, device)
                         reporter.log(f"step {done}: train loss {value:.4f}, val loss {val_loss:.4f}")
                     checkpoint(done, train_loss=value, val_loss=val_loss)
+                    if val_loss is not None and dist.is_main and val_loss < _best_val_loss(best_path):
+                        save_upsampler(best_path, upsampler, backbone, extra={"training": {"step": done,
+                                                                                           "val_loss": val_loss}})
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the finished steps, then stop
             if done > start and done % cfg.save_every and done != cfg.steps:
                 checkpoint(done, interrupted=True)
@@ -215,6 +223,20 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             teardown_distributed()
     return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "losses": history,
             "val_loss": val_loss}
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Cosine decay from ``cfg.lr`` to ``cfg.lr / 10`` over the run (a function of the step: resumes exactly)."""
+    progress = step / max(cfg.steps - 1, 1)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _best_val_loss(path: Path) -> float:
+    from ..training import read_config
+
+    if not path.is_file():
+        return math.inf
+    return float(read_config(path).get("training", {}).get("val_loss", math.inf))
 
 
 def train_state_path(out: str | Path) -> Path:
