@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from upcli.errors import UsageError
 from upcli.training import read_config
-from upcli.upsamplers.train import TrainConfig, parse_image_sizes, train, train_state_path
+import upcli.upsamplers.train as train_module
+from upcli.upsamplers.train import TrainConfig, learning_rate, parse_image_sizes, train, train_state_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 
@@ -38,12 +39,22 @@ def test_short_run_lowers_the_held_out_loss(tmp_path):
     assert best["val_loss"] <= result["val_loss"] + 1e-12
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    straight = config(tmp_path, name="a.safetensors")
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = config(tmp_path, name="a.safetensors", save_every=4)
     train(straight, quiet=True)
-    split = config(tmp_path, name="b.safetensors", steps=2)
-    train(split, quiet=True)
-    split.steps = 4
+    split = config(tmp_path, name="b.safetensors", save_every=4)
+    real_make_batch = train_module.make_batch
+
+    def interrupted_at_step_2(pool, cfg, step, *args, **kw):
+        if step == 2:
+            raise KeyboardInterrupt  # as Ctrl-C or SIGTERM: checkpoints the 2 finished steps
+        return real_make_batch(pool, cfg, step, *args, **kw)
+
+    monkeypatch.setattr(train_module, "make_batch", interrupted_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(split, quiet=True)
+    assert read_config(split.out)["training"] == {"step": 2, "interrupted": True}
+    monkeypatch.setattr(train_module, "make_batch", real_make_batch)
     result = train(split, resume=True, quiet=True)
     assert result["start"] == 2 and len(result["losses"]) == 2
     a, b = load_file(straight.out), load_file(split.out)
@@ -99,12 +110,15 @@ def test_ddp_two_processes_match_one(tmp_path):
     # the loss of the last step (a mean over both samples, all-reduced) agrees to float precision ...
     loss_one, loss_two = (read_config(p)["training"]["train_loss"] for p in (one, two))
     assert loss_one == pytest.approx(loss_two, rel=1e-5)
-    # ... and so do the weights, up to NAdam's normalised steps: an element whose gradient is at rounding level
-    # moves by up to lr (1e-3) per step either way, so differences stay well under lr
+    # ... and so do the weights, up to NAdam's normalised steps: an element whose gradient is at rounding level can
+    # move by up to lr per step either way, so each element stays within 2 * sum(lr); almost all agree closely
     a, b, start = load_file(one), load_file(two), load_file(tmp_path / "init.safetensors")
+    bound = 2 * sum(learning_rate(TrainConfig(images=[], out="", steps=3), s) for s in range(3))
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=3e-4, msg=key)
+        diff = (a[key] - b[key]).abs()
+        assert diff.max() <= bound, key
+        assert (diff <= 1e-4).float().mean() >= 0.9, (key, (diff <= 1e-4).float().mean())
     moved = (a["stages.0.range_proj.0.weight"] - start["stages.0.range_proj.0.weight"]).abs().max()
     assert moved > 1e-3, "the weights must have moved by more than the tolerance"
 
