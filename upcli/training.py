@@ -98,15 +98,12 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
-def load_checkpoint(path: str | Path, prefix: str = "") -> tuple[dict[str, Tensor], dict]:
-    """``(tensors, config)``; with ``prefix``, only the tensors under it, with the prefix removed."""
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """``(tensors, config)``, after :func:`read_config` has checked the file."""
     from safetensors.torch import load_file
 
     config = read_config(path)
-    tensors = load_file(str(path))
-    if prefix:
-        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return tensors, config
+    return load_file(str(path)), config
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> tuple[dict[str, Tensor], str]:

@@ -178,7 +178,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     side = max(max(s) for s in cfg.image_sizes)
     reporter = ProgressReporter("train", quiet=quiet or not dist.is_main, unit="steps", log_every=10.0)
     pool = ImagePool(cfg.images, side, reporter)
-    val_pool = ImagePool(cfg.val, side, reporter) if cfg.val else None
+    val_set = ValidationSet(ImagePool(cfg.val, side, reporter), backbone, cfg, device) if cfg.val else None
+    best_val = _best_val_loss(best_path) if resume else math.inf
     local = cfg.batch_size // dist.world_size
     mine = range(dist.rank * local, (dist.rank + 1) * local)
     reporter.start(cfg.steps - start)
@@ -207,13 +208,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                 reporter.advance(1, status=f"loss {value:.4f}")
                 done = step + 1
                 if done % cfg.save_every == 0 or done == cfg.steps:
-                    if val_pool is not None:
-                        val_loss = validation_loss(objective, backbone, val_pool, cfg, device)
+                    if val_set is not None:
+                        val_loss = val_set.loss(objective)
                         reporter.log(f"step {done}: train loss {value:.4f}, val loss {val_loss:.4f}")
                     checkpoint(done, train_loss=value, val_loss=val_loss)
-                    if val_loss is not None and dist.is_main and val_loss < _best_val_loss(best_path):
-                        save_upsampler(best_path, upsampler, backbone, extra={"training": {"step": done,
-                                                                                           "val_loss": val_loss}})
+                    if val_loss is not None and val_loss < best_val:
+                        best_val = val_loss
+                        if dist.is_main:
+                            save_upsampler(best_path, upsampler, backbone,
+                                           extra={"training": {"step": done, "val_loss": val_loss}})
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the finished steps, then stop
             if done > start and done % cfg.save_every and done != cfg.steps:
                 checkpoint(done, interrupted=True)
@@ -244,14 +247,20 @@ def train_state_path(out: str | Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".train.safetensors")
 
 
-def validation_loss(objective: MultiViewObjective, backbone, pool: ImagePool, cfg: TrainConfig, device) -> float:
-    """The objective on the first ``cfg.val_images`` crops of the val images, with fixed views: comparable
-    between checkpoints and runs."""
-    samples = range(cfg.val_images)
-    with torch.no_grad():
-        images = make_batch(pool, cfg, 0, samples, purpose=_VAL).to(device)
-        views = make_views(backbone, images, cfg, 0, samples, backbone.dim, purpose_offset=10)
-        return float(objective(backbone(images).float(), images, views))
+class ValidationSet:
+    """The first ``cfg.val_images`` crops of the val images with fixed views, their backbone features computed
+    once: the held-out loss is comparable between checkpoints and runs, and costs one objective call."""
+
+    def __init__(self, pool: ImagePool, backbone, cfg: TrainConfig, device):
+        samples = range(cfg.val_images)
+        with torch.no_grad():
+            self.images = make_batch(pool, cfg, 0, samples, purpose=_VAL).to(device)
+            self.views = make_views(backbone, self.images, cfg, 0, samples, backbone.dim, purpose_offset=10)
+            self.lr_feats = backbone(self.images).float()
+
+    def loss(self, objective: MultiViewObjective) -> float:
+        with torch.no_grad():
+            return float(objective(self.lr_feats, self.images, self.views))
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:
