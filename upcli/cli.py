@@ -40,6 +40,7 @@ def _call(command: str, fn, *args, **kwargs):
 _INTERRUPTED = {
     "upsample": "interrupted; finished shards are kept, re-run the same command to resume",
     "train": "interrupted; the last steps are checkpointed, add --resume to the same command to continue",
+    "fit-image": "interrupted; finished images are kept, re-run the same command to resume",
 }
 
 
@@ -207,7 +208,64 @@ def train(
               f"{result['losses'][-1]:.4f}{val_text}; wrote {out}", file=sys.stderr)
 
 
-_not_implemented("fit-image", "cat.jpg --backbone dinov2 --out feats/", "Fit FeatUp's per-image implicit upsampler.")
+FIT_EXAMPLE = """Examples:
+
+  upcli fit-image examples/images/chelsea.png --out cat/ --size 896 --preview 1
+
+  upcli fit-image ./imgs --out feats/ --scale 2 --save-field          # 2x each image, keep the fields
+
+  upcli fit-image ./imgs --out feats-1k/ --size 1024 --from-fields feats/fields   # re-render, no refit
+"""
+
+
+@app.command("fit-image", epilog=FIT_EXAMPLE)
+def fit_image(
+    images: Annotated[Path, typer.Argument(help="An image, or a folder of images (scanned recursively).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the same store as upcli upsample.")],
+    backbone: Annotated[str, typer.Option(help="Backbone name (see upcli upsample --list-backbones), or timm:<model>.")] = "efficientnet-lite0",
+    weights: Annotated[Optional[Path], typer.Option(help="Local backbone checkpoint.", dir_okay=False)] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Backbone layer to read (default: the entry's own).")] = None,
+    size: Annotated[Optional[str], typer.Option(help="Shorter side of the output in pixels (any, also above the image's), or 'original'.  [default: 448]", show_default=False)] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Output size as a multiple of the image's own, e.g. 2 (instead of --size).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps per image.  [default: 200]", show_default=False)] = None,
+    views: Annotated[Optional[int], typer.Option(help="Jittered views featurised per image, cached (FeatUp: 3000).  [default: 48]", show_default=False)] = None,
+    fit_size: Annotated[Optional[int], typer.Option(help="Shorter side of the image the views are made from.  [default: 224]", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option(help="Upsampler the field starts from and corrects: bilinear, jbu, ...  [default: bilinear]", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the views, points and initial weights.")] = 0,
+    save_field: Annotated[bool, typer.Option("--save-field", help="Keep each fitted field in OUT/fields/ for re-rendering.")] = False,
+    from_fields: Annotated[Optional[Path], typer.Option(help="Render the fields saved by an earlier --save-field run instead of fitting.", file_okay=False)] = None,
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float16, bfloat16 or float32.")] = "float16",
+    compression: Annotated[str, typer.Option(help="none, lzf or gzip.")] = "none",
+    shard_size: Annotated[int, typer.Option(help="Images per shard file (1: an interruption loses one image at most).")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    num_shards: Annotated[Optional[int], typer.Option(help="Split the work into N parts (default: from RANK/WORLD_SIZE or SLURM).")] = None,
+    shard_index: Annotated[Optional[int], typer.Option(help="Which part this process does, 0..N-1.")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad image instead of recording it.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace another job's files in --out.")] = False,
+    preview: Annotated[int, typer.Option(help="Write N preview PNGs to OUT/previews.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+    log_every: Annotated[float, typer.Option(help="Seconds between progress lines when stderr is not a terminal.")] = 30.0,
+) -> None:
+    """Fit FeatUp's implicit upsampler to each image and write its features at any resolution (HDF5 store)."""
+    from .fit_image import fit_images
+    from .upsamplers.implicit import FitConfig
+
+    options = {"steps": steps, "views": views, "fit_size": fit_size, "base": base}
+    fit = FitConfig(seed=seed, **{k: v for k, v in options.items() if v is not None})
+    result = _call(
+        "fit-image", fit_images, images, out, backbone=backbone, weights=weights, layer=layer, size=size, scale=scale,
+        fit=fit, save_fields=save_field, from_fields=from_fields, dtype=dtype, compression=compression,
+        shard_size=shard_size, device=device, num_shards=num_shards, shard_index=shard_index, strict=strict,
+        overwrite=overwrite, preview=preview, quiet=quiet, log_every=log_every,
+    )
+    if not quiet:
+        print(f"fit-image: {result.processed} images written to {out} ({result.seconds / max(result.processed, 1):.1f} s "
+              f"per image), {result.failed} failed, {result.skipped_shards} shards already done", file=sys.stderr)
+        if result.failed:
+            print(f"failed inputs are listed in {Path(out) / 'failures.jsonl'}", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
+
+
 _not_implemented("sr", "./lr --zero-shot --scale 2 --out sr/", "Zero-shot super-resolution (ZSSR, or MZSR with --meta).")
 _not_implemented("pretrain itpn", "./imagenet --out itpn/", "Pretrain a hierarchical ViT and its feature pyramid (iTPN).", pretrain_app)
 _not_implemented("pretrain mzsr", "./sr-train --out mzsr.safetensors", "Meta-train MZSR's start for fast zero-shot SR.", pretrain_app)

@@ -152,6 +152,40 @@ def _rms(target: Tensor) -> Tensor:
     return target.detach().square().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
 
 
+def uncertainty_net(dim: int) -> nn.Conv2d:
+    """The 1x1 conv predicting each target pixel's log-scale ``log s - 0.1``; ``s ~ exp(0.1)`` at the start, as FeatUp."""
+    net = nn.Conv2d(dim, 1, 1)
+    with torch.no_grad():
+        net.weight.mul_(0.1)
+        net.bias.mul_(0.1)
+    return net
+
+
+def gaussian_nll(err: Tensor, log_s: Tensor) -> Tensor:
+    """Mean of ``err^2 / (2 s^2) + log s``: ``err`` (B, P, h, w) against one scale per pixel ``log_s`` (B, 1, h, w)."""
+    return (err.square() / (2 * (2 * log_s).exp().clamp_min(1e-8)) + log_s).mean()
+
+
+def view_error(hr_feats: Tensor, image: Tensor, backbone: nn.Module, views: int = 16, seed: int = 0,
+               jitter: JitterConfig = JitterConfig()) -> float:
+    """Held-out multi-view reconstruction error of ``hr_feats`` (1, C, H, W), the features of ``image`` (1, 3, H, W).
+
+    For ``views`` seeded jitters ``t``: ``|box(t(F_hr)) - backbone(t(x))|^2 / |backbone(t(x))|^2``, averaged. The
+    box downsampler is fixed (a plain mean over each backbone cell), so every upsampler is judged by the same rule.
+    """
+    from ..training import generator
+
+    total = 0.0
+    with torch.no_grad():
+        for v in range(views):
+            theta = sample_jitter([generator(seed, 0xE7A1, v)], jitter)
+            target = backbone(apply_jitter(image, theta)).float()
+            seen, f = _to_cells(apply_jitter(hr_feats.float(), theta), tuple(target.shape[-2:]))
+            pred = F.avg_pool2d(seen, f)
+            total += float((pred - target).square().sum() / target.square().sum())
+    return total / views
+
+
 class MultiViewObjective(nn.Module):
     """The trainable parts of the objective around an upsampler: downsampler and uncertainty net."""
 
@@ -159,10 +193,7 @@ class MultiViewObjective(nn.Module):
         super().__init__()
         self.upsampler = upsampler
         self.downsampler = DOWNSAMPLERS.create(downsampler, dim=dim)
-        self.scale_net = nn.Conv2d(dim, 1, 1)
-        with torch.no_grad():  # s ~ exp(0.1) at the start, as FeatUp
-            self.scale_net.weight.mul_(0.1)
-            self.scale_net.bias.mul_(0.1)
+        self.scale_net = uncertainty_net(dim)
         self.projection_dim = min(projection_dim, dim)
 
     def forward(self, lr_feats: Tensor, image: Tensor, views: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
@@ -185,7 +216,6 @@ class MultiViewObjective(nn.Module):
                 pred = self.downsampler.pool(seen, None, tuple(target.shape[-2:]))
             else:
                 pred = self.downsampler.pool(seen[:, :-1], seen[:, -1:], tuple(target.shape[-2:]))
-            log_s = self.scale_net(target) + 0.1
             err = (pred - torch.einsum("bchw,bcp->bphw", target, proj)) / _rms(target)
-            total = total + (err.square() / (2 * (2 * log_s).exp().clamp_min(1e-8)) + log_s).mean()
+            total = total + gaussian_nll(err, self.scale_net(target) + 0.1)
         return total / len(views)
