@@ -3,6 +3,7 @@
     python examples/camvid_probe.py --methods bilinear,bilateral,jbu --json camvid.json
     python examples/camvid_probe.py --methods bilinear,jbu=/tmp/jbu.safetensors --eval-split val
     python examples/camvid_probe.py --limit 4 --methods bilinear,bilateral         # smoke run, seconds
+    python examples/camvid_probe.py --limit 10 --methods jbu,implicit,fit-jbu="implicit[base=jbu;steps=100]"
 
 Protocol (FeatUp-style linear probe, CamVid SegNet split, labels 480x360):
 * Frozen backbone features of each image, resized so that its shorter side is --input-size (aspect kept), are
@@ -282,6 +283,21 @@ def parse_methods(text: str, parser: Parser) -> dict[str, str]:
     return methods
 
 
+def split_spec(spec: str) -> tuple[str, dict]:
+    """``"implicit[base=jbu;steps=100]"`` -> ``("implicit", {"base": "jbu", "steps": 100})``; numbers are parsed."""
+    name, _, options = spec.partition("[")
+    kwargs = {}
+    for item in filter(None, options.rstrip("]").split(";")):
+        key, _, value = item.partition("=")
+        for cast in (int, float, str):
+            try:
+                kwargs[key.strip()] = cast(value.strip())
+                break
+            except ValueError:
+                continue
+    return name, kwargs
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="camvid_probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA,
@@ -324,7 +340,8 @@ def run(args, methods: dict[str, str]) -> dict:
     upsamplers, results = {}, {}
     for name, spec in methods.items():
         try:
-            upsamplers[name] = create_upsampler(spec, backbone=backbone).eval().to(device)
+            kind, options = split_spec(spec)
+            upsamplers[name] = create_upsampler(kind, backbone=backbone, **options).eval().to(device)
         except UpcliError as err:
             results[name] = {"skipped": str(err)}
             print(f"{name}: skipped: {err}", file=sys.stderr)
