@@ -6,7 +6,9 @@
 For each image (shorter side resized to --fit-size), every method gives features at that size; the score is the
 held-out multi-view reconstruction error (``upcli.upsamplers.multiview.view_error``): --eval-views jitters that no
 fit has seen, each view's features box-pooled to the backbone's grid and compared with the backbone's features of
-that view, |error|^2 / |target|^2. Lower is better. A variant is a ';'-separated entry of FitConfig fields
+that view, |error|^2 / |target|^2. Lower is better. "view error" cuts the views from the image at the fit size;
+"detail error" cuts them from the image at its own resolution (at most 2x the fit size), so zoomed views show the
+detail that a closer look at the scene shows. A variant is a ';'-separated entry of FitConfig fields
 (``key=value,key=value``); the default entry is the shipped default. Seconds are per image, fit plus render.
 """
 
@@ -38,7 +40,7 @@ def parse_variant(text: str) -> tuple[str, FitConfig]:
         key, _, value = part.partition("=")
         if key not in types:
             raise SystemExit(f"unknown FitConfig field {key!r}; choose from {', '.join(types)}")
-        changes[key] = types[key](value)
+        changes[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
     return (text or "default"), replace(FitConfig(), **changes)
 
 
@@ -59,36 +61,44 @@ def main(argv: list[str] | None = None) -> int:
     variants = dict(parse_variant(v.strip()) for v in args.variants.split(";"))
     scores: dict[str, list[float]] = {}
     seconds: dict[str, list[float]] = {}
+    details: dict[str, list[float]] = {}
     for path in paths:
         image = torch.from_numpy(load_rgb(path)).permute(2, 0, 1)[None].float() / 255
         fit_size = next(iter(variants.values())).fit_size
         size = target_size(*image.shape[-2:], fit_size)
         small = guidance_at(image, size)
+        detail = guidance_at(image, target_size(*image.shape[-2:], min(min(image.shape[-2:]), 2 * fit_size)))
         with torch.no_grad():
             lr = backbone(small)
+
+        def score(name, hr):
+            scores.setdefault(name, []).append(view_error(hr, small, backbone, args.eval_views, seed=1))
+            details.setdefault(name, []).append(view_error(hr, small, backbone, args.eval_views, seed=1, source=detail))
+
         for name in filter(None, args.baselines.split(",")):
             up = create_upsampler(name, backbone=backbone).eval()
             start = time.perf_counter()
             with torch.no_grad():
                 hr = up(lr, small, size)
             seconds.setdefault(name, []).append(time.perf_counter() - start)
-            scores.setdefault(name, []).append(view_error(hr, small, backbone, args.eval_views, seed=1))
+            score(name, hr)
         for name, cfg in variants.items():
             start = time.perf_counter()
             field = fit_field(backbone, image, cfg).upsampler
             hr = field(None, small, size)
             seconds.setdefault(name, []).append(time.perf_counter() - start)
-            scores.setdefault(name, []).append(view_error(hr, small, backbone, args.eval_views, seed=1))
+            score(name, hr)
         print(f"{path.name}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in scores.items()), file=sys.stderr, flush=True)
 
-    results = {name: {"view_error": round(sum(v) / len(v), 5), "seconds_per_image": round(sum(seconds[name]) / len(v), 3),
+    results = {name: {"view_error": round(sum(v) / len(v), 5), "detail_error": round(sum(details[name]) / len(v), 5),
+                      "seconds_per_image": round(sum(seconds[name]) / len(v), 3),
                       "images": len(v)} for name, v in scores.items()}
     results["_config"] = {"backbone": args.backbone, "images": str(args.images), "limit": args.limit,
                           "eval_views": args.eval_views, "torch_threads": torch.get_num_threads()}
-    print(f"{'method':40s} {'view error':>10s} {'s/image':>8s}")
+    print(f"{'method':40s} {'view error':>10s} {'detail error':>12s} {'s/image':>8s}")
     for name, r in results.items():
         if not name.startswith("_"):
-            print(f"{name:40s} {r['view_error']:10.4f} {r['seconds_per_image']:8.2f}")
+            print(f"{name:40s} {r['view_error']:10.4f} {r['detail_error']:12.4f} {r['seconds_per_image']:8.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -61,6 +61,20 @@ def test_points_follow_the_view_and_reflect_like_grid_sample():
     assert torch.allclose(reflect(torch.tensor([1.2, -1.5, 3.5, 0.3])), torch.tensor([0.8, -0.5, -0.5, 0.3]))
 
 
+def test_views_cut_from_a_larger_source_match_apply_jitter_and_antialias():
+    from upcli.upsamplers.multiview import render_views
+
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16), size=(48, 64), mode="bilinear")
+    theta = torch.tensor([[[0.6, 0.0, 0.2], [0.0, 0.6, -0.1]], [[-0.8, 0.0, -0.1], [0.0, 0.8, 0.15]]])
+    inside = render_views(image, theta, (48, 64), max_pad=0.1)
+    torch.testing.assert_close(inside, apply_jitter(image.expand(2, -1, -1, -1), theta), atol=1e-5, rtol=0)
+    # from a 4x source a view is an area average (antialiased), not a point sample
+    big = torch.rand(1, 3, 192, 256)
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    torch.testing.assert_close(render_views(big, identity, (48, 64), 0.1), torch.nn.functional.avg_pool2d(big, 4),
+                               atol=1e-5, rtol=0)
+
+
 def test_fit_lowers_the_loss_and_the_held_out_view_error(backbone):
     image = photo(size=(96, 128))
     cfg = FitConfig(steps=60, views=12, views_per_step=4, points_per_cell=4, fit_size=96, proj_dim=32, width=32)
@@ -85,10 +99,10 @@ def test_saved_field_with_a_learned_base_renders_the_same(backbone, tmp_path):
     from upcli.upsamplers.jbu import save_upsampler
 
     image = photo()
-    field = fit_field(backbone, image, FitConfig(**{**TINY.__dict__, "base": "jbu"})).upsampler
+    field = fit_field(backbone, image, FitConfig(**{**TINY.__dict__, "base": "jbu", "colour": True})).upsampler
     save_upsampler(tmp_path / "f.safetensors", field, backbone)
     loaded = create_upsampler(str(tmp_path / "f.safetensors"), backbone=backbone)
-    assert isinstance(loaded, FieldUpsampler) and loaded.config["base"] == "jbu"
+    assert isinstance(loaded, FieldUpsampler) and loaded.config["base"] == "jbu" and loaded.config["colour"]
     torch.testing.assert_close(loaded(None, image, (50, 70)), field(None, image, (50, 70)), rtol=0, atol=0)
 
 
@@ -193,3 +207,14 @@ def test_cli_on_one_image(tmp_path):
     assert (tmp_path / "o" / "previews" / "coffee.png").is_file()
     result = CliRunner().invoke(app, ["fit-image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_cli_help_states_the_library_defaults():
+    from typer.testing import CliRunner
+
+    import re
+
+    output = CliRunner().invoke(app, ["fit-image", "--help"], env={"COLUMNS": "240"}).output
+    text = " ".join(re.sub("[│╭╮╰╯─]", " ", output).split())
+    for value in (FitConfig.steps, FitConfig.views, FitConfig.fit_size, FitConfig.base):
+        assert f"(default: {value})" in text, value

@@ -225,12 +225,13 @@ def fit_image(
     backbone: Annotated[str, typer.Option(help="Backbone name (see upcli upsample --list-backbones), or timm:<model>.")] = "efficientnet-lite0",
     weights: Annotated[Optional[Path], typer.Option(help="Local backbone checkpoint.", dir_okay=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="Backbone layer to read (default: the entry's own).")] = None,
-    size: Annotated[Optional[str], typer.Option(help="Shorter side of the output in pixels (any, also above the image's), or 'original'.  [default: 448]", show_default=False)] = None,
+    size: Annotated[Optional[str], typer.Option(help="Shorter side of the output in pixels (any, also above the image's), or 'original'. (default: 448)", show_default=False)] = None,
     scale: Annotated[Optional[float], typer.Option(help="Output size as a multiple of the image's own, e.g. 2 (instead of --size).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps per image.  [default: 200]", show_default=False)] = None,
-    views: Annotated[Optional[int], typer.Option(help="Jittered views featurised per image, cached (FeatUp: 3000).  [default: 48]", show_default=False)] = None,
-    fit_size: Annotated[Optional[int], typer.Option(help="Shorter side of the image the views are made from.  [default: 224]", show_default=False)] = None,
-    base: Annotated[Optional[str], typer.Option(help="Upsampler the field starts from and corrects: bilinear, jbu, ...  [default: bilinear]", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimisation steps per image. (default: 400)", show_default=False)] = None,
+    views: Annotated[Optional[int], typer.Option(help="Jittered views featurised per image, cached (FeatUp: 3000). (default: 128)", show_default=False)] = None,
+    fit_size: Annotated[Optional[int], typer.Option(help="Shorter side of the image the views are made from. (default: 224)", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option(help="Upsampler the field starts from and corrects: bilinear, jbu, ... (default: bilinear)", show_default=False)] = None,
+    colour: Annotated[bool, typer.Option("--colour/--no-colour", help="Feed the field the pixel colours too (FeatUp); off: position only, which probed better.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the views, points and initial weights.")] = 0,
     save_field: Annotated[bool, typer.Option("--save-field", help="Keep each fitted field in OUT/fields/ for re-rendering.")] = False,
     from_fields: Annotated[Optional[Path], typer.Option(help="Render the fields saved by an earlier --save-field run instead of fitting.", file_okay=False)] = None,
@@ -251,7 +252,7 @@ def fit_image(
     from .upsamplers.implicit import FitConfig
 
     options = {"steps": steps, "views": views, "fit_size": fit_size, "base": base}
-    fit = FitConfig(seed=seed, **{k: v for k, v in options.items() if v is not None})
+    fit = FitConfig(seed=seed, colour=colour, **{k: v for k, v in options.items() if v is not None})
     result = _call(
         "fit-image", fit_images, images, out, backbone=backbone, weights=weights, layer=layer, size=size, scale=scale,
         fit=fit, save_fields=save_field, from_fields=from_fields, dtype=dtype, compression=compression,

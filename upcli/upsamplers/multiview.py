@@ -21,6 +21,7 @@ The learned maps are stored at 64 x 64 and resized to the cell, so one downsampl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,27 @@ def apply_jitter(x: Tensor, theta: Tensor, size: tuple[int, int] | None = None) 
     size = tuple(size or x.shape[-2:])
     grid = F.affine_grid(theta.to(x.device, x.dtype), [x.shape[0], x.shape[1], *size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def render_views(source: Tensor, theta: Tensor, size: tuple[int, int], max_pad: float) -> Tensor:
+    """The views ``theta`` (V, 2, 3; zoom, shift and flip, no rotation) of ``source`` (1, 3, H, W) at ``size``,
+    antialiased: each view is an area-averaged crop of the reflect-padded image (``roi_align``), so a source
+    larger than ``size`` gives sharper zoomed views instead of aliasing. Inside the image and at 1:1 it equals
+    ``apply_jitter``."""
+    from torchvision.ops import roi_align
+
+    H, W = source.shape[-2:]
+    pad_y, pad_x = math.ceil(max_pad * H) + 1, math.ceil(max_pad * W) + 1
+    padded = F.pad(source, (pad_x, pad_x, pad_y, pad_y), mode="reflect")
+    sx, tx, sy, ty = theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2]
+    boxes = torch.stack([
+        torch.zeros_like(sx),
+        (tx - sx.abs() + 1) / 2 * W + pad_x, (ty - sy.abs() + 1) / 2 * H + pad_y,
+        (tx + sx.abs() + 1) / 2 * W + pad_x, (ty + sy.abs() + 1) / 2 * H + pad_y,
+    ], dim=1).to(source)
+    views = roi_align(padded, boxes, tuple(size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    flipped = (sx < 0).to(source.device)
+    return torch.where(flipped.view(-1, 1, 1, 1), views.flip(-1), views)
 
 
 # ---- downsamplers -------------------------------------------------------------------------------------------
@@ -167,11 +189,13 @@ def gaussian_nll(err: Tensor, log_s: Tensor) -> Tensor:
 
 
 def view_error(hr_feats: Tensor, image: Tensor, backbone: nn.Module, views: int = 16, seed: int = 0,
-               jitter: JitterConfig = JitterConfig()) -> float:
+               jitter: JitterConfig = JitterConfig(), source: Tensor | None = None) -> float:
     """Held-out multi-view reconstruction error of ``hr_feats`` (1, C, H, W), the features of ``image`` (1, 3, H, W).
 
     For ``views`` seeded jitters ``t``: ``|box(t(F_hr)) - backbone(t(x))|^2 / |backbone(t(x))|^2``, averaged. The
     box downsampler is fixed (a plain mean over each backbone cell), so every upsampler is judged by the same rule.
+    With ``source`` (the same image at a higher resolution) the views ``t(x)`` are cut from it, so zoomed views
+    show the detail that a closer look at the scene would.
     """
     from ..training import generator
 
@@ -179,7 +203,9 @@ def view_error(hr_feats: Tensor, image: Tensor, backbone: nn.Module, views: int 
     with torch.no_grad():
         for v in range(views):
             theta = sample_jitter([generator(seed, 0xE7A1, v)], jitter)
-            target = backbone(apply_jitter(image, theta)).float()
+            seen_image = apply_jitter(image, theta) if source is None else render_views(
+                source, theta, tuple(image.shape[-2:]), jitter.max_pad)
+            target = backbone(seen_image).float()
             seen, f = _to_cells(apply_jitter(hr_feats.float(), theta), tuple(target.shape[-2:]))
             pred = F.avg_pool2d(seen, f)
             total += float((pred - target).square().sum() / target.square().sum())
