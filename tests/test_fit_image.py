@@ -109,8 +109,10 @@ def test_saved_field_with_a_learned_base_renders_the_same(backbone, tmp_path):
 def test_implicit_upsampler_interface(backbone):
     image = torch.cat([photo(), photo("coffee.png")])
     up = create_upsampler("implicit", backbone=backbone, **{k: v for k, v in TINY.__dict__.items()})
-    out = up(backbone(image), image, (40, 50))
+    with torch.inference_mode():  # as inside `upcli upsample --upsampler implicit`
+        out = up(backbone(image), image, (40, 50))
     assert out.shape == (2, 320, 40, 50)
+    torch.testing.assert_close(out, up(backbone(image), image, (40, 50)))
 
 
 def test_store_sizes_scale_and_save_field_rerender(tmp_path):

@@ -212,15 +212,22 @@ class FitResult:
 
 def fit_field(backbone: nn.Module, image: Tensor, cfg: FitConfig = FitConfig(),
               progress: Callable[[int, float], None] | None = None) -> FitResult:
-    """Fit an implicit field to ``image`` (1, 3, H, W) in [0, 1], any size (resized to ``cfg.fit_size``)."""
+    """Fit an implicit field to ``image`` (1, 3, H, W) in [0, 1], any size (resized to ``cfg.fit_size``).
+
+    Works under ``torch.inference_mode()`` too (as inside ``upcli upsample``): the fit leaves it."""
+    cfg.check()
+    with torch.inference_mode(False):
+        return _fit(backbone, image.clone(), cfg, progress)
+
+
+def _fit(backbone: nn.Module, image: Tensor, cfg: FitConfig, progress) -> FitResult:
     import time
 
-    cfg.check()
     start = time.perf_counter()
     device = image.device
     H, W = target_size(*image.shape[-2:], cfg.fit_size)
-    with torch.inference_mode(False), torch.no_grad():
-        source = image.float().clone()
+    with torch.no_grad():
+        source = image.float()
         image = guidance_at(source, (H, W))
         if cfg.detail_views:  # no more detail than the most zoomed view can show
             detail = min(min(source.shape[-2:]), round(min(H, W) * cfg.max_zoom))
@@ -253,7 +260,7 @@ def fit_field(backbone: nn.Module, image: Tensor, cfg: FitConfig = FitConfig(),
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
     rms = targets_pca.square().mean().sqrt().clamp_min(1e-6)
     losses = []
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.enable_grad():
         for step in range(cfg.steps):
             for group in optimizer.param_groups:  # cosine to a tenth
                 group["lr"] = cfg.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
