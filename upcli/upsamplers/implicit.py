@@ -36,7 +36,6 @@ each image of the batch anew.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..io.images import target_size
+from ..training import generator
 from . import Upsampler, create_upsampler, guidance_at, register_upsampler
 from .multiview import DOWNSAMPLERS, JitterConfig, gaussian_nll, render_views, sample_jitter, uncertainty_net
 
@@ -68,8 +68,6 @@ class FitConfig:
     max_pad: float = 30 / 224  # views: reflect padding as a fraction of the side (FeatUp: 30 px at 224) ...
     max_zoom: float = 1.8  # ... and the largest zoom (FeatUp: 1.8)
     detail_views: bool = True  # views cut from the image at up to max_zoom x fit_size: zoomed views show real detail
-    smoothness: float = 0.0  # weight of the edge-aware smoothness of the correction between neighbouring points
-    colour_sigma: float = 0.1  # its colour scale: neighbours this far apart in RGB are barely tied
     learning_rate: float = 3e-3
     base: str = "bilinear"
     downsampler: str = "attention"
@@ -210,17 +208,16 @@ class FitResult:
     seconds: float
 
 
-def fit_field(backbone: nn.Module, image: Tensor, cfg: FitConfig = FitConfig(),
-              progress: Callable[[int, float], None] | None = None) -> FitResult:
+def fit_field(backbone: nn.Module, image: Tensor, cfg: FitConfig = FitConfig()) -> FitResult:
     """Fit an implicit field to ``image`` (1, 3, H, W) in [0, 1], any size (resized to ``cfg.fit_size``).
 
     Works under ``torch.inference_mode()`` too (as inside ``upcli upsample``): the fit leaves it."""
     cfg.check()
     with torch.inference_mode(False):
-        return _fit(backbone, image.clone(), cfg, progress)
+        return _fit(backbone, image.clone(), cfg)
 
 
-def _fit(backbone: nn.Module, image: Tensor, cfg: FitConfig, progress) -> FitResult:
+def _fit(backbone: nn.Module, image: Tensor, cfg: FitConfig) -> FitResult:
     import time
 
     start = time.perf_counter()
@@ -234,7 +231,7 @@ def _fit(backbone: nn.Module, image: Tensor, cfg: FitConfig, progress) -> FitRes
             source = guidance_at(source, target_size(H, W, detail))
         else:
             source = image
-        gens = [_gen(cfg.seed, _VIEWS, v) for v in range(cfg.views)]
+        gens = [generator(cfg.seed, _VIEWS, v) for v in range(cfg.views)]
         thetas = sample_jitter(gens, JitterConfig(max_pad=cfg.max_pad, max_zoom=cfg.max_zoom))
         thetas[0] = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])  # the image itself
         targets = torch.cat([backbone(render_views(source, t, (H, W), cfg.max_pad)).float()
@@ -245,8 +242,8 @@ def _fit(backbone: nn.Module, image: Tensor, cfg: FitConfig, progress) -> FitRes
         with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed only
             torch.manual_seed(cfg.seed)
             up = FieldUpsampler(backbone, dim=dim, low=low, proj_dim=min(cfg.proj_dim, dim), n_freqs=cfg.n_freqs,
-                                width=cfg.width, max_freq=cfg.max_freq, colour=cfg.colour, base=cfg.base, base_config=getattr(base_up, "config", None),
-                                base_upsampler=base_up).to(device)
+                                width=cfg.width, max_freq=cfg.max_freq, colour=cfg.colour, base=cfg.base,
+                                base_config=getattr(base_up, "config", None), base_upsampler=base_up).to(device)
             down = DOWNSAMPLERS.create(cfg.downsampler, dim=up.field.basis.shape[1]).to(device)
             scale_net = uncertainty_net(up.field.basis.shape[1]).to(device)
         up.lr_feats.copy_(lr_feats)
@@ -264,7 +261,7 @@ def _fit(backbone: nn.Module, image: Tensor, cfg: FitConfig, progress) -> FitRes
         for step in range(cfg.steps):
             for group in optimizer.param_groups:  # cosine to a tenth
                 group["lr"] = cfg.learning_rate * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
-            g = _gen(cfg.seed, _STEP, step)
+            g = generator(cfg.seed, _STEP, step)
             idx = torch.randint(cfg.views, (min(cfg.views_per_step, cfg.views),), generator=g)
             xy = cell_points(thetas[idx], low, cfg.points_per_cell, g).to(device)
             n = len(idx)
@@ -272,38 +269,16 @@ def _fit(backbone: nn.Module, image: Tensor, cfg: FitConfig, progress) -> FitRes
             base = F.grid_sample(base_pca.expand(n, -1, -1, -1), xy, padding_mode="reflection", align_corners=False)
             hs, ws = xy.shape[1:3]
             res = field(xy.flip(-1).reshape(-1, 2), rgb.permute(0, 2, 3, 1).reshape(-1, 3))
-            res = res.view(n, hs, ws, -1).permute(0, 3, 1, 2)
-            pred = base + res
+            pred = base + res.view(n, hs, ws, -1).permute(0, 3, 1, 2)
             pooled = down.pool(pred, down.saliency(pred), low)
             target = targets_pca[idx]
             loss = gaussian_nll((pooled - target) / rms, scale_net(target) + 0.1)
-            if cfg.smoothness > 0:
-                loss = loss + cfg.smoothness * edge_aware_smoothness(res / rms, rgb, cfg.colour_sigma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            if progress is not None:
-                progress(step + 1, losses[-1])
     up.eval()
     return FitResult(up, losses, time.perf_counter() - start)
-
-
-def edge_aware_smoothness(x: Tensor, rgb: Tensor, colour_sigma: float) -> Tensor:
-    """Mean over neighbouring points of ``|x_p - x_q|^2 exp(-|rgb_p - rgb_q|^2 / (2 sigma^2))``: ``x`` varies freely
-    across colour edges and is flat inside regions of one colour (FeatUp's CRF term, on neighbours only)."""
-    total = x.new_zeros(())
-    for dim in (2, 3):
-        dx = x.diff(dim=dim).square().sum(1)
-        drgb = rgb.diff(dim=dim).square().sum(1)
-        total = total + (dx * torch.exp(-drgb / (2 * colour_sigma**2))).mean()
-    return total
-
-
-def _gen(seed: int, *stream: int) -> torch.Generator:
-    from ..training import generator
-
-    return generator(seed, *stream)
 
 
 def _pca_basis(feats: Tensor, mean: Tensor, k: int) -> Tensor:

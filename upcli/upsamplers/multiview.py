@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._registry import Registry
+from ..training import generator
 
 
 # ---- jitter -------------------------------------------------------------------------------------------------
@@ -197,8 +198,6 @@ def view_error(hr_feats: Tensor, image: Tensor, backbone: nn.Module, views: int 
     With ``source`` (the same image at a higher resolution) the views ``t(x)`` are cut from it, so zoomed views
     show the detail that a closer look at the scene would.
     """
-    from ..training import generator
-
     total = 0.0
     with torch.no_grad():
         for v in range(views):
