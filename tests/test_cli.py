@@ -46,7 +46,7 @@ def test_help_lists_commands_with_examples():
     assert "itpn" in invoke("pretrain", "--help").output
 
 
-@pytest.mark.parametrize("command", [["sr", "--zero-shot"], ["pretrain", "itpn"], ["pretrain", "mzsr"]])
+@pytest.mark.parametrize("command", [["pretrain", "itpn"]])
 def test_unfinished_commands_exit_2_with_one_line(command, tmp_path):
     os.chdir(tmp_path)
     result = subprocess.run([sys.executable, "-m", "upcli", *command], capture_output=True, text=True)

@@ -41,6 +41,8 @@ _INTERRUPTED = {
     "upsample": "interrupted; finished shards are kept, re-run the same command to resume",
     "train": "interrupted; the last steps are checkpointed, add --resume to the same command to continue",
     "fit-image": "interrupted; finished images are kept, re-run the same command to resume",
+    "sr": "interrupted; finished images are kept, re-run the same command to resume",
+    "pretrain mzsr": "interrupted; the last steps are checkpointed, add --resume to the same command to continue",
 }
 
 
@@ -267,9 +269,100 @@ def fit_image(
     raise typer.Exit(result.exit_code)
 
 
-_not_implemented("sr", "./lr --zero-shot --scale 2 --out sr/", "Zero-shot super-resolution (ZSSR, or MZSR with --meta).")
+SR_EXAMPLE = """Examples:
+
+  upcli sr ./lr --scale 2 --zero-shot --out sr/                         # ZSSR: trains on each image (minutes)
+
+  upcli sr ./lr --scale 2 --zero-shot --init mzsr.safetensors --steps 10 --out sr/   # MZSR: 10 steps (seconds)
+
+  upcli sr photo.png --scale 2 --zero-shot --kernel gauss:1.4 --out sr/  # LR made by a blur + direct subsampling
+
+  upcli sr ./lr --scale 2 --init mzsr.safetensors --out sr/             # one pass of the pretrained network
+"""
+
+
+@app.command(epilog=SR_EXAMPLE)
+def sr(
+    images: Annotated[Path, typer.Argument(help="A low-resolution image, or a folder of them (scanned recursively).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: one PNG per image, mirroring the input tree.")],
+    scale: Annotated[int, typer.Option(help="Upscaling factor: 2, 3 or 4.")] = 2,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Learn from each test image: ZSSR, or MZSR's adaptation with --init.")] = False,
+    init: Annotated[Optional[Path], typer.Option(help="A network made by `upcli pretrain mzsr`.", dir_okay=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="MZSR adaptation steps per image. (default: 10)", show_default=False)] = None,
+    kernel: Annotated[str, typer.Option(help="How the LR was blurred: bicubic, gauss:SIGMA, aniso:VAR1,VAR2,THETA_DEG, or a .npy/.mat file.")] = "bicubic",
+    subsample: Annotated[Optional[str], typer.Option(help="bicubic or direct (default: bicubic for --kernel bicubic, else direct).", show_default=False)] = None,
+    max_iters: Annotated[Optional[int], typer.Option(help="ZSSR: most training iterations per image. (default: 3000)", show_default=False)] = None,
+    noise: Annotated[Optional[float], typer.Option(help="ZSSR: noise std added to the sons, for noisy real images (ZSSR: 0.0125). (default: 0)", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="ZSSR: seed of the crops and initial weights.")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Images per shard (1: an interruption loses one image at most).")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    num_shards: Annotated[Optional[int], typer.Option(help="Split the work into N parts (default: from RANK/WORLD_SIZE or SLURM).")] = None,
+    shard_index: Annotated[Optional[int], typer.Option(help="Which part this process does, 0..N-1.")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad image instead of recording it.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace another job's files in --out.")] = False,
+    preview: Annotated[int, typer.Option(help="Write N side-by-side crops (bicubic | SR) to OUT/previews.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+    log_every: Annotated[float, typer.Option(help="Seconds between progress lines when stderr is not a terminal.")] = 30.0,
+) -> None:
+    """Super-resolve images: zero-shot (ZSSR, or MZSR from a meta-learned start) or with a pretrained network."""
+    from .sr.job import super_resolve_images
+    from .sr.zssr import ZSSRConfig
+
+    options = {"max_iters": max_iters, "noise_std": noise}
+    zssr = ZSSRConfig(seed=seed, **{k: v for k, v in options.items() if v is not None})
+    result = _call(
+        "sr", super_resolve_images, images, out, scale=scale, zero_shot=zero_shot, init=init, steps=steps,
+        kernel=kernel, subsample=subsample, zssr=zssr, shard_size=shard_size, device=device, num_shards=num_shards,
+        shard_index=shard_index, strict=strict, overwrite=overwrite, preview=preview, quiet=quiet, log_every=log_every,
+    )
+    if not quiet:
+        print(f"sr: {result.processed} images written to {out} ({result.seconds / max(result.processed, 1):.2f} s per image), "
+              f"{result.failed} failed, {result.skipped_shards} shards already done", file=sys.stderr)
+        if result.failed:
+            print(f"failed inputs are listed in {Path(out) / 'failures.jsonl'}", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
+
+
+MZSR_EXAMPLE = """Examples:
+
+  upcli pretrain mzsr ../shared/data/sr-train --scale 2 --out mzsr-x2.safetensors      # about an hour on 2 CPU cores
+
+  upcli pretrain mzsr ./div2k --subsample direct --pretrain-steps 100000 --meta-steps 20000 --out mzsr-d.safetensors
+
+  upcli pretrain mzsr ./div2k --out mzsr.safetensors --resume         # continue after a crash or Ctrl-C
+
+  torchrun --nproc-per-node 4 -m upcli.cli pretrain mzsr ./div2k --out mzsr.safetensors
+"""
+
+
+@pretrain_app.command("mzsr", epilog=MZSR_EXAMPLE)
+def pretrain_mzsr(
+    images: Annotated[list[Path], typer.Argument(help="Folders of HR training images, scanned recursively.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors); training state goes beside it.", dir_okay=False)],
+    scale: Annotated[int, typer.Option(help="2, 3 or 4.")] = 2,
+    subsample: Annotated[str, typer.Option(help="How task LR images are made after the blur: bicubic or direct.")] = "bicubic",
+    pretrain_steps: Annotated[Optional[int], typer.Option(help="Stage 1 steps, bicubic pretraining (paper: 800k). (default: 6000)", show_default=False)] = None,
+    meta_steps: Annotated[Optional[int], typer.Option(help="Stage 2 steps, meta-transfer learning (paper: 100k). (default: 300)", show_default=False)] = None,
+    tasks: Annotated[Optional[int], typer.Option(help="Tasks (kernels) per meta-step. (default: 5)", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints. (default: 200)", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from --out and its training state.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+) -> None:
+    """Meta-train MZSR's start: bicubic pretraining, then second-order MAML over random blur kernels."""
+    from .sr.mzsr import MZSRConfig, pretrain_mzsr as run
+
+    options = {"pretrain_steps": pretrain_steps, "meta_steps": meta_steps, "tasks": tasks, "save_every": save_every}
+    cfg = MZSRConfig(images=[str(p) for p in images], out=str(out), scale=scale, subsample=subsample, seed=seed,
+                     device=device, **{k: v for k, v in options.items() if v is not None})
+    result = _call("pretrain mzsr", run, cfg, resume=resume, quiet=quiet)
+    if not quiet and result["losses"]:
+        print(f"pretrain mzsr: steps {result['start']}..{result['steps']} in {result['seconds']:.0f} s, last loss "
+              f"{result['losses'][-1]:.4f}; wrote {out}", file=sys.stderr)
+
+
 _not_implemented("pretrain itpn", "./imagenet --out itpn/", "Pretrain a hierarchical ViT and its feature pyramid (iTPN).", pretrain_app)
-_not_implemented("pretrain mzsr", "./sr-train --out mzsr.safetensors", "Meta-train MZSR's start for fast zero-shot SR.", pretrain_app)
 
 
 def main() -> None:

@@ -57,6 +57,15 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def global_mean(value: Tensor, world: int) -> float:
+    """The mean of a scalar over all processes (the value itself in one process)."""
+    if world > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
 def generator(seed: int, *stream: int) -> torch.Generator:
     """A CPU generator for one named stream, e.g. ``generator(seed, step, sample)``: the same numbers on any
     number of processes and after any resume, because nothing depends on what was drawn before."""
@@ -75,6 +84,12 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], config: dict) 
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **config}
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"upcli": json.dumps(meta)})
     write_atomic(Path(path), data)
+
+
+def train_state_path(out: str | Path) -> Path:
+    """Where a training loop keeps what ``--resume`` needs beside the checkpoint ``out`` (optimiser, step)."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + ".train.safetensors")
 
 
 def read_config(path: str | Path) -> dict:

@@ -28,7 +28,7 @@ from .. import __version__
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, BadImageError, StoreError, UsageError
 from ..progress import ProgressReporter, Timings
 from .images import ImageRef
-from .store import ShardWriter, read_shard_index, shard_name, write_atomic, write_index
+from .store import FEATURE_SHARDS, IMAGE_SHARDS, ShardKind, ShardWriter, read_shard_index, shard_name, write_atomic, write_index
 
 JOB_FORMAT = "upcli-job"
 STORE_FILES = ("job.json", "manifest.jsonl", "failures.jsonl")
@@ -153,9 +153,13 @@ def _difference(old: dict, new: dict) -> str:
 
 def clear_store(out: Path) -> None:
     """Delete upcli's own files in ``out`` (never anything else)."""
+    for record in out.glob("shard-*.json"):
+        content = IMAGE_SHARDS.read_index(record)
+        for key, _ in content["images"] if content else []:
+            (out / key).unlink(missing_ok=True)
     for path in out.iterdir():
         name = path.name
-        if name.startswith("shard-") and ".h5" in name or name.split(".tmp-")[0] in STORE_FILES:
+        if name.startswith("shard-") and (".h5" in name or ".json" in name) or name.split(".tmp-")[0] in STORE_FILES:
             path.unlink()
     previews = out / "previews"
     if previews.is_dir():
@@ -193,9 +197,10 @@ def _collate(items: list[Item]) -> list[Item]:
 class _ShardWriterThread(threading.Thread):
     """Writes shards in the background so that HDF5 I/O overlaps the model."""
 
-    def __init__(self, out_dir: Path, attrs: dict, compression: str, reporter: ProgressReporter, timings: Timings):
+    def __init__(self, out_dir: Path, attrs: dict, compression: str, reporter: ProgressReporter, timings: Timings,
+                 kind: ShardKind = FEATURE_SHARDS):
         super().__init__(daemon=True, name="upcli-writer")
-        self.out_dir, self.attrs, self.compression = out_dir, attrs, compression
+        self.out_dir, self.attrs, self.compression, self.kind = out_dir, attrs, compression, kind
         self.reporter, self.timings = reporter, timings
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.error: BaseException | None = None
@@ -229,7 +234,7 @@ class _ShardWriterThread(threading.Thread):
 
     def _handle(self, kind: str, *args) -> None:
         if kind == "open":
-            self._writer = ShardWriter(self.out_dir, args[0], self.attrs, self.compression)
+            self._writer = self.kind.writer(self.out_dir, args[0], self.attrs, self.compression)
         elif kind == "image":
             self._writer.add(*args)
         elif kind == "failure":
@@ -287,8 +292,11 @@ def run_job(
     overwrite: bool = False,
     reporter: ProgressReporter | None = None,
     timings: Timings | None = None,
+    kind: ShardKind = FEATURE_SHARDS,
 ) -> JobResult:
-    """Run this part of ``job``; returns exit code 0, or 3 when some inputs failed. Ctrl-C/SIGTERM raise KeyboardInterrupt."""
+    """Run this part of ``job``; returns exit code 0, or 3 when some inputs failed. Ctrl-C/SIGTERM raise KeyboardInterrupt.
+
+    ``kind``: feature shards (``process`` returns arrays to store) or image shards (uint8 (H, W, 3) PNGs)."""
     from torch.utils.data import DataLoader
 
     reporter = reporter or ProgressReporter(job.command)
@@ -299,11 +307,11 @@ def run_job(
     prepare_out_dir(job, overwrite)
     fingerprint = job.fingerprint
     mine = [s for s in range(job.num_shards) if s % parts == part]
-    done = {s: read_shard_index(job.out_dir / shard_name(s), fingerprint) for s in mine}
+    done = {s: kind.read_index(job.out_dir / kind.name(s), fingerprint) for s in mine}
     done = {s: content for s, content in done.items() if content is not None}
     todo = [s for s in mine if s not in done]
     for shard in mine:  # leftovers of a killed run
-        for stale in job.out_dir.glob(f"{shard_name(shard)}.tmp-*"):
+        for stale in job.out_dir.glob(f"{kind.name(shard)}.tmp-*"):
             stale.unlink(missing_ok=True)
     old_failures = [f for content in done.values() for f in content["failures"]]
     if done:
@@ -319,7 +327,8 @@ def run_job(
         _Planned(job.inputs, load), batch_sampler=batches, collate_fn=_collate, num_workers=workers,
         prefetch_factor=2 if workers else None,
     )
-    writer = _ShardWriterThread(job.out_dir, {**(shard_attrs or {}), "job_fingerprint": fingerprint}, compression, reporter, timings)
+    writer = _ShardWriterThread(job.out_dir, {**(shard_attrs or {}), "job_fingerprint": fingerprint}, compression, reporter,
+                                timings, kind)
     writer.start()
     total = sum(len(b) for b in batches)
     reporter.start(total)
@@ -344,7 +353,7 @@ def run_job(
             writer.stop()
         reporter.close()
         del loader
-        write_index(job.out_dir, list(range(job.num_shards)), fingerprint)
+        write_index(job.out_dir, list(range(job.num_shards)), fingerprint, kind)
     failures = old_failures + writer.failures
     return JobResult(
         exit_code=EXIT_SOME_FAILED if failures else EXIT_OK, processed=processed, failed=len(failures),

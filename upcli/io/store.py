@@ -8,6 +8,9 @@ Layout of an output folder (documented in README.md, readable with plain h5py):
                         backbone, layer, upsampler, dtype ("bfloat16" data is stored as uint16 bits)
     manifest.jsonl      {"source", "shard", "key"} per stored image, in input order
     failures.jsonl      {"source", "reason"} per input that could not be read
+
+Commands whose results are images (``upcli sr``) use image shards instead: each result is a PNG at its
+source's relative path (suffix ``.png``), and ``shard-00000.json`` lists a finished shard's images and failures.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import StoreError
 
 FORMAT = "upcli-features"
+IMAGE_FORMAT = "upcli-images"
 FORMAT_VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32")
 COMPRESSIONS = {"none": {}, "lzf": {"compression": "lzf", "shuffle": True}, "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}}
@@ -129,14 +135,86 @@ def read_shard_index(path: Path, fingerprint: str | None = None) -> dict | None:
         return None
 
 
-def write_index(out_dir: Path, shard_indices: list[int], fingerprint: str | None = None) -> tuple[int, int]:
+def image_key(source: str) -> str:
+    """Where the image result of ``source`` goes, relative to the output folder: its path with suffix .png."""
+    return str(Path(source).with_suffix(".png"))
+
+
+class ImageShardWriter:
+    """A shard of image results: each PNG is written atomically at once; ``commit`` writes the shard's record."""
+
+    def __init__(self, out_dir: Path, shard_index: int, attrs: dict, compression: str = "none"):
+        self.out_dir = Path(out_dir)
+        self.final_path = self.out_dir / f"shard-{shard_index:05d}.json"
+        self.tmp_path = self.final_path  # nothing temporary outlives a call
+        self.record = {"format": IMAGE_FORMAT, "format_version": FORMAT_VERSION, "shard_index": shard_index,
+                       "complete": True, **attrs, "images": [], "failures": []}
+
+    def add(self, source: str, array: np.ndarray, attrs: dict) -> str:
+        """``array``: uint8 (H, W, 3)."""
+        from PIL import Image
+
+        key = image_key(source)
+        path = self.out_dir / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        self.record["images"].append({"key": key, "source": source, **attrs})
+        return key
+
+    def add_failure(self, source: str, reason: str) -> None:
+        self.record["failures"].append({"source": source, "reason": reason})
+
+    def commit(self) -> Path:
+        write_atomic(self.final_path, json.dumps(self.record, indent=1) + "\n")
+        return self.final_path
+
+    def abort(self) -> None:
+        pass
+
+
+def read_image_shard_index(path: Path, fingerprint: str | None = None) -> dict | None:
+    """Like :func:`read_shard_index` for an image shard; None also when one of its PNGs has gone."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        if record.get("format") != IMAGE_FORMAT or not record.get("complete"):
+            return None
+        if fingerprint is not None and record.get("job_fingerprint") != fingerprint:
+            return None
+        images = [(entry["key"], entry["source"]) for entry in record["images"]]
+        if not all((Path(path).parent / key).is_file() for key, _ in images):
+            return None
+        return {"images": images, "failures": record["failures"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class ShardKind:
+    """How a job's shards are written and read back: feature shards (HDF5) or image shards (PNG + JSON)."""
+
+    suffix: str
+    writer: type
+    read_index: Callable[..., dict | None]
+
+    def name(self, index: int) -> str:
+        return f"shard-{index:05d}{self.suffix}"
+
+
+FEATURE_SHARDS = ShardKind(".h5", ShardWriter, read_shard_index)
+IMAGE_SHARDS = ShardKind(".json", ImageShardWriter, read_image_shard_index)
+
+
+def write_index(out_dir: Path, shard_indices: list[int], fingerprint: str | None = None,
+                kind: ShardKind = FEATURE_SHARDS) -> tuple[int, int]:
     """Rebuild manifest.jsonl and failures.jsonl from the complete shards; returns (images, failures)."""
     manifest, failures = [], []
     for index in shard_indices:
-        content = read_shard_index(out_dir / shard_name(index), fingerprint)
+        content = kind.read_index(out_dir / kind.name(index), fingerprint)
         if content is None:
             continue
-        manifest += [{"source": src, "shard": shard_name(index), "key": key} for key, src in content["images"]]
+        manifest += [{"source": src, "shard": kind.name(index), "key": key} for key, src in content["images"]]
         failures += content["failures"]
     write_atomic(out_dir / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in manifest))
     write_atomic(out_dir / "failures.jsonl", "".join(json.dumps(r) + "\n" for r in failures))

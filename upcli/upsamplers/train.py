@@ -27,15 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UsageError
-from ..errors import BadImageError
-from ..io.images import load_rgb, resize_rgb, scan_images, target_size
+from ..io.pool import ImagePool
 from ..io.jobs import TerminateAsInterrupt
 from ..progress import ProgressReporter
-from ..training import (generator, load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint,
-                        setup_distributed, teardown_distributed)
+from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint,
+                        setup_distributed, teardown_distributed, train_state_path)
 from .jbu import stage_sizes
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
 
@@ -87,39 +85,6 @@ def parse_image_sizes(text: str) -> list[tuple[int, int]]:
             raise UsageError(f"--image-size: sizes must be N or HxW with sides >= 16, got {item.strip()!r}")
         sizes.append((h, w))
     return sizes
-
-
-class ImagePool:
-    """Training images (all under ``roots``) decoded once, shorter side resized to ``side``, kept as uint8."""
-
-    def __init__(self, roots: str | list[str], side: int, reporter: ProgressReporter | None = None):
-        roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
-        refs = [ref for root in roots for ref in scan_images(root)]
-        self.images, self.skipped = [], []
-        for ref in refs:
-            try:
-                rgb = load_rgb(ref.path)
-            except BadImageError as exc:
-                self.skipped.append(str(exc))
-                if reporter:
-                    reporter.log(f"skipped {exc}")
-                continue
-            self.images.append(torch.from_numpy(resize_rgb(rgb, target_size(*rgb.shape[:2], side))).permute(2, 0, 1))
-        if not self.images:
-            raise UsageError(f"no readable images under {', '.join(map(str, roots))}")
-
-    def crop(self, g: torch.Generator, size: tuple[int, int]) -> torch.Tensor:
-        """A random image, resized so ``size`` fits, randomly cropped to ``size``; float (3, H, W) in [0, 1]."""
-        img = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
-        H, W = size
-        scale = max(H / img.shape[1], W / img.shape[2])
-        if scale > 1 or min(img.shape[1:]) > 2 * max(H, W):
-            img = F.interpolate(img[None].float(), size=(max(H, math.ceil(img.shape[1] * scale)),
-                                                          max(W, math.ceil(img.shape[2] * scale))),
-                                mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 255)
-        top = int(torch.randint(img.shape[1] - H + 1, (1,), generator=g))
-        left = int(torch.randint(img.shape[2] - W + 1, (1,), generator=g))
-        return img[:, top:top + H, left:left + W].float() / 255
 
 
 def make_batch(pool: ImagePool, cfg: TrainConfig, step: int, samples: range, purpose: int = _DATA):
@@ -203,7 +168,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                value = _global_mean(loss.detach(), dist.world_size)
+                value = global_mean(loss.detach(), dist.world_size)
                 history.append(value)
                 reporter.advance(1, status=f"loss {value:.4f}")
                 done = step + 1
@@ -242,11 +207,6 @@ def _best_val_loss(path: Path) -> float:
     return float(read_config(path).get("training", {}).get("val_loss", math.inf))
 
 
-def train_state_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".safetensors") + ".train.safetensors")
-
-
 class ValidationSet:
     """The first ``cfg.val_images`` crops of the val images with fixed views, their backbone features computed
     once: the held-out loss is comparable between checkpoints and runs, and costs one objective call."""
@@ -261,16 +221,6 @@ class ValidationSet:
     def loss(self, objective: MultiViewObjective) -> float:
         with torch.no_grad():
             return float(objective(self.lr_feats, self.images, self.views))
-
-
-def _global_mean(value: torch.Tensor, world: int) -> float:
-    if world > 1:
-        import torch.distributed as tdist
-
-        value = value.clone()
-        tdist.all_reduce(value)
-        value /= world
-    return float(value)
 
 
 def _save_state(path: Path, cfg: TrainConfig, objective, optimizer, step: int) -> None:

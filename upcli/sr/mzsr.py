@@ -1,0 +1,265 @@
+"""MZSR (Soh et al., CVPR 2020): a start that adapts to one test image in a few gradient steps.
+
+Meta-test (:func:`adapt`): the LR image's own son, made by the test degradation, is the one training pair;
+1-10 plain SGD steps of L1 on the whole image, then the adapted network super-resolves the LR image.
+
+Meta-training (:func:`pretrain_mzsr`, ``upcli pretrain mzsr``), one loop over two stages:
+
+    for step in range(start, pretrain_steps + meta_steps):
+        if step < pretrain_steps:                   # stage 1: large-scale bicubic pretraining
+            hr = patches; loss = L1(net(upscale(bicubic_down(hr))), hr); Adam
+        else:                                       # stage 2: meta-transfer learning (second-order MAML)
+            for each task: a random Gaussian kernel, support and query patches degraded by it
+                theta_j = theta_(j-1) - alpha * grad L1_support(theta_(j-1)),  j = 1..inner_steps
+                task loss = sum_j w_j L1_query(theta_j)      (w: MAML++ weights, annealed to the last step)
+            Adam step of theta on the mean task loss (gradients through the inner steps)
+        every save_every steps: checkpoint OUT and OUT's .train state
+
+Every random choice comes from ``generator(seed, purpose, step, sample)``, so a resumed run, or one split over
+torchrun processes, draws the same patches and kernels as one uninterrupted process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..errors import UsageError
+from ..io.jobs import TerminateAsInterrupt
+from ..io.pool import ImagePool
+from ..progress import ProgressReporter
+from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, optimizer_tensors,
+                        save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
+from .degrade import SUBSAMPLINGS, Degradation, random_kernel, upscale
+from .net import SRNet, load_sr_net, mzsr_net, save_sr_net
+
+_PATCH, _KERNEL = 1, 2  # purposes of the random streams
+
+
+# ---- meta-test ---------------------------------------------------------------------------------------------
+
+def step_sizes(subsample: str, steps: int) -> list[float]:
+    """MZSR's meta-test step sizes: for direct subsampling 2e-2, then 1e-2 to step 4, then 5e-3; for bicubic
+    subsampling 1e-2 for 3 steps, then 1e-3."""
+    if subsample == "direct":
+        return [2e-2 if j == 0 else 1e-2 if j < 4 else 5e-3 for j in range(steps)]
+    return [1e-2 if j < 3 else 1e-3 for j in range(steps)]
+
+
+def adapt(net: SRNet, lr: torch.Tensor, degradation: Degradation, steps: int,
+          learning_rates: list[float] | None = None) -> tuple[SRNet, list[float]]:
+    """A copy of ``net`` after ``steps`` SGD steps on the pair (upscale(degradation(lr)) -> lr); and the losses."""
+    net = copy.deepcopy(net).train()
+    rates = learning_rates or step_sizes(degradation.subsample, steps)
+    with torch.no_grad():
+        son_up = upscale(degradation(lr), lr.shape[-2:])
+    optimizer = torch.optim.SGD(net.parameters(), lr=rates[0])
+    losses = []
+    for j in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = rates[j]
+        loss = F.l1_loss(net(son_up), lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return net.eval(), losses
+
+
+# ---- meta-training -----------------------------------------------------------------------------------------
+
+@dataclass
+class MZSRConfig:
+    images: list[str]
+    out: str
+    scale: int = 2
+    subsample: str = "bicubic"     # how the task LR images are made after the blur: bicubic or direct
+    pretrain_steps: int = 6000     # stage 1 (paper: 800k)
+    pretrain_batch: int = 16       # paper: 32 patches of 96 px
+    pretrain_patch: int = 64
+    pretrain_lr: float = 4e-4      # halved at 1/2 and 3/4 of stage 1 (paper: every 100k, floor 1e-4)
+    meta_steps: int = 300          # stage 2 (paper: 100k)
+    tasks: int = 5
+    task_batch: int = 8            # support patches; as many query patches
+    task_patch: int = 64
+    inner_steps: int = 5
+    inner_lr: float = 1e-2
+    meta_lr: float = 1e-4
+    kernel_size: int = 15
+    anneal_steps: int = 150        # meta-steps over which the query weights move to the last inner step
+    seed: int = 0
+    save_every: int = 200
+    device: str = "auto"
+
+    @property
+    def steps(self) -> int:
+        return self.pretrain_steps + self.meta_steps
+
+    def check(self) -> None:
+        if self.subsample not in SUBSAMPLINGS:
+            raise UsageError(f"--subsample must be one of {', '.join(SUBSAMPLINGS)}, got {self.subsample!r}")
+        if self.scale not in (2, 3, 4):
+            raise UsageError(f"--scale must be 2, 3 or 4, got {self.scale}")
+        for name in ("pretrain_steps", "meta_steps"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be 0 or more")
+        for name in ("pretrain_batch", "pretrain_patch", "tasks", "task_batch", "task_patch", "inner_steps", "save_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps == 0:
+            raise UsageError("nothing to train: --pretrain-steps and --meta-steps are both 0")
+
+    def identity(self) -> dict:
+        """What a resumed run must share with the run it continues."""
+        keep = asdict(self)
+        for name in ("out", "save_every", "device", "images", "meta_steps"):  # stage 2 may be extended
+            keep.pop(name)
+        return keep
+
+
+def loss_weights(cfg: MZSRConfig, meta_step: int) -> list[float]:
+    """MAML++'s per-step query weights: uniform at first, annealed linearly to (0.006, ..., 1 - 0.006 (n-1))."""
+    n = cfg.inner_steps
+    if n == 1:
+        return [1.0]
+    floor = 0.006
+    progress = min(meta_step / max(cfg.anneal_steps, 1), 1.0)
+    early = 1 / n - progress * (1 / n - floor)
+    return [early] * (n - 1) + [1 - (n - 1) * early]
+
+
+def pretrain_learning_rate(cfg: MZSRConfig, step: int) -> float:
+    return cfg.pretrain_lr * 0.5 ** (int(step >= cfg.pretrain_steps // 2) + int(step >= 3 * cfg.pretrain_steps // 4))
+
+
+def bicubic_batch(pool: ImagePool, cfg: MZSRConfig, step: int, samples: range, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1: (bicubic-upscaled LR, HR) patches, the LR made by MATLAB bicubic and rounded to 8 bits."""
+    hr = torch.stack([pool.patch(generator(cfg.seed, _PATCH, step, s), cfg.pretrain_patch) for s in samples]).to(device)
+    lr = Degradation(cfg.scale)(hr, quantize=True)
+    return upscale(lr, hr.shape[-2:]), hr
+
+
+def task_batch(pool: ImagePool, cfg: MZSRConfig, step: int, task: int, device):
+    """Stage 2: one task's support and query pairs, all degraded by the task's random kernel."""
+    kernel = random_kernel(cfg.scale, generator(cfg.seed, _KERNEL, step, task), cfg.kernel_size)
+    degradation = Degradation(cfg.scale, kernel, cfg.subsample)
+    count = 2 * cfg.task_batch
+    hr = torch.stack([pool.patch(generator(cfg.seed, _PATCH, step, task * count + s), cfg.task_patch)
+                      for s in range(count)]).to(device)
+    lr = degradation(hr, quantize=True)
+    inputs = upscale(lr, hr.shape[-2:])
+    half = cfg.task_batch
+    return (inputs[:half], hr[:half]), (inputs[half:], hr[half:])
+
+
+def task_loss(net: SRNet, support, query, cfg: MZSRConfig, weights: list[float]) -> torch.Tensor:
+    """Second-order MAML: query losses after each inner SGD step, weighted; differentiable in ``net``'s weights."""
+    params = dict(net.named_parameters())
+    total = 0.0
+    for j in range(cfg.inner_steps):
+        loss = F.l1_loss(functional_call(net, params, (support[0],)), support[1])
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        params = {name: p - cfg.inner_lr * g for (name, p), g in zip(params.items(), grads)}
+        total = total + weights[j] * F.l1_loss(functional_call(net, params, (query[0],)), query[1])
+    return total
+
+
+def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False) -> dict:
+    """Run (or continue) ``upcli pretrain mzsr``; writes ``cfg.out`` (the network) and its ``.train`` state."""
+    from ..upsample import resolve_device
+
+    cfg.check()
+    device = resolve_device(cfg.device)
+    dist = setup_distributed(device)
+    if cfg.pretrain_batch % dist.world_size:
+        raise UsageError(f"--pretrain-batch {cfg.pretrain_batch} must be a multiple of the {dist.world_size} processes")
+    out, state_path = Path(cfg.out), train_state_path(cfg.out)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    net = mzsr_net().to(device)
+    start, optimizer = 0, None
+    if resume:
+        start, optimizer = _resume(cfg, net, out, state_path)
+    reporter = ProgressReporter("pretrain mzsr", quiet=quiet or not dist.is_main, unit="steps", log_every=10.0)
+    pool = ImagePool(cfg.images, None, reporter)
+    local = cfg.pretrain_batch // dist.world_size
+    mine = range(dist.rank * local, (dist.rank + 1) * local)
+    my_tasks = range(dist.rank, cfg.tasks, dist.world_size)
+    ddp = torch.nn.parallel.DistributedDataParallel(net) if dist.world_size > 1 else net
+    reporter.start(cfg.steps - start)
+
+    def checkpoint(step: int, **info) -> None:
+        if dist.is_main:
+            save_sr_net(out, net, {"scale": cfg.scale, "subsample": cfg.subsample, "pretrain_steps": min(step, cfg.pretrain_steps),
+                                   "meta_steps": max(step - cfg.pretrain_steps, 0), "training": {"step": step, **info}})
+            tensors, optim_json = optimizer_tensors(optimizer)
+            save_checkpoint(state_path, tensors, {"kind": "mzsr-train-state", "step": step, "optimizer": optim_json,
+                                                  "stage": optimizer.stage, "train_config": cfg.identity()})
+
+    history, t0, done = [], time.perf_counter(), start
+    with TerminateAsInterrupt():
+        try:
+            for step in range(start, cfg.steps):
+                stage = 1 if step < cfg.pretrain_steps else 2
+                if optimizer is None or optimizer.stage != stage:  # a fresh Adam for each stage
+                    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr if stage == 1 else cfg.meta_lr)
+                    optimizer.stage = stage
+                optimizer.zero_grad(set_to_none=True)
+                if stage == 1:
+                    for group in optimizer.param_groups:
+                        group["lr"] = pretrain_learning_rate(cfg, step)
+                    inputs, hr = bicubic_batch(pool, cfg, step, mine, device)
+                    loss = F.l1_loss(ddp(inputs), hr)
+                    loss.backward()
+                else:
+                    weights = loss_weights(cfg, step - cfg.pretrain_steps)
+                    loss = torch.zeros((), device=device)
+                    for task in my_tasks:  # one graph at a time
+                        support, query = task_batch(pool, cfg, step, task, device)
+                        task_value = task_loss(net, support, query, cfg, weights) / cfg.tasks
+                        task_value.backward()
+                        loss += task_value.detach()
+                    if dist.world_size > 1:
+                        for p in net.parameters():
+                            torch.distributed.all_reduce(p.grad)
+                        loss = loss * dist.world_size  # global_mean below divides by it
+                optimizer.step()
+                value = global_mean(loss.detach(), dist.world_size)
+                history.append(value)
+                done = step + 1
+                reporter.advance(1, status=f"stage {stage}, loss {value:.4f}")
+                if done % cfg.save_every == 0 or done == cfg.steps or done == cfg.pretrain_steps:
+                    checkpoint(done, loss=value)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the finished steps, then stop
+            if done > start:
+                checkpoint(done, interrupted=True)
+            raise
+        finally:
+            reporter.close()
+            teardown_distributed()
+    return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "losses": history}
+
+
+def _resume(cfg: MZSRConfig, net: SRNet, out: Path, state_path: Path):
+    if not state_path.is_file() or not out.is_file():
+        raise UsageError(f"--resume: no checkpoint to resume at {out} (and {state_path.name})")
+    state, config = load_checkpoint(state_path)
+    if config.get("kind") != "mzsr-train-state":
+        raise UsageError(f"--resume: {state_path} is not an MZSR training state")
+    if config["train_config"] != json.loads(json.dumps(cfg.identity())):
+        diff = [k for k, v in cfg.identity().items() if json.loads(json.dumps(v)) != config["train_config"].get(k)]
+        raise UsageError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)})")
+    saved, _ = load_sr_net(out)
+    net.load_state_dict(saved.state_dict())
+    step = int(config["step"])
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr if config["stage"] == 1 else cfg.meta_lr)
+    optimizer.stage = 1 if step < cfg.pretrain_steps else 2
+    if optimizer.stage == config["stage"]:
+        load_optimizer_tensors(optimizer, state, config["optimizer"])
+    return step, optimizer
