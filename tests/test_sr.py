@@ -196,6 +196,16 @@ def test_ensemble_of_a_zero_network_is_bicubic_and_back_projection_fits_the_inpu
     assert after < 0.5 * before
 
 
+def test_tiled_inference_equals_one_pass():
+    from upcli.sr.zssr import run_tiled
+
+    torch.manual_seed(0)
+    net = mzsr_net().eval()
+    x = torch.rand(1, 3, 37, 50)
+    with torch.no_grad():
+        assert torch.allclose(run_tiled(net, x, tile=16), net(x), atol=1e-5)
+
+
 # ---- MZSR --------------------------------------------------------------------------------------------------
 
 def test_adaptation_steps_lower_the_son_loss():
@@ -362,3 +372,35 @@ def test_pretrain_mzsr_command_trains_and_resumes(tmp_path):
     assert missing.returncode == 2 and "no checkpoint to resume" in missing.stderr
     bad = run_cli("pretrain", "mzsr", tmp_path / "empty", "--out", tmp_path / "e.safetensors")
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_pretrain_under_torchrun_matches_one_process(tmp_path):
+    import socket
+
+    root = training_folder(tmp_path / "train")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, json\n"
+        "from upcli.sr.mzsr import MZSRConfig, pretrain_mzsr\n"
+        f"cfg = MZSRConfig(images=[{str(root)!r}], out=sys.argv[1], pretrain_steps=2, meta_steps=2, pretrain_batch=2,\n"
+        "                 pretrain_patch=16, tasks=2, task_batch=2, task_patch=16, inner_steps=2, kernel_size=7, device='cpu')\n"
+        "result = pretrain_mzsr(cfg, quiet=True)\n"
+        "open(sys.argv[1] + '.json', 'w').write(json.dumps(result['losses']))\n")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(port), str(script), str(tmp_path / "two.safetensors")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    losses_one = json.loads((tmp_path / "one.safetensors.json").read_text())
+    losses_two = json.loads((tmp_path / "two.safetensors.json").read_text())
+    assert losses_one == pytest.approx(losses_two, rel=1e-4)  # stage 1 (DDP) and stage 2 (tasks split) alike
+    a, b = load_sr_net(tmp_path / "one.safetensors")[0], load_sr_net(tmp_path / "two.safetensors")[0]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert (x - y).abs().max() <= 4 * 4e-4, name  # Adam moves each weight by at most ~lr per step
+        assert ((x - y).abs() <= 1e-5).float().mean() >= 0.9, name

@@ -329,6 +329,8 @@ MZSR_EXAMPLE = """Examples:
 
   upcli pretrain mzsr ./div2k --subsample direct --pretrain-steps 100000 --meta-steps 20000 --out mzsr-d.safetensors
 
+  upcli pretrain mzsr ./div2k --init mzsr.safetensors --pretrain-steps 0 --subsample direct --out mzsr-d.safetensors
+
   upcli pretrain mzsr ./div2k --out mzsr.safetensors --resume         # continue after a crash or Ctrl-C
 
   torchrun --nproc-per-node 4 -m upcli.cli pretrain mzsr ./div2k --out mzsr.safetensors
@@ -341,9 +343,10 @@ def pretrain_mzsr(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors); training state goes beside it.", dir_okay=False)],
     scale: Annotated[int, typer.Option(help="2, 3 or 4.")] = 2,
     subsample: Annotated[str, typer.Option(help="How task LR images are made after the blur: bicubic or direct.")] = "bicubic",
-    pretrain_steps: Annotated[Optional[int], typer.Option(help="Stage 1 steps, bicubic pretraining (paper: 800k). (default: 6000)", show_default=False)] = None,
-    meta_steps: Annotated[Optional[int], typer.Option(help="Stage 2 steps, meta-transfer learning (paper: 100k). (default: 300)", show_default=False)] = None,
+    pretrain_steps: Annotated[Optional[int], typer.Option(help="Stage 1 steps, bicubic pretraining (paper: 800k). (default: 5000)", show_default=False)] = None,
+    meta_steps: Annotated[Optional[int], typer.Option(help="Stage 2 steps, meta-transfer learning (paper: 100k). (default: 100)", show_default=False)] = None,
     tasks: Annotated[Optional[int], typer.Option(help="Tasks (kernels) per meta-step. (default: 5)", show_default=False)] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this network (e.g. a finished stage 1, with --pretrain-steps 0).", dir_okay=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints. (default: 200)", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from --out and its training state.")] = False,
@@ -355,7 +358,7 @@ def pretrain_mzsr(
 
     options = {"pretrain_steps": pretrain_steps, "meta_steps": meta_steps, "tasks": tasks, "save_every": save_every}
     cfg = MZSRConfig(images=[str(p) for p in images], out=str(out), scale=scale, subsample=subsample, seed=seed,
-                     device=device, **{k: v for k, v in options.items() if v is not None})
+                     init=str(init) if init else None, device=device, **{k: v for k, v in options.items() if v is not None})
     result = _call("pretrain mzsr", run, cfg, resume=resume, quiet=quiet)
     if not quiet and result["losses"]:
         print(f"pretrain mzsr: steps {result['start']}..{result['steps']} in {result['seconds']:.0f} s, last loss "

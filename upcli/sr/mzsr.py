@@ -81,11 +81,11 @@ class MZSRConfig:
     out: str
     scale: int = 2
     subsample: str = "bicubic"     # how the task LR images are made after the blur: bicubic or direct
-    pretrain_steps: int = 6000     # stage 1 (paper: 800k)
+    pretrain_steps: int = 5000     # stage 1 (paper: 800k)
     pretrain_batch: int = 16       # paper: 32 patches of 96 px
     pretrain_patch: int = 64
     pretrain_lr: float = 4e-4      # halved at 1/2 and 3/4 of stage 1 (paper: every 100k, floor 1e-4)
-    meta_steps: int = 300          # stage 2 (paper: 100k)
+    meta_steps: int = 100          # stage 2 (paper: 100k)
     tasks: int = 5
     task_batch: int = 8            # support patches; as many query patches
     task_patch: int = 64
@@ -93,7 +93,8 @@ class MZSRConfig:
     inner_lr: float = 1e-2
     meta_lr: float = 1e-4
     kernel_size: int = 15
-    anneal_steps: int = 150        # meta-steps over which the query weights move to the last inner step
+    anneal_steps: int = 50         # meta-steps over which the query weights move to the last inner step
+    init: str | None = None        # start from this network (e.g. a finished stage 1) instead of random weights
     seed: int = 0
     save_every: int = 200
     device: str = "auto"
@@ -183,6 +184,11 @@ def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False) ->
     out, state_path = Path(cfg.out), train_state_path(cfg.out)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     net = mzsr_net().to(device)
+    if cfg.init is not None:
+        start_net, meta = load_sr_net(cfg.init)
+        if start_net.config != net.config or meta.get("scale", cfg.scale) != cfg.scale:
+            raise UsageError(f"--init {cfg.init}: a x{meta.get('scale')} network of another shape, not MZSR's x{cfg.scale}")
+        net.load_state_dict(start_net.state_dict())
     start, optimizer = 0, None
     if resume:
         start, optimizer = _resume(cfg, net, out, state_path)

@@ -112,6 +112,23 @@ def back_project(sr: torch.Tensor, lr: torch.Tensor, degradation: Degradation, i
     return sr
 
 
+def run_tiled(net: SRNet, x: torch.Tensor, tile: int = 512) -> torch.Tensor:
+    """``net(x)`` in ``tile``-px tiles with a halo as wide as the network's reach: the same result, bounded memory."""
+    h, w = x.shape[-2:]
+    if h <= tile and w <= tile:
+        return net(x)
+    halo = net.config["depth"]
+    out = torch.empty_like(x)
+    for top in range(0, h, tile):
+        for left in range(0, w, tile):
+            t0, l0 = max(top - halo, 0), max(left - halo, 0)
+            b1, r1 = min(top + tile + halo, h), min(left + tile + halo, w)
+            y = net(x[..., t0:b1, l0:r1])
+            th, tw = min(tile, h - top), min(tile, w - left)
+            out[..., top:top + th, left:left + tw] = y[..., top - t0:top - t0 + th, left - l0:left - l0 + tw]
+    return out
+
+
 @torch.no_grad()
 def super_resolve(net: SRNet, lr: torch.Tensor, degradation: Degradation, ensemble: bool = False,
                   back_projection: int = 0) -> torch.Tensor:
@@ -119,13 +136,13 @@ def super_resolve(net: SRNet, lr: torch.Tensor, degradation: Degradation, ensemb
     each back-projected, then the median back-projected again (ZSSR's test time)."""
     size = (lr.shape[-2] * degradation.scale, lr.shape[-1] * degradation.scale)
     if not ensemble:
-        return back_project(net(upscale(lr, size)).clamp(0, 1), lr, degradation, back_projection)
+        return back_project(run_tiled(net, upscale(lr, size)).clamp(0, 1), lr, degradation, back_projection)
     outputs = []
     for k in range(4):
         for mirror in (False, True):
             x = lr.rot90(k, (-2, -1))
             x = x.flip(-1) if mirror else x
-            y = net(upscale(x, (x.shape[-2] * degradation.scale, x.shape[-1] * degradation.scale)))
+            y = run_tiled(net, upscale(x, (x.shape[-2] * degradation.scale, x.shape[-1] * degradation.scale)))
             y = y.flip(-1) if mirror else y
             y = y.rot90(-k, (-2, -1))
             outputs.append(back_project(y.clamp(0, 1), lr, degradation, back_projection))
@@ -138,7 +155,7 @@ def super_resolve(net: SRNet, lr: torch.Tensor, degradation: Degradation, ensemb
 def reconstruction_error(net: SRNet, lr: torch.Tensor, degradation: Degradation) -> float:
     with torch.no_grad():
         son = degradation(lr)
-        return F.mse_loss(net(upscale(son, lr.shape[-2:])), lr).item()
+        return F.mse_loss(run_tiled(net, upscale(son, lr.shape[-2:])), lr).item()
 
 
 def _slope_is_flat(points: list[tuple[int, float]], ratio: float) -> bool:
