@@ -222,6 +222,7 @@ def test_loss_weights_anneal_to_the_last_step():
     assert loss_weights(cfg, 0) == pytest.approx([0.2] * 5)
     assert loss_weights(cfg, 50) == pytest.approx([0.006] * 4 + [0.976])
     assert sum(loss_weights(cfg, 20)) == pytest.approx(1)
+    assert loss_weights(MZSRConfig(images=[], out="x"), 500) == pytest.approx([0.2] * 5)  # the default: equal
 
 
 def training_folder(root: Path) -> Path:

@@ -346,6 +346,8 @@ def pretrain_mzsr(
     pretrain_steps: Annotated[Optional[int], typer.Option(help="Stage 1 steps, bicubic pretraining (paper: 800k). (default: 5000)", show_default=False)] = None,
     meta_steps: Annotated[Optional[int], typer.Option(help="Stage 2 steps, meta-transfer learning (paper: 100k). (default: 100)", show_default=False)] = None,
     tasks: Annotated[Optional[int], typer.Option(help="Tasks (kernels) per meta-step. (default: 5)", show_default=False)] = None,
+    plain_tasks: Annotated[Optional[float], typer.Option(help="Share of tasks without blur. (default: 0.2)", show_default=False)] = None,
+    meta_lr: Annotated[Optional[float], typer.Option(help="Adam learning rate of stage 2 (paper: 1e-4). (default: 0.0001)", show_default=False)] = None,
     init: Annotated[Optional[Path], typer.Option(help="Start from this network (e.g. a finished stage 1, with --pretrain-steps 0).", dir_okay=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints. (default: 200)", show_default=False)] = None,
@@ -356,7 +358,8 @@ def pretrain_mzsr(
     """Meta-train MZSR's start: bicubic pretraining, then second-order MAML over random blur kernels."""
     from .sr.mzsr import MZSRConfig, pretrain_mzsr as run
 
-    options = {"pretrain_steps": pretrain_steps, "meta_steps": meta_steps, "tasks": tasks, "save_every": save_every}
+    options = {"pretrain_steps": pretrain_steps, "meta_steps": meta_steps, "tasks": tasks, "save_every": save_every,
+               "plain_tasks": plain_tasks, "meta_lr": meta_lr}
     cfg = MZSRConfig(images=[str(p) for p in images], out=str(out), scale=scale, subsample=subsample, seed=seed,
                      init=str(init) if init else None, device=device, **{k: v for k, v in options.items() if v is not None})
     result = _call("pretrain mzsr", run, cfg, resume=resume, quiet=quiet)

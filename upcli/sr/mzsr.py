@@ -93,7 +93,9 @@ class MZSRConfig:
     inner_lr: float = 1e-2
     meta_lr: float = 1e-4
     kernel_size: int = 15
-    anneal_steps: int = 50         # meta-steps over which the query weights move to the last inner step
+    plain_tasks: float = 0.2       # share of tasks without blur (the bicubic / plain subsampling test condition)
+    anneal_steps: int | None = None  # meta-steps over which the query weights move to the last inner step
+                                     # (None: equal weights, as MZSR's released code ran)
     init: str | None = None        # start from this network (e.g. a finished stage 1) instead of random weights
     seed: int = 0
     save_every: int = 200
@@ -128,8 +130,8 @@ class MZSRConfig:
 def loss_weights(cfg: MZSRConfig, meta_step: int) -> list[float]:
     """MAML++'s per-step query weights: uniform at first, annealed linearly to (0.006, ..., 1 - 0.006 (n-1))."""
     n = cfg.inner_steps
-    if n == 1:
-        return [1.0]
+    if cfg.anneal_steps is None:
+        return [1 / n] * n
     floor = 0.006
     progress = min(meta_step / max(cfg.anneal_steps, 1), 1.0)
     early = 1 / n - progress * (1 / n - floor)
@@ -148,8 +150,10 @@ def bicubic_batch(pool: ImagePool, cfg: MZSRConfig, step: int, samples: range, d
 
 
 def task_batch(pool: ImagePool, cfg: MZSRConfig, step: int, task: int, device):
-    """Stage 2: one task's support and query pairs, all degraded by the task's random kernel."""
-    kernel = random_kernel(cfg.scale, generator(cfg.seed, _KERNEL, step, task), cfg.kernel_size)
+    """Stage 2: one task's support and query pairs, all degraded by the task's random kernel (or none)."""
+    g = generator(cfg.seed, _KERNEL, step, task)
+    plain = float(torch.rand((), generator=g)) < cfg.plain_tasks
+    kernel = None if plain else random_kernel(cfg.scale, g, cfg.kernel_size)
     degradation = Degradation(cfg.scale, kernel, cfg.subsample)
     count = 2 * cfg.task_batch
     hr = torch.stack([pool.patch(generator(cfg.seed, _PATCH, step, task * count + s), cfg.task_patch)
