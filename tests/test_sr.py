@@ -354,8 +354,12 @@ def test_sr_bad_options_fail_in_one_line(tmp_path, args, message, code):
 
 
 def test_help_defaults_match_the_configs():
+    from typer.testing import CliRunner
+
+    from upcli.cli import app
+
     for command, config in ((["sr"], ZSSRConfig()), (["pretrain", "mzsr"], MZSRConfig(images=[], out=""))):
-        text = " ".join(run_cli(*command, "--help").stdout.split())
+        text = " ".join(CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "240"}).output.split())
         assert "Example" in text
         if command == ["sr"]:
             assert f"(default: {config.max_iters})" in text
