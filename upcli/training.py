@@ -121,6 +121,23 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     return load_file(str(path)), config
 
 
+def load_train_state(out: str | Path, state_path: Path, kind: str, identity: dict) -> tuple[dict[str, Tensor], dict]:
+    """The training state beside checkpoint ``out`` for ``--resume``, after checking that both exist, that it is
+    a ``kind`` state, and that it was made with the same settings (``identity``). Raises ``UsageError``."""
+    from .errors import UsageError
+
+    if not Path(state_path).is_file() or not Path(out).is_file():
+        raise UsageError(f"--resume: no checkpoint to resume at {out} (and {Path(state_path).name})")
+    state, config = load_checkpoint(state_path)
+    if config.get("kind") != kind:
+        raise UsageError(f"--resume: {state_path} is not a {kind}")
+    plain = json.loads(json.dumps(identity))
+    if config["train_config"] != plain:
+        diff = [k for k, v in plain.items() if v != config["train_config"].get(k)]
+        raise UsageError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)})")
+    return state, config
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> tuple[dict[str, Tensor], str]:
     """``optimizer.state_dict()`` as flat tensors plus a JSON string of everything that is not a tensor."""
     state = optimizer.state_dict()

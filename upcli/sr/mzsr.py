@@ -22,7 +22,6 @@ torchrun processes, draws the same patches and kernels as one uninterrupted proc
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from ..errors import UsageError
 from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
-from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, optimizer_tensors,
+from ..training import (generator, global_mean, load_optimizer_tensors, load_train_state, optimizer_tensors,
                         save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
 from .degrade import SUBSAMPLINGS, Degradation, random_kernel, upscale
 from .net import SRNet, load_sr_net, mzsr_net, save_sr_net
@@ -257,14 +256,7 @@ def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False) ->
 
 
 def _resume(cfg: MZSRConfig, net: SRNet, out: Path, state_path: Path):
-    if not state_path.is_file() or not out.is_file():
-        raise UsageError(f"--resume: no checkpoint to resume at {out} (and {state_path.name})")
-    state, config = load_checkpoint(state_path)
-    if config.get("kind") != "mzsr-train-state":
-        raise UsageError(f"--resume: {state_path} is not an MZSR training state")
-    if config["train_config"] != json.loads(json.dumps(cfg.identity())):
-        diff = [k for k, v in cfg.identity().items() if json.loads(json.dumps(v)) != config["train_config"].get(k)]
-        raise UsageError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)})")
+    state, config = load_train_state(out, state_path, "mzsr-train-state", cfg.identity())
     saved, _ = load_sr_net(out)
     net.load_state_dict(saved.state_dict())
     step = int(config["step"])

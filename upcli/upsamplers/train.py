@@ -20,7 +20,6 @@ the checkpoint with the lowest held-out loss so far.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,8 +31,8 @@ from ..errors import UsageError
 from ..io.pool import ImagePool
 from ..io.jobs import TerminateAsInterrupt
 from ..progress import ProgressReporter
-from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, optimizer_tensors, save_checkpoint,
-                        setup_distributed, teardown_distributed, train_state_path)
+from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, load_train_state,
+                        optimizer_tensors, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
 from .jbu import stage_sizes
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
 
@@ -233,14 +232,7 @@ def _save_state(path: Path, cfg: TrainConfig, objective, optimizer, step: int) -
 
 
 def _resume(cfg: TrainConfig, objective, optimizer, out: Path, state_path: Path) -> int:
-    if not state_path.is_file() or not out.is_file():
-        raise UsageError(f"--resume: no checkpoint to resume at {out} (and {state_path.name})")
-    state, config = load_checkpoint(state_path)
-    if config.get("kind") != "train-state":
-        raise UsageError(f"--resume: {state_path} is not a training state")
-    if config["train_config"] != json.loads(json.dumps(cfg.identity())):
-        diff = [k for k, v in cfg.identity().items() if json.loads(json.dumps(v)) != config["train_config"].get(k)]
-        raise UsageError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)})")
+    state, config = load_train_state(out, state_path, "train-state", cfg.identity())
     up, _ = load_checkpoint(out)
     rest = {k[len("objective."):]: v for k, v in state.items() if k.startswith("objective.")}
     objective.load_state_dict({**{f"upsampler.{k}": v for k, v in up.items()}, **rest})
