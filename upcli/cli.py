@@ -43,6 +43,7 @@ _INTERRUPTED = {
     "fit-image": "interrupted; finished images are kept, re-run the same command to resume",
     "sr": "interrupted; finished images are kept, re-run the same command to resume",
     "pretrain mzsr": "interrupted; the last steps are checkpointed, add --resume to the same command to continue",
+    "pretrain itpn": "interrupted; the last steps are checkpointed, add --resume to the same command to continue",
 }
 
 
@@ -141,19 +142,6 @@ def _print_plan(plan: dict) -> None:
         print(f"{rel}\tunreadable: {reason}")
     print(f"{plan['images']} images, {len(plan['bad'])} unreadable, about {plan['bytes'] / 2**30:.2f} GiB "
           f"({plan['bytes'] / max(len(shapes), 1) / 2**20:.1f} MiB per image) before compression")
-
-
-def _not_implemented(name: str, example: str, help_text: str, parent: typer.Typer = app) -> None:
-    """A command that a later issue fills in: exits 2 with one line and writes nothing."""
-
-    def command(ctx: typer.Context) -> None:
-        raise _fail(name, "not implemented yet", EXIT_USAGE)
-
-    command.__doc__ = help_text
-    parent.command(
-        name.split()[-1], epilog=f"Example:\n\n  upcli {name} {example}",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )(command)
 
 
 TRAIN_EXAMPLE = """Examples:
@@ -368,7 +356,62 @@ def pretrain_mzsr(
               f"{result['losses'][-1]:.4f}; wrote {out}", file=sys.stderr)
 
 
-_not_implemented("pretrain itpn", "./imagenet --out itpn/", "Pretrain a hierarchical ViT and its feature pyramid (iTPN).", pretrain_app)
+ITPN_EXAMPLE = """Examples:
+
+  upcli pretrain itpn ../shared/data/photos --arch tiny --teacher efficientnet-lite0 --out itpn-t.safetensors
+
+  upcli pretrain itpn ./imagenet --arch base --epochs 400 --batch-size 64 --preview-every 1000 --out itpn-b.safetensors
+
+  upcli pretrain itpn ./imagenet --out itpn-b.safetensors --resume        # continue after a crash or Ctrl-C
+
+  torchrun --nproc-per-node 8 -m upcli.cli pretrain itpn ./imagenet --arch base --out itpn-b.safetensors
+
+  upcli upsample ./imgs --backbone itpn:itpn-t.safetensors --out feats/  # its stride-4 pyramid level (--layer p4)
+"""
+
+
+@pretrain_app.command("itpn", epilog=ITPN_EXAMPLE)
+def pretrain_itpn(
+    images: Annotated[list[Path], typer.Argument(help="Folders of training images, scanned recursively.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors); training state goes beside it.", dir_okay=False)],
+    arch: Annotated[str, typer.Option(help="tiny, small or base.")] = "tiny",
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps. (default: 1000, unless --epochs)", show_default=False)] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the images, instead of --steps.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step, over all processes.")] = 32,
+    image_size: Annotated[int, typer.Option(help="Side of the random resized crops, a multiple of 16.")] = 224,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate, after linear warmup; cosine decay after.")] = 1e-3,
+    warmup: Annotated[float, typer.Option(help="Share of the steps spent warming up.")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.05,
+    mask_ratio: Annotated[float, typer.Option(help="Share of the 16x16 patches dropped.")] = 0.75,
+    pixel_weight: Annotated[float, typer.Option(help="Weight of masked pixel reconstruction.")] = 1.0,
+    feature_weight: Annotated[float, typer.Option(help="Weight of masked feature modelling (0: pixels only).")] = 1.0,
+    teacher: Annotated[str, typer.Option(help="Feature targets: ema (a moving average of the network) or a backbone, e.g. efficientnet-lite0, dinov2, clip.")] = "ema",
+    teacher_layer: Annotated[Optional[str], typer.Option(help="Layer of a backbone teacher. (default: its default)", show_default=False)] = None,
+    teacher_weights: Annotated[Optional[Path], typer.Option(help="Local weights file of a backbone teacher.", dir_okay=False)] = None,
+    ema_decay: Annotated[float, typer.Option(help="Decay of the EMA teacher.")] = 0.998,
+    drop_path: Annotated[float, typer.Option(help="Stochastic depth of the attention blocks.")] = 0.0,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes. (default: 0 when the images fit in memory; up to 8 when more than 5000 are streamed from disk)", show_default=False)] = None,
+    preview_every: Annotated[int, typer.Option(help="Write a reconstruction PNG every N steps beside --out (0: never).")] = 0,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from --out and its training state.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+) -> None:
+    """Pretrain a hierarchical ViT (HiViT) and its feature pyramid together (iTPN): masked pixels plus masked features."""
+    from .pretrain.itpn import ITPNPretrainConfig, pretrain_itpn as run
+
+    cfg = ITPNPretrainConfig(
+        images=[str(p) for p in images], out=str(out), arch=arch, steps=steps, epochs=epochs, batch_size=batch_size,
+        image_size=image_size, lr=lr, warmup=warmup, weight_decay=weight_decay, mask_ratio=mask_ratio,
+        pixel_weight=pixel_weight, feature_weight=feature_weight, teacher=teacher, teacher_layer=teacher_layer,
+        teacher_weights=str(teacher_weights) if teacher_weights else None, ema_decay=ema_decay, drop_path=drop_path,
+        workers=workers, preview_every=preview_every, save_every=save_every, seed=seed, device=device)
+    result = _call("pretrain itpn", run, cfg, resume=resume, quiet=quiet)
+    if not quiet and result["losses"]["pixel"]:
+        last = ", ".join(f"{name} {values[-1]:.4f}" for name, values in result["losses"].items() if values)
+        print(f"pretrain itpn: steps {result['start']}..{result['steps']} in {result['seconds']:.0f} s "
+              f"({result['images_per_second']:.2f} images/s), last losses {last}; wrote {out}", file=sys.stderr)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Backbones: named feature extractors (timm models), plus ``timm:<any timm model>``.
+"""Backbones: named feature extractors (timm models), plus ``timm:<any timm model>`` and ``itpn:<arch or checkpoint>``.
 
     cfg = get_backbone_cfg("dinov2")                   # cheap: imports no torch, builds and loads nothing
     bb = create_backbone("dinov2", weights="dinov2_vits14_pretrain.pth")
@@ -23,7 +23,7 @@ __all__ = ["Backbone", "BackboneCfg", "DEFAULT_BACKBONE", "create_backbone", "ge
            "parse_backbone_name", "register_backbone"]
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
-PREFIXES = ("timm",)  # "timm:<name>" wraps any timm model
+PREFIXES = ("timm", "itpn")  # "timm:<name>" wraps any timm model; "itpn:tiny|small|base|CKPT" is upcli's iTPN
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
 
 _registry: Registry[BackboneCfg] = Registry("backbone")
@@ -84,11 +84,11 @@ def parse_backbone_name(name: str) -> tuple[str, str]:
             raise UsageError(f"backbone {name!r} looks like a file: give a backbone name and --weights {name}")
         if name not in _registry:
             raise UsageError(f"unknown backbone {name!r}: use one of {', '.join(list_backbones())}, "
-                             "or timm:<timm model name>")
+                             "or timm:<timm model name>, or itpn:<tiny|small|base|checkpoint>")
         return "", name
     if prefix not in PREFIXES or not rest:
-        raise UsageError(f"bad backbone {name!r}: use a name ({', '.join(list_backbones())}) "
-                         "or timm:<timm model name>, e.g. timm:convnext_tiny")
+        raise UsageError(f"bad backbone {name!r}: use a name ({', '.join(list_backbones())}), "
+                         "timm:<timm model name> (e.g. timm:convnext_tiny) or itpn:<tiny|small|base|checkpoint>")
     return prefix, rest
 
 
@@ -99,6 +99,12 @@ def get_backbone_cfg(name: str, layer: Union[str, int, None] = None) -> Backbone
         from .model import timm_cfg  # a weightless meta-device build
 
         return timm_cfg(model_name, layer)
+    if prefix == "itpn":
+        from .cfg import make_cfg
+        from .itpn import backbone_features, resolve_spec
+
+        arch = resolve_spec(model_name)[0]
+        return make_cfg(name, f"itpn_{arch}", backbone_features(model_name), layer, license="apache-2.0")
     return _registry.create(model_name, layer=layer)
 
 

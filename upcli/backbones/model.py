@@ -119,4 +119,8 @@ class Backbone(nn.Module):
 
 
 def build_backbone(cfg: BackboneCfg, weights=None, pretrained: bool = True, **kwargs) -> Backbone:
+    from .itpn import BACKBONE_PREFIX, create_itpn_model
+
+    if cfg.name.startswith(BACKBONE_PREFIX):  # upcli's own network: weights from its checkpoint or ``weights``
+        return Backbone(cfg, create_itpn_model(cfg.name.removeprefix(BACKBONE_PREFIX), weights)).eval()
     return Backbone(cfg, create_timm_model(cfg, weights, pretrained, **kwargs)).eval()
