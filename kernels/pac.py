@@ -26,7 +26,7 @@ def _taps(k: int):
     return ((i, j) for i in range(k) for j in range(k))
 
 
-def _tap_view(xpad: Tensor, i: int, j: int, out_size, stride, dilation) -> Tensor:
+def tap_view(xpad: Tensor, i: int, j: int, out_size, stride, dilation) -> Tensor:
     """``xpad[:, :, h*s + i*d, w*s + j*d]`` for every output (h, w): a strided view, no copy."""
     (Ho, Wo), (sh, sw), (dh, dw) = out_size, stride, dilation
     return xpad[:, :, i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw]
@@ -38,7 +38,7 @@ class _PacConv(torch.autograd.Function):
         B, Ho, Wo, k, _ = kernel.shape
         out = xpad.new_zeros(B, weight.shape[0], Ho * Wo)
         for i, j in _taps(k):
-            tap = _tap_view(xpad, i, j, (Ho, Wo), stride, dilation) * kernel[:, None, :, :, i, j]
+            tap = tap_view(xpad, i, j, (Ho, Wo), stride, dilation) * kernel[:, None, :, :, i, j]
             out.baddbmm_(weight[:, :, i, j].expand(B, -1, -1), tap.reshape(B, xpad.shape[1], Ho * Wo))
         ctx.save_for_backward(xpad, kernel, weight)
         ctx.stride, ctx.dilation = stride, dilation
@@ -56,7 +56,7 @@ class _PacConv(torch.autograd.Function):
         grad_kernel = torch.empty_like(kernel) if ctx.needs_input_grad[1] else None
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[2] else None
         for i, j in _taps(k):
-            shifted = _tap_view(xpad, i, j, (Ho, Wo), ctx.stride, ctx.dilation)
+            shifted = tap_view(xpad, i, j, (Ho, Wo), ctx.stride, ctx.dilation)
             k_ij = kernel[:, None, :, :, i, j]
             if grad_weight is not None:
                 tap = (shifted * k_ij).reshape(B, C, Ho * Wo)
@@ -67,7 +67,7 @@ class _PacConv(torch.autograd.Function):
             if grad_kernel is not None:
                 grad_kernel[..., i, j] = torch.einsum("bchw,bchw->bhw", grad_tap, shifted)
             if grad_xpad is not None:
-                _tap_view(grad_xpad, i, j, (Ho, Wo), ctx.stride, ctx.dilation).addcmul_(grad_tap, k_ij)
+                tap_view(grad_xpad, i, j, (Ho, Wo), ctx.stride, ctx.dilation).addcmul_(grad_tap, k_ij)
         return grad_xpad, grad_kernel, grad_weight, None, None
 
 
@@ -99,7 +99,7 @@ def pac_conv(
     if weight.shape[-2] != k or kernel.shape[-2:] != (k, k):
         raise ValueError(f"weight {tuple(weight.shape)} and kernel {tuple(kernel.shape)} must share a square k x k")
     if transposed:
-        x, weight = _zero_insert(x, stride), weight.transpose(0, 1).flip(-1, -2)
+        x, weight = zero_insert(x, stride), weight.transpose(0, 1).flip(-1, -2)
         pads = [dilation[a] * (k - 1) - padding[a] for a in (0, 1)]
         x = F.pad(x, (pads[1], pads[1] + output_padding[1], pads[0], pads[0] + output_padding[0]))
         stride = (1, 1)
@@ -114,7 +114,7 @@ def pac_conv(
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
-def _zero_insert(x: Tensor, stride) -> Tensor:
+def zero_insert(x: Tensor, stride) -> Tensor:
     """``stride - 1`` zeros between pixels: the input of a transposed conv seen as a plain one."""
     sh, sw = stride
     if (sh, sw) == (1, 1):

@@ -63,7 +63,7 @@ UPSAMPLE_EXAMPLE = """Examples:
 def upsample(
     folder: Annotated[Optional[Path], typer.Argument(help="Folder of images, scanned recursively.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder for job.json, shards and manifest.")] = None,
-    backbone: Annotated[str, typer.Option(help="Backbone name (see --list-backbones), or timm:<model>.")] = "efficientnet-lite0",
+    backbone: Annotated[str, typer.Option(help="Backbone name (see --list-backbones), timm:<model>, or itpn:<checkpoint> (upcli pretrain itpn).")] = "efficientnet-lite0",
     weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint: official DINOv2/DINO .pth, timm or torchvision layout.", dir_okay=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="Backbone layer to read (default: the entry's own).")] = None,
     upsampler: Annotated[str, typer.Option(help="bilinear, bilateral, jbu, resize-conv (the checkpoint shipped for the backbone), or a checkpoint PATH from upcli train.")] = "bilinear",
@@ -162,10 +162,10 @@ TRAIN_EXAMPLE = """Examples:
 def train(
     images: Annotated[list[Path], typer.Argument(help="Folders of training images (unlabeled), scanned recursively.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors); training state goes beside it.", dir_okay=False)],
-    backbone: Annotated[str, typer.Option(help="Backbone name, or timm:<model>.")] = "efficientnet-lite0",
+    backbone: Annotated[str, typer.Option(help="Backbone name, timm:<model> or itpn:<checkpoint>.")] = "efficientnet-lite0",
     weights: Annotated[Optional[Path], typer.Option(help="Local backbone checkpoint.", dir_okay=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="Backbone layer (default: the entry's own).")] = None,
-    upsampler: Annotated[str, typer.Option(help="jbu or resize-conv.")] = "jbu",
+    upsampler: Annotated[str, typer.Option(help="jbu, pac or resize-conv.")] = "jbu",
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in all (also when resuming).")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step, over all processes.")] = 4,
     lr: Annotated[float, typer.Option(help="NAdam learning rate.")] = 1e-3,
@@ -181,7 +181,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
 ) -> None:
-    """Train a learned upsampler (JBU or resize-conv) by FeatUp's multi-view reconstruction."""
+    """Train a learned upsampler (JBU, PAC or resize-conv) by FeatUp's multi-view reconstruction."""
     from .upsamplers import train as lib
 
     upsampler_args = {"guidance": guidance, "fixup": fixup} if upsampler == "jbu" else {}
@@ -212,7 +212,7 @@ FIT_EXAMPLE = """Examples:
 def fit_image(
     images: Annotated[Path, typer.Argument(help="An image, or a folder of images (scanned recursively).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: the same store as upcli upsample.")],
-    backbone: Annotated[str, typer.Option(help="Backbone name (see upcli upsample --list-backbones), or timm:<model>.")] = "efficientnet-lite0",
+    backbone: Annotated[str, typer.Option(help="Backbone name (see upcli upsample --list-backbones), timm:<model>, or itpn:<checkpoint>.")] = "efficientnet-lite0",
     weights: Annotated[Optional[Path], typer.Option(help="Local backbone checkpoint.", dir_okay=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="Backbone layer to read (default: the entry's own).")] = None,
     size: Annotated[Optional[str], typer.Option(help="Shorter side of the output in pixels (any, also above the image's), or 'original'. (default: 448)", show_default=False)] = None,

@@ -66,6 +66,6 @@ def list_upsamplers(pattern: str = "*") -> list[str]:
 
 
 # Entries register themselves on import; they need the names above.
-from . import bilateral, bilinear, implicit, jbu, resize_conv  # noqa: F401
+from . import bilateral, bilinear, implicit, jbu, pac, resize_conv  # noqa: F401
 
 __all__ = ["Upsampler", "create_upsampler", "guidance_at", "list_upsamplers", "register_upsampler"]

@@ -1,4 +1,4 @@
-"""``upcli train``: fit a learned upsampler (jbu, resize-conv) by multi-view reconstruction.
+"""``upcli train``: fit a learned upsampler (jbu, pac, resize-conv) by multi-view reconstruction.
 
 The loop, in one place (nanoGPT style):
 
@@ -38,6 +38,7 @@ from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_pr
 
 # purposes of the random streams
 _DATA, _VIEW, _PROJ, _SIZE, _VAL = 1, 2, 3, 4, 5
+TRAINABLE = ("jbu", "pac", "resize-conv")
 
 
 @dataclass
@@ -117,8 +118,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     dist = setup_distributed(device)
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {dist.world_size} processes")
-    if cfg.upsampler not in ("jbu", "resize-conv"):
-        raise UsageError(f"--upsampler must be jbu or resize-conv, got {cfg.upsampler!r}")
+    if cfg.upsampler not in TRAINABLE:
+        raise UsageError(f"--upsampler must be one of {', '.join(TRAINABLE)}, got {cfg.upsampler!r}")
     if cfg.upsampler_args.get("guidance", "rgb") not in ("rgb", "conv"):
         raise UsageError(f"--guidance must be rgb or conv, got {cfg.upsampler_args['guidance']!r}")
     out, state_path = Path(cfg.out), train_state_path(cfg.out)

@@ -1,0 +1,261 @@
+"""PAC layers: torch equivalence at K == 1, kernel formulas, gradients, hot-swapping, memory."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from upcli.kernels.pac import pac_conv_reference
+from upcli.pac import PacConv2d, PacConvTranspose2d, PacPool2d, hot_swap, parse_kernel_type
+
+
+def constant_guidance(x: torch.Tensor, size=None, channels: int = 3) -> torch.Tensor:
+    """Zero guidance: equal to the zero padding too, so K == 1 at every tap for the gaussian kernel (a window
+    whose centre lies in the padding, as with stride 3 and padding 2 at k = 3, compares against the pad value)."""
+    return torch.zeros((x.shape[0], channels, *(size or x.shape[-2:])), dtype=x.dtype)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (1, 1, 1), (2, 1, 1), (1, 2, 2), (3, 2, 1), (2, 3, 2)])
+def test_pac_conv2d_equals_conv2d_when_k_is_one(stride, padding, dilation):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 11, 13)
+    pac = PacConv2d(4, 5, 3, stride=stride, padding=padding, dilation=dilation)
+    conv = nn.Conv2d(4, 5, 3, stride=stride, padding=padding, dilation=dilation)
+    conv.load_state_dict(pac.state_dict())
+    torch.testing.assert_close(pac(x, constant_guidance(x)), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_filters_apply_one_filter_to_every_channel():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 10, 12)
+    for stride in (1, 2):
+        pac = PacConv2d(6, 6, 5, stride=stride, padding=2, shared_filters=True)
+        depthwise = F.conv2d(x, pac.weight.expand(6, 1, 5, 5), pac.bias, stride=stride, padding=2, groups=6)
+        torch.testing.assert_close(pac(x, constant_guidance(x)), depthwise, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride,padding,output_padding,dilation",
+                         [(2, 1, 1, 1), (2, 2, 1, 1), (3, 0, 0, 1), (2, 2, 1, 2), (1, 2, 0, 1)])
+def test_pac_conv_transpose2d_equals_conv_transpose2d_when_k_is_one(stride, padding, output_padding, dilation):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 7, 9)
+    pac = PacConvTranspose2d(4, 5, 5, stride=stride, padding=padding, output_padding=output_padding,
+                             dilation=dilation)
+    conv = nn.ConvTranspose2d(4, 5, 5, stride=stride, padding=padding, output_padding=output_padding,
+                              dilation=dilation)
+    conv.load_state_dict(pac.state_dict())
+    ref = conv(x)
+    torch.testing.assert_close(pac(x, constant_guidance(x, ref.shape[-2:])), ref, rtol=1e-5, atol=1e-5)
+    shared = PacConvTranspose2d(4, 4, 5, stride=stride, padding=padding, output_padding=output_padding,
+                                dilation=dilation, shared_filters=True)
+    depthwise = F.conv_transpose2d(x, shared.weight.expand(4, 1, 5, 5), shared.bias, stride, padding,
+                                   output_padding, groups=4, dilation=dilation)
+    torch.testing.assert_close(shared(x, constant_guidance(x, depthwise.shape[-2:])), depthwise, rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding", [(3, 2, 1), (3, 1, 1), (5, 2, 2), (3, 3, 0)])
+def test_normalised_pac_pool_equals_avg_pool_when_k_is_one(kernel_size, stride, padding):
+    x = torch.randn(2, 3, 10, 13)
+    pool = PacPool2d(kernel_size, stride, padding, normalize_kernel=True)
+    ref = nn.AvgPool2d(kernel_size, stride, padding, count_include_pad=False)(x)
+    torch.testing.assert_close(pool(x, constant_guidance(x)), ref, rtol=1e-5, atol=1e-6)
+    # without normalisation it is the window sum (PAC's PacPool2d), counting padded zeros as zeros
+    summed = PacPool2d(kernel_size, stride, padding)(x, constant_guidance(x))
+    torch.testing.assert_close(summed, F.avg_pool2d(x, kernel_size, stride, padding) * kernel_size**2, rtol=1e-5,
+                               atol=1e-5)
+
+
+# ---- kernel formulas on a hand-computed 3x3 example -----------------------------------------------------------
+GUIDE = torch.tensor([[0.0, 1.0, 2.0], [1.0, 2.0, 0.5], [3.0, 0.0, 1.0]])  # one channel; centre value 2.0
+
+
+def kernel_at_centre(layer) -> torch.Tensor:
+    f = GUIDE.view(1, 1, 3, 3)
+    return layer.compute_kernel(f, (3, 3), (1, 1), (1, 1), (1, 1))[0, 1, 1]  # (3, 3) taps around pixel (1, 1)
+
+
+def test_gaussian_kernel_formula():
+    K = kernel_at_centre(PacPool2d(3, 1, 1))
+    expected = torch.exp(-0.5 * (GUIDE - 2.0) ** 2)  # e.g. tap (0, 0): exp(-0.5 * 4) = 0.1353
+    torch.testing.assert_close(K, expected)
+    assert K[0, 0].item() == pytest.approx(math.exp(-2.0))
+
+
+def test_inverse_kernel_formulas():
+    assert parse_kernel_type("inv_0.5_-1_asym_fixed") == {"kind": "inv", "alpha": 0.5, "lam": -1.0, "asym": True,
+                                                          "fixed": True}
+    K = kernel_at_centre(PacPool2d(3, 1, 1, kernel_type="inv_0.5_-1"))
+    # tap (0, 0): 0.5 + (4 + 1e-4) ** -0.5 = 0.99999; the centre: 0.5 + (1e-4) ** -0.5 = 100.5
+    assert K[0, 0].item() == pytest.approx(0.5 + (4 + 1e-4) ** -0.5)
+    assert K[1, 1].item() == pytest.approx(100.5)
+    torch.testing.assert_close(K, 0.5 + ((GUIDE - 2.0) ** 2 + 1e-4) ** -0.5)
+    asym = kernel_at_centre(PacPool2d(3, 1, 1, kernel_type="inv_0.5_-1_asym"))
+    # only neighbours above the centre count: tap (2, 0) holds 3.0 -> 0.5 + 1.0001 ** -0.5; all others see d = 0
+    torch.testing.assert_close(asym, 0.5 + (F.relu(GUIDE - 2.0) ** 2 + 1e-4) ** -0.5)
+    assert asym[2, 0].item() == pytest.approx(0.5 + (1 + 1e-4) ** -0.5) and asym[0, 0].item() == pytest.approx(100.5)
+    learned = PacPool2d(3, kernel_type="inv_0.5_-1")
+    fixed = PacPool2d(3, kernel_type="inv_0.5_-1_fixed")
+    assert {n for n, _ in learned.named_parameters()} == {"inv_alpha", "inv_lambda"}
+    assert not list(fixed.parameters())
+    with pytest.raises(ValueError, match="kernel_type"):
+        PacPool2d(3, kernel_type="laplace")
+
+
+def test_smoothed_centre_and_normalisation():
+    smooth = kernel_at_centre(PacPool2d(3, 1, 1, smooth_kernel="gaussian"))
+    g = torch.tensor([0.25, 0.5, 0.25])
+    centre = (g[:, None] * g[None, :] * GUIDE).sum()  # corners 6 / 16 + edges 2.5 / 8 + centre 2 / 4 = 1.1875
+    assert centre.item() == pytest.approx(1.1875)
+    torch.testing.assert_close(smooth, torch.exp(-0.5 * (GUIDE - centre) ** 2))
+    box = kernel_at_centre(PacPool2d(3, 1, 1, smooth_kernel="average_3"))
+    torch.testing.assert_close(box, torch.exp(-0.5 * (GUIDE - GUIDE.mean()) ** 2))
+    assert [n for n, _ in PacPool2d(3, smooth_kernel="full_3").named_parameters()] == ["smooth"]
+    # normalised at a corner: only the 4 taps inside the image count, and they sum to one
+    f = GUIDE.view(1, 1, 3, 3)
+    K = PacPool2d(3, 1, 1, normalize_kernel=True).compute_kernel(f, (3, 3), (1, 1), (1, 1), (1, 1))[0, 0, 0]
+    raw = torch.exp(-0.5 * (GUIDE[:2, :2] - 0.0) ** 2)
+    torch.testing.assert_close(K[1:, 1:], raw / raw.sum())
+    assert K[0].abs().sum() == 0 and K[:, 0].abs().sum() == 0
+
+
+# ---- gradients -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel_type", ["gaussian", "inv_0.5_-1_asym"])
+def test_gradcheck_input_weights_and_guidance(kernel_type):
+    torch.manual_seed(0)
+    dd = dict(dtype=torch.float64)
+    x = torch.randn(1, 2, 5, 6, **dd, requires_grad=True)
+    f = torch.randn(1, 2, 5, 6, **dd, requires_grad=True)
+    layers = [
+        PacConv2d(2, 3, 3, stride=2, padding=1, kernel_type=kernel_type, smooth_kernel="gaussian"),
+        PacConv2d(2, 2, 3, padding=1, kernel_type=kernel_type, shared_filters=True, normalize_kernel=True),
+        PacPool2d(3, 1, 1, kernel_type=kernel_type, smooth_kernel="full_3"),
+    ]
+    for layer in layers:
+        layer.double()
+        params = [p for p in layer.parameters()]
+        assert torch.autograd.gradcheck(lambda x, f, *ps: layer(x, f), (x, f, *params)), layer
+    up = PacConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1, kernel_type=kernel_type).double()
+    g = torch.randn(1, 2, 10, 12, **dd, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, g, *ps: up(x, g), (x, g, *up.parameters()))
+    shared_up = PacConvTranspose2d(2, 2, 3, stride=2, padding=1, output_padding=1, shared_filters=True).double()
+    assert torch.autograd.gradcheck(lambda x, g, *ps: shared_up(x, g), (x, g, *shared_up.parameters()))
+
+
+def test_a_guidance_branch_learns_through_the_kernel():
+    branch = nn.Conv2d(3, 4, 1)
+    layer = PacConv2d(2, 2, 3, padding=1, guidance_branch=branch)
+    x, image = torch.randn(1, 2, 8, 8), torch.rand(1, 3, 8, 8)
+    layer(x, image).square().sum().backward()
+    assert branch.weight.grad is not None and branch.weight.grad.abs().sum() > 0
+
+
+# ---- hot-swapping ---------------------------------------------------------------------------------------------
+def test_hot_swap_keeps_a_resnet_block_unchanged_at_initialisation():
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 16, 16)
+    for block in (BasicBlock(64, 64), Bottleneck(64, 16)):
+        block.eval()
+        with torch.no_grad():
+            for m in block.modules():  # non-trivial batch-norm statistics
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2)
+        before = block(x)
+        names = ["conv1", "conv2"]
+        state = {k: v.clone() for k, v in block.state_dict().items()}
+        assert hot_swap(block, names, guidance="input") == names
+        assert all(isinstance(getattr(block, n), PacConv2d) for n in names)
+        torch.testing.assert_close(block(x), before, rtol=1e-5, atol=1e-5)
+        # the pretrained weights are where they were, under the same names
+        for key, value in state.items():
+            assert torch.equal(block.state_dict()[key], value), key
+        # and the swapped layers can learn to adapt: the gain gets a gradient at 0
+        block(x).square().mean().backward()
+        assert block.conv2.kernel_gain.grad.abs() > 0
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    image = torch.randn(1, 3, 12, 12)
+    before = net(image)
+    hot_swap(net, ["2"], guidance="0")  # guided by the first layer's output, resized to the layer's input
+    torch.testing.assert_close(net(image), before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not an nn.Conv2d"):
+        hot_swap(net, ["1"])
+
+
+# ---- memory ---------------------------------------------------------------------------------------------------
+def _peak(fn) -> int:
+    from upcli.kernels.bench import PeakMemory
+
+    with PeakMemory(torch.device("cpu")) as peak:
+        fn()
+    return peak.peak
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS accounting")
+def test_peak_memory_below_the_unfold_form():
+    torch.manual_seed(0)
+    C, k, size = 64, 5, 256
+    x = torch.randn(1, C, size, size, requires_grad=True)
+    f = torch.randn(1, 8, size, size, requires_grad=True)
+    layer = PacConv2d(C, C, k, padding=k // 2)
+
+    def ours():
+        layer(x, f).sum().backward()
+
+    def unfold():  # PAC's native form: the input unfolded, C * k * k * H * W floats
+        K = layer.compute_kernel(f, (size, size), (1, 1), (2, 2), (1, 1))
+        pac_conv_reference(x, K, layer.weight, layer.bias, padding=2).sum().backward()
+
+    try:
+        ours()
+        theirs = _peak(unfold)
+        mine = _peak(ours)
+    except PermissionError:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    cols = C * k * k * size * size * 4
+    assert theirs > cols  # the unfolded input alone: 420 MB
+    assert mine < theirs / 4, (mine / 2**20, theirs / 2**20)
+
+
+# ---- the PAC upsampler ----------------------------------------------------------------------------------------
+def test_untrained_pac_upsampler_is_repeated_bilinear_2x_and_learns_to_adapt():
+    from upcli.upsamplers import create_upsampler
+
+    torch.manual_seed(0)
+    up = create_upsampler("pac", dim=6, layers=3, pretrained=False)
+    x, image = torch.randn(2, 6, 5, 7), torch.rand(2, 3, 40, 56)
+    expected = x
+    for _ in range(3):
+        expected = F.interpolate(expected, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up(x, image, (40, 56)), expected, rtol=1e-5, atol=1e-5)
+    assert up(x, image, (33, 50)).shape == (2, 6, 33, 50)  # any size: the stages, then a resize
+    up(x, image, (40, 56)).square().mean().backward()
+    assert all(stage.up.kernel_gain.grad.abs() > 0 for stage in up.stages)
+    assert up.stages[0].up.weight.grad.abs().sum() > 0
+
+
+def test_train_pac_writes_a_checkpoint_that_upsample_uses(tmp_path):
+    import subprocess
+    import sys
+
+    from upcli.io import FeatureStore
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "images"
+    ckpt = tmp_path / "pac.safetensors"
+    run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(examples), "--upsampler", "pac", "--out",
+                          str(ckpt), "--steps", "2", "--batch-size", "1", "--image-size", "64", "--views", "1",
+                          "--device", "cpu", "-q"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "feats"
+    up = subprocess.run([sys.executable, "-m", "upcli.cli", "upsample", str(examples), "--upsampler", str(ckpt),
+                         "--out", str(out), "--size", "96", "--workers", "0", "-q"], capture_output=True, text=True,
+                        timeout=300)
+    assert up.returncode == 0, up.stderr
+    store = FeatureStore(out)
+    assert len(store) == 4 and all(store[s].shape[0] == 320 and min(store[s].shape[1:]) == 96 for s in store)
+    assert store.attrs("chelsea.png")["upsampler"] == "pac"
