@@ -139,6 +139,18 @@ class _PacBase(nn.Module):
         self.guidance_branch = guidance_branch
         self.kernel_gain = None if kernel_gain is None else nn.Parameter(torch.tensor(float(kernel_gain)))
 
+    def _init_filter(self, torch_layer: type, in_channels: int, out_channels: int, bias: bool,
+                     shared_filters: bool) -> None:
+        """``weight`` and ``bias``, initialised as ``torch_layer`` would be; ``shared_filters``: one k x k filter for
+        every channel, initialised as a one-channel layer."""
+        if shared_filters and in_channels != out_channels:
+            raise ValueError("shared_filters needs in_channels == out_channels")
+        self.in_channels, self.out_channels, self.shared_filters = in_channels, out_channels, shared_filters
+        layer = torch_layer(in_channels, out_channels, self.kernel_size, bias=bias)
+        weight = torch_layer(1, 1, self.kernel_size, bias=False).weight if shared_filters else layer.weight
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(layer.bias.detach().clone()) if bias else None
+
     def guidance_features(self, x: Tensor, guidance: Tensor | None) -> Tensor:
         f = x if guidance is None else guidance
         return f if self.guidance_branch is None else self.guidance_branch(f)
@@ -180,20 +192,7 @@ class PacConv2d(_PacBase):
                  guidance_branch: nn.Module | None = None, kernel_gain: float | None = None):
         super().__init__(kernel_size, stride, padding, dilation, kernel_type, smooth_kernel, normalize_kernel,
                          guidance_branch, kernel_gain)
-        if shared_filters and in_channels != out_channels:
-            raise ValueError("shared_filters needs in_channels == out_channels")
-        self.in_channels, self.out_channels, self.shared_filters = in_channels, out_channels, shared_filters
-        shape = (1, 1, *self.kernel_size) if shared_filters else (out_channels, in_channels, *self.kernel_size)
-        self.weight = nn.Parameter(torch.empty(shape))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:  # as nn.Conv2d
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None)
-        with torch.no_grad():
-            self.weight.copy_(conv.weight[:1, :1] if self.shared_filters else conv.weight)
-            if self.bias is not None:
-                self.bias.copy_(conv.bias)
+        self._init_filter(nn.Conv2d, in_channels, out_channels, bias, shared_filters)
 
     def output_size(self, H: int, W: int) -> tuple[int, int]:
         k = self.kernel_size[0]
@@ -229,18 +228,8 @@ class PacConvTranspose2d(_PacBase):
                  guidance_branch: nn.Module | None = None, kernel_gain: float | None = None):
         super().__init__(kernel_size, stride, padding, dilation, kernel_type, smooth_kernel, normalize_kernel,
                          guidance_branch, kernel_gain)
-        if shared_filters and in_channels != out_channels:
-            raise ValueError("shared_filters needs in_channels == out_channels")
-        self.in_channels, self.out_channels, self.shared_filters = in_channels, out_channels, shared_filters
         self.output_padding = _pair(output_padding)
-        shape = (1, 1, *self.kernel_size) if shared_filters else (in_channels, out_channels, *self.kernel_size)
-        self.weight = nn.Parameter(torch.empty(shape))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        conv = nn.ConvTranspose2d(in_channels, out_channels, self.kernel_size, bias=bias)
-        with torch.no_grad():
-            self.weight.copy_(conv.weight[:1, :1] if shared_filters else conv.weight)
-            if bias:
-                self.bias.copy_(conv.bias)
+        self._init_filter(nn.ConvTranspose2d, in_channels, out_channels, bias, shared_filters)
 
     def output_size(self, H: int, W: int) -> tuple[int, int]:
         k = self.kernel_size[0]

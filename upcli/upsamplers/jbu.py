@@ -127,6 +127,14 @@ class LearnedUpsampler(Upsampler):
         """``[0, 1]`` RGB -> ImageNet-normalised, the guidance's scale."""
         return (image.float() - self.mean) / self.std
 
+    @staticmethod
+    def residual_correction(dim: int) -> nn.Conv2d:
+        """A 1x1 conv that starts at zero: a learned correction of the features that starts as none."""
+        conv = nn.Conv2d(dim, dim, 1)
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+        return conv
+
 
 @register_upsampler("jbu")
 class JBUStack(LearnedUpsampler):
@@ -151,9 +159,7 @@ class JBUStack(LearnedUpsampler):
         self.channel_norm = nn.LayerNorm(c["dim"]) if c["channel_norm"] else None
         self.stages = nn.ModuleList(JBULayer(c["key_dim"], c["radius"], c["guidance"], c["fixup"])
                                     for _ in range(c["layers"]))
-        self.residual = nn.Conv2d(c["dim"], c["dim"], 1)
-        nn.init.zeros_(self.residual.weight)
-        nn.init.zeros_(self.residual.bias)
+        self.residual = self.residual_correction(c["dim"])
         self.load_setup_weights()
 
     def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:

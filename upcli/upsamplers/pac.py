@@ -62,9 +62,7 @@ class PacUpsampler(LearnedUpsampler):
             nn.Conv2d(c["hidden"], c["hidden"], 3, padding=1, padding_mode="replicate"), nn.ReLU())
         self.guidance_heads = nn.ModuleList(nn.Conv2d(c["hidden"], c["guide_dim"], 1) for _ in range(c["layers"]))
         self.stages = nn.ModuleList(PacUpStage(c["dim"]) for _ in range(c["layers"]))
-        self.residual = nn.Conv2d(c["dim"], c["dim"], 1)
-        nn.init.zeros_(self.residual.weight)
-        nn.init.zeros_(self.residual.bias)
+        self.residual = self.residual_correction(c["dim"])
         self.load_setup_weights()
 
     def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
