@@ -264,6 +264,15 @@ def test_cli_pretrains_and_upsample_reads_the_itpn_backbone(tmp_path):
     backbone = create_backbone(f"itpn:{ckpt}")
     state = load_file(ckpt)
     assert torch.equal(backbone.model.out4.mlp.fc1.weight, state["backbone.out4.mlp.fc1.weight"])
+    # train and fit-image take it too (stride 4: two JBU stages)
+    jbu = run_cli("train", EXAMPLES, "--backbone", f"itpn:{ckpt}", "--out", tmp_path / "jbu.safetensors", "--steps",
+                  "1", "--batch-size", "1", "--image-size", "64", "--views", "1", "--device", "cpu", "-q")
+    assert jbu.returncode == 0, jbu.stderr
+    assert read_config(tmp_path / "jbu.safetensors")["backbone"] == f"itpn:{ckpt}"
+    fit = run_cli("fit-image", EXAMPLES / "chelsea.png", "--backbone", f"itpn:{ckpt}", "--layer", "p16", "--out",
+                  tmp_path / "fit", "--steps", "2", "--views", "2", "--size", "64", "--device", "cpu", "-q")
+    assert fit.returncode == 0, fit.stderr
+    assert FeatureStore(tmp_path / "fit")["chelsea.png"].shape[0] == 128
     bad = run_cli("upsample", EXAMPLES, "--backbone", f"itpn:{tmp_path / 'none.safetensors'}", "--out", tmp_path / "x")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     missing = run_cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "new.safetensors", "--resume", "--device", "cpu")
