@@ -150,11 +150,13 @@ def test_learning_rate_warms_up_then_decays():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(1e-5, rel=0.1)
 
 
-@pytest.mark.parametrize("teacher", ["ema", "efficientnet-lite0"])
-def test_a_few_steps_lower_both_losses(teacher, tmp_path):
-    cfg = small_cfg(tmp_path, teacher=teacher, image_size=64, teacher_layer="blocks.4" if teacher != "ema" else None)
+@pytest.mark.parametrize("teacher,positions", [("ema", "all"), ("efficientnet-lite0", "all"), ("ema", "masked")])
+def test_a_few_steps_lower_both_losses(teacher, positions, tmp_path):
+    cfg = small_cfg(tmp_path, teacher=teacher, image_size=64, teacher_layer="blocks.4" if teacher != "ema" else None,
+                    feature_positions=positions)
     torch.manual_seed(0)
     model, teacher_net = build_pretrainer(cfg)
+    assert (model.level_heads is not None) == (positions == "all")
     images = itpn_pretrain.crop_batch(ImagePool(str(EXAMPLES), 128), cfg, 0, range(4))
     ids_keep = itpn_pretrain.mask_batch(cfg, 0, range(4), 16)
     targets = teacher_net.targets(images)

@@ -385,6 +385,7 @@ def pretrain_itpn(
     mask_ratio: Annotated[float, typer.Option(help="Share of the 16x16 patches dropped.")] = 0.75,
     pixel_weight: Annotated[float, typer.Option(help="Weight of masked pixel reconstruction.")] = 1.0,
     feature_weight: Annotated[float, typer.Option(help="Weight of masked feature modelling (0: pixels only).")] = 1.0,
+    feature_positions: Annotated[str, typer.Option(help="Where feature targets are scored: masked (the dropped patches, through the decoder) or all (each level also at its visible patches).")] = "all",
     teacher: Annotated[str, typer.Option(help="Feature targets: ema (a moving average of the network) or a backbone, e.g. efficientnet-lite0, dinov2, clip.")] = "ema",
     teacher_layer: Annotated[Optional[str], typer.Option(help="Layer of a backbone teacher. (default: its default)", show_default=False)] = None,
     teacher_weights: Annotated[Optional[Path], typer.Option(help="Local weights file of a backbone teacher.", dir_okay=False)] = None,
@@ -404,7 +405,8 @@ def pretrain_itpn(
     cfg = ITPNPretrainConfig(
         images=[str(p) for p in images], out=str(out), arch=arch, steps=steps, epochs=epochs, batch_size=batch_size,
         image_size=image_size, lr=lr, warmup=warmup, weight_decay=weight_decay, mask_ratio=mask_ratio,
-        pixel_weight=pixel_weight, feature_weight=feature_weight, teacher=teacher, teacher_layer=teacher_layer,
+        pixel_weight=pixel_weight, feature_weight=feature_weight, feature_positions=feature_positions,
+        teacher=teacher, teacher_layer=teacher_layer,
         teacher_weights=str(teacher_weights) if teacher_weights else None, ema_decay=ema_decay, drop_path=drop_path,
         workers=workers, preview_every=preview_every, save_every=save_every, seed=seed, device=device)
     result = _call("pretrain itpn", run, cfg, resume=resume, quiet=quiet)

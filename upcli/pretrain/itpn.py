@@ -7,7 +7,8 @@ The objectives (a batch of random resized crops, 75% of the 16x16 patches droppe
   (MSE), as iTPN's released pixel pretraining;
 * masked feature modelling (the paper's MFM, whose code was never released; this is our reading of it): the same
   decoder has one head per pyramid level (stride 16, 8, 4) that regresses, at the dropped patches, a teacher's
-  features on the whole image at that level's resolution, layer-normalised without parameters (MSE). The teacher
+  features on the whole image at that level's resolution, layer-normalised without parameters (MSE); with
+  ``feature_positions="all"`` (the default) each level also regresses them at its visible patches itself. The teacher
   is an EMA copy of the network (its own pyramid levels) or any registered backbone (``--teacher
   efficientnet-lite0``; its ``--teacher-layer`` resized to each level's grid).
 
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones.cfg import IMAGENET_NORM
-from ..backbones.itpn import (ITPN, PATCH, arch_config, config_dict, random_ids_keep, sincos_embedding, to_map,
-                              to_tokens)
+from ..backbones.itpn import (ITPN, PATCH, arch_config, config_dict, keep, random_ids_keep, sincos_embedding,
+                              to_map, to_tokens)
 from ..errors import UsageError
 from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
@@ -63,6 +64,7 @@ class ITPNPretrainConfig:
     mask_ratio: float = 0.75
     pixel_weight: float = 1.0
     feature_weight: float = 1.0  # 0: pixels only (no teacher)
+    feature_positions: str = "all"  # "masked": only the dropped patches (through the decoder); "all": also the visible
     teacher: str = "ema"  # or a backbone name, e.g. efficientnet-lite0
     teacher_layer: str | None = None
     teacher_weights: str | None = None
@@ -88,6 +90,8 @@ class ITPNPretrainConfig:
             raise UsageError("--batch-size and --lr must be positive and --warmup in [0, 1)")
         if self.pixel_weight < 0 or self.feature_weight < 0 or self.pixel_weight + self.feature_weight == 0:
             raise UsageError("--pixel-weight and --feature-weight must be >= 0, and not both 0")
+        if self.feature_positions not in ("masked", "all"):
+            raise UsageError(f"--feature-positions must be masked or all, got {self.feature_positions!r}")
         arch_config(self.arch, **self.arch_overrides)
 
     def identity(self) -> dict:
@@ -208,17 +212,25 @@ class PyramidDecoder(nn.Module):
 
 
 class ITPNPretrainer(nn.Module):
-    """The student (``backbone``: HiViT + pyramid) and its ``decoder``; ``forward`` gives the weighted losses."""
+    """The student (``backbone``: HiViT + pyramid) and its ``decoder``; ``forward`` gives the weighted losses.
+
+    Feature targets are scored at the dropped patches (the decoder's per-level heads) and, with ``level_heads``
+    (``feature_positions="all"``), also at the visible ones, each level regressing them itself (LN + linear per
+    sub-token), as iTPN's released CLIP distillation scores every token."""
 
     def __init__(self, backbone: ITPN, decoder: PyramidDecoder, pixel_weight: float = 1.0,
-                 feature_weight: float = 1.0):
+                 feature_weight: float = 1.0, feature_positions: str = "all"):
         super().__init__()
         self.backbone, self.decoder = backbone, decoder
         self.pixel_weight, self.feature_weight = pixel_weight, feature_weight
+        fpn_dim = backbone.cfg.fpn_dim
+        self.level_heads = nn.ModuleDict({
+            level: nn.Sequential(nn.LayerNorm(fpn_dim), nn.Linear(fpn_dim, d))
+            for level, d in decoder.target_dims.items()}) if feature_positions == "all" else None
 
     def forward(self, images: Tensor, ids_keep: Tensor, targets: dict[str, Tensor] | None = None):
-        """``images`` in [0, 1]; losses are means over the dropped patches (feature losses only given ``targets``).
-        Returns (losses, pixel predictions)."""
+        """``images`` in [0, 1]; the pixel loss is a mean over the dropped patches, the feature loss a mean over
+        the levels of the mean over the scored patches (only given ``targets``). Returns (losses, pixels)."""
         B, _, H, W = images.shape
         grid = (H // PATCH, W // PATCH)
         levels = self.backbone(normalize(images), ids_keep)
@@ -229,7 +241,14 @@ class ITPNPretrainer(nn.Module):
         losses = {"pixel": pixel_loss}
         total = self.pixel_weight * pixel_loss
         if targets is not None:
-            per_level = [((features[lv] - targets[lv]) ** 2).mean((2, 3, 4))[masked].mean() for lv in features]
+            per_level = []
+            for level, prediction in features.items():
+                error = ((prediction - targets[level]) ** 2).mean((2, 3, 4))[masked]
+                if self.level_heads is not None:
+                    own = self.level_heads[level](levels[level])
+                    visible = ((own - keep(targets[level], ids_keep)) ** 2).mean((2, 3, 4))
+                    error = torch.cat([error, visible.flatten()])
+                per_level.append(error.mean())
             losses["feature"] = torch.stack(per_level).mean()
             total = total + self.feature_weight * losses["feature"]
         losses["loss"] = total
@@ -243,7 +262,7 @@ def build_pretrainer(cfg: ITPNPretrainConfig) -> tuple[ITPNPretrainer, nn.Module
     teacher = make_teacher(cfg, student)
     dim, depth, heads = DECODERS[cfg.arch]
     decoder = PyramidDecoder(arch.fpn_dim, dim, depth, heads, teacher.dims if teacher else {}, arch.base_grid)
-    return ITPNPretrainer(student, decoder, cfg.pixel_weight, cfg.feature_weight), teacher
+    return ITPNPretrainer(student, decoder, cfg.pixel_weight, cfg.feature_weight, cfg.feature_positions), teacher
 
 
 # ---- data, schedule, previews ------------------------------------------------------------------------------
@@ -364,8 +383,7 @@ def _loop(cfg, model, teacher, optimizer, pool, dist, device, reporter, start: i
     def checkpoint(step: int, **info) -> None:
         if not dist.is_main:
             return
-        tensors = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
-        tensors.update({f"decoder.{k}": v for k, v in model.decoder.state_dict().items()})
+        tensors = model.state_dict()  # backbone.*, decoder.*, level_heads.*
         last = {name: values[-1] for name, values in history.items() if values}
         save_checkpoint(out, tensors, {**config_dict(cfg.arch, model.backbone.cfg), "image_size": cfg.image_size,
                                        "target_dims": model.decoder.target_dims, "pretrain": cfg.identity(),
