@@ -164,14 +164,16 @@ def test_not_a_checkpoint(tmp_path):
         create_upsampler("nosuch", backbone=FakeBackbone())
 
 
-def test_shipped_efficientnet_lite0_checkpoint():
+@pytest.mark.parametrize("kind", ["jbu", "pac"])
+def test_shipped_efficientnet_lite0_checkpoint(kind):
     from upcli.backbones import create_backbone
     from upcli.training import read_config
 
     bb = create_backbone("efficientnet-lite0").eval()
-    up = create_upsampler("jbu", bb).eval()
+    up = create_upsampler(kind, bb).eval()
     config = read_config(up._checkpoint)
-    assert config["backbone"] == "efficientnet-lite0" and config["dim"] == 320 and config["training"]["step"] > 0
+    assert config["upsampler"] == kind and config["backbone"] == "efficientnet-lite0" and config["dim"] == 320
+    assert config["training"]["step"] > 0
     image = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         out = up(bb(image), image, (64, 96))
