@@ -60,7 +60,6 @@ def test_units_and_the_protocol(depth, tmp_path):
 def test_a_short_run_beats_bilinear_at_the_edges(depth, tmp_path):
     write_set(tmp_path / "set", n=10)
     out = tmp_path / "r.json"
-    torch.set_num_threads(1)
     assert depth.main(["--train-root", str(tmp_path / "set"), "--eval-root", str(tmp_path / "set"), "--scale", "4",
                        "--steps", "60", "--batch-size", "4", "--crop", "32", "--lr", "2e-3", "--json", str(out)]) == 0
     report = json.loads(out.read_text())

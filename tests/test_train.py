@@ -143,7 +143,7 @@ def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--image-size", "12"], "sides >= 16"),
-    (["--upsampler", "bilinear"], "must be jbu or resize-conv"),
+    (["--upsampler", "bilinear"], "must be one of jbu, pac, resize-conv"),
     (["--guidance", "depth"], "--guidance must be rgb or conv"),
     (["--downsampler", "nope"], "unknown downsampler"),
 ])
