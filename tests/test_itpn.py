@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -205,7 +204,7 @@ def test_resume_after_an_interrupt_matches_an_uninterrupted_run(tmp_path, monkey
         pretrain_itpn(small_cfg(tmp_path / "b", steps=6, mask_ratio=0.5), resume=True, quiet=True)
 
 
-def test_ddp_on_two_processes_matches_one(tmp_path):
+def test_ddp_on_two_processes_matches_one(tmp_path, torchrun):
     script = tmp_path / "run.py"
     script.write_text(
         "import sys, json\n"
@@ -217,12 +216,7 @@ def test_ddp_on_two_processes_matches_one(tmp_path):
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], env=ENV,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                          "127.0.0.1", "--master-port", str(port), str(script), str(tmp_path / "two.safetensors")],
-                         env=ENV, capture_output=True, text=True, timeout=300)
+    two = torchrun(script, tmp_path / "two.safetensors", env=ENV)
     assert two.returncode == 0, two.stderr[-3000:]
     losses_one = json.loads((tmp_path / "one.safetensors.json").read_text())
     losses_two = json.loads((tmp_path / "two.safetensors.json").read_text())

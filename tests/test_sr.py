@@ -379,9 +379,7 @@ def test_pretrain_mzsr_command_trains_and_resumes(tmp_path):
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
-def test_pretrain_under_torchrun_matches_one_process(tmp_path):
-    import socket
-
+def test_pretrain_under_torchrun_matches_one_process(tmp_path, torchrun):
     root = training_folder(tmp_path / "train")
     script = tmp_path / "run.py"
     script.write_text(
@@ -395,12 +393,7 @@ def test_pretrain_under_torchrun_matches_one_process(tmp_path):
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                          "127.0.0.1", "--master-port", str(port), str(script), str(tmp_path / "two.safetensors")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = torchrun(script, tmp_path / "two.safetensors", env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     losses_one = json.loads((tmp_path / "one.safetensors.json").read_text())
     losses_two = json.loads((tmp_path / "two.safetensors.json").read_text())

@@ -1,7 +1,6 @@
 """``upcli train``: the loop, checkpoints and resume, DDP against one process, the CLI."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -84,13 +83,7 @@ def test_parse_image_sizes():
             parse_image_sizes(bad)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_processes_match_one(tmp_path):
+def test_ddp_two_processes_match_one(tmp_path, torchrun):
     args = ["train", str(EXAMPLES), "--steps", "3", "--batch-size", "2", "--image-size", "64,48x80", "--views", "1",
             "--save-every", "3", "--device", "cpu", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -101,10 +94,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     one = subprocess.run([sys.executable, "-m", "upcli.cli", *args, "--out", str(tmp_path / "one.safetensors")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "upcli.cli", *args,
-                          "--out", str(tmp_path / "two.safetensors")], env=env, capture_output=True, text=True,
-                         timeout=300)
+    two = torchrun("-m", "upcli.cli", *args, "--out", tmp_path / "two.safetensors", env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     # the loss of the last step (a mean over both samples, all-reduced) agrees to float precision ...

@@ -151,6 +151,19 @@ class _PacBase(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = nn.Parameter(layer.bias.detach().clone()) if bias else None
 
+    def output_size(self, H: int, W: int) -> tuple[int, int]:
+        k = self.kernel_size[0]
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                     for n, p, d, s in zip((H, W), self.padding, self.dilation, self.stride))
+
+    def input_kernel(self, x: Tensor, guidance: Tensor | None) -> tuple[Tensor, Tensor]:
+        """For guidance at the input's resolution (conv, pool): ``K`` at the output pixels and the padded input."""
+        f = self.guidance_features(x, guidance)
+        if f.shape[0] != x.shape[0] or f.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"guidance {tuple(f.shape)} must match the input {tuple(x.shape)} in B, H and W")
+        K = self.compute_kernel(f, self.output_size(*x.shape[-2:]), self.stride, self.padding, self.dilation)
+        return K, F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+
     def guidance_features(self, x: Tensor, guidance: Tensor | None) -> Tensor:
         f = x if guidance is None else guidance
         return f if self.guidance_branch is None else self.guidance_branch(f)
@@ -194,20 +207,10 @@ class PacConv2d(_PacBase):
                          guidance_branch, kernel_gain)
         self._init_filter(nn.Conv2d, in_channels, out_channels, bias, shared_filters)
 
-    def output_size(self, H: int, W: int) -> tuple[int, int]:
-        k = self.kernel_size[0]
-        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                     for n, p, d, s in zip((H, W), self.padding, self.dilation, self.stride))
-
     def forward(self, x: Tensor, guidance: Tensor | None = None) -> Tensor:
-        f = self.guidance_features(x, guidance)
-        if f.shape[0] != x.shape[0] or f.shape[-2:] != x.shape[-2:]:
-            raise ValueError(f"guidance {tuple(f.shape)} must match the input {tuple(x.shape)} in B, H and W")
-        out_size = self.output_size(*x.shape[-2:])
-        K = self.compute_kernel(f, out_size, self.stride, self.padding, self.dilation)
+        K, xpad = self.input_kernel(x, guidance)
         if not self.shared_filters:
             return pac_conv(x, K.to(x.dtype), self.weight, self.bias, self.stride, self.padding, self.dilation)
-        xpad = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
         out = _depthwise(xpad, K * self.weight[0, 0], self.stride, self.dilation)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
@@ -264,15 +267,8 @@ class PacPool2d(_PacBase):
         super().__init__(kernel_size, kernel_size if stride is None else stride, padding, dilation, kernel_type,
                          smooth_kernel, normalize_kernel, guidance_branch, kernel_gain)
 
-    output_size = PacConv2d.output_size
-
     def forward(self, x: Tensor, guidance: Tensor | None = None) -> Tensor:
-        f = self.guidance_features(x, guidance)
-        if f.shape[0] != x.shape[0] or f.shape[-2:] != x.shape[-2:]:
-            raise ValueError(f"guidance {tuple(f.shape)} must match the input {tuple(x.shape)} in B, H and W")
-        out_size = self.output_size(*x.shape[-2:])
-        K = self.compute_kernel(f, out_size, self.stride, self.padding, self.dilation)
-        xpad = F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+        K, xpad = self.input_kernel(x, guidance)
         return _depthwise(xpad, K, self.stride, self.dilation)
 
 

@@ -376,8 +376,9 @@ def _loop(cfg, model, teacher, optimizer, pool, dist, device, reporter, start: i
     mine = range(dist.rank * local, (dist.rank + 1) * local)
     patches = (cfg.image_size // PATCH) ** 2
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model
-    preview_image = crop_batch(pool, cfg, -1, range(1)).to(device)
-    preview_mask = mask_batch(cfg, -1, range(1), patches).to(device)
+    if cfg.preview_every:  # one fixed crop and mask, the same in every preview
+        preview_image = crop_batch(pool, cfg, -1, range(1)).to(device)
+        preview_mask = mask_batch(cfg, -1, range(1), patches).to(device)
     history = {"pixel": [], "feature": []}
 
     def checkpoint(step: int, **info) -> None:
