@@ -36,6 +36,7 @@ from torch import Tensor
 
 __all__ = [
     "adaptive_conv_forward",
+    "adaptive_conv_forward_up2",
     "adaptive_conv_grad_input_padded",
     "adaptive_conv_grad_weights",
     "available",
@@ -173,6 +174,12 @@ def adaptive_conv_forward(x: Tensor, weights: Tensor, pad_mode: int) -> Tensor:
         ``Tensor[B, C, H, W]``.
     """
     return _ops().forward(x, weights, int(pad_mode))
+
+
+def adaptive_conv_forward_up2(x: Tensor, weights: Tensor, pad_mode: int) -> Tensor:
+    """:func:`adaptive_conv_forward` of the bicubic 2x upsampling of ``x`` (``Tensor[B, C, H / 2, W / 2]``), as
+    ``F.interpolate(mode="bicubic")`` computes it; the upsampled rows are made per thread and never stored."""
+    return _ops().forward_up2(x, weights, int(pad_mode))
 
 
 def adaptive_conv_grad_input_padded(grad_out: Tensor, weights: Tensor) -> Tensor:

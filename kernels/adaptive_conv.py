@@ -127,6 +127,33 @@ def adaptive_conv(x: Tensor, weights: Tensor, padding: str = "reflect", backend:
     return _adaptive_conv(x, weights, _check(tuple(x.shape), tuple(weights.shape), padding), backend)
 
 
+def adaptive_conv_up2(x: Tensor, weights: Tensor, padding: str = "reflect", backend: str = "auto") -> Tensor:
+    """``adaptive_conv`` of the bicubic 2x upsampling of ``x``: a JBU stage's whole inner step.
+
+    Equals ``adaptive_conv(F.interpolate(x, scale_factor=2, mode="bicubic"), weights, padding)``. On the C++ CPU
+    path, when no gradient is needed, the upsampled rows are made inside the kernel and never stored: that saves
+    torch's bicubic pass and a tensor 4x the size of ``x``. Elsewhere (CUDA, autograd) it is that composition.
+
+    Args:
+        x: ``Tensor[B, C, h, w]``.
+        weights: ``Tensor[B, 2h, 2w, k, k]``, k odd.
+        padding: ``"reflect"``, ``"replicate"`` or ``"zeros"``, at the upsampled size.
+    """
+    if x.dim() != 4 or weights.dim() != 5 or tuple(weights.shape[1:3]) != (2 * x.shape[2], 2 * x.shape[3]):
+        raise ValueError(f"weights {tuple(weights.shape)} must be (B, 2h, 2w, k, k) for x {tuple(x.shape)}")
+    if padding == "valid":
+        raise ValueError("adaptive_conv_up2 pads the upsampled input itself: use reflect, replicate or zeros")
+    size = tuple(weights.shape[1:3])
+    pad_mode = _check((x.shape[0], x.shape[1], *size), tuple(weights.shape), padding)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
+    if x.device == weights.device and x.device.type == "cpu" and not needs_grad and backend in ("auto", "cpu"):
+        impl = _backend(backend, x.device)
+        if impl.__name__.endswith("_cpu") and min(x.shape[2:]) > 0:
+            return impl.adaptive_conv_forward_up2(*_prepare(impl, x, weights), pad_mode).to(x.dtype)
+    up = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    return adaptive_conv(up, weights, padding, backend)
+
+
 def _check(x_shape: tuple, w_shape: tuple, padding: str) -> int:
     """The pad mode for these shapes, or a ValueError that prints what was got."""
     if padding not in PAD_MODES:

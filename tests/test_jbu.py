@@ -59,7 +59,29 @@ def test_kernel_is_a_normalised_window_without_fixup():
     assert (kernel >= 0).all()
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"fixup": True, "guidance": "conv"}])
+def test_feature_keys_on_the_input_grid_equal_keys_of_the_upsampled_features():
+    torch.manual_seed(0)
+    layer = JBULayer(guidance="features", dim=6)
+    feats, guidance = torch.randn(2, 6, 5, 7), torch.randn(2, 3, 11, 13)
+    up = torch.nn.functional.interpolate(feats, size=(11, 13), mode="bicubic", align_corners=False)
+    rms = feats.square().mean((1, 2, 3), keepdim=True).sqrt()
+    keys = layer.feature_proj(up / rms)  # the definition: a projection of the stage's upsampled features
+    from upcli.kernels import adaptive_conv
+
+    want = adaptive_conv(up, layer.kernel(torch.cat([guidance, keys], 1)), padding="reflect")
+    torch.testing.assert_close(layer(feats, guidance), want, atol=1e-5, rtol=1e-5)
+    layer(feats, guidance).square().sum().backward()
+    assert layer.feature_proj.weight.grad.abs().sum() > 0
+
+
+def test_feature_guidance_needs_the_dim():
+    with pytest.raises(ValueError, match="dim"):
+        JBULayer(guidance="features")
+    with pytest.raises(ValueError, match="guidance"):
+        JBULayer(guidance="depth")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fixup": True, "guidance": "conv"}, {"guidance": "features"}])
 def test_eval_is_deterministic_and_equals_train(kwargs):
     up = create_upsampler("jbu", FakeBackbone(), pretrained=False, **kwargs)
     torch.nn.init.normal_(up.residual.weight, std=0.1)

@@ -134,7 +134,7 @@ def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--image-size", "12"], "sides >= 16"),
     (["--upsampler", "bilinear"], "must be one of jbu, pac, resize-conv"),
-    (["--guidance", "depth"], "--guidance must be rgb or conv"),
+    (["--guidance", "depth"], "--guidance must be one of rgb, conv, features"),
     (["--downsampler", "nope"], "unknown downsampler"),
 ])
 def test_cli_train_bad_flags_are_one_line(tmp_path, flags, message):

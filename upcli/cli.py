@@ -172,7 +172,7 @@ def train(
     image_size: Annotated[str, typer.Option(help="Training crop size: N, HxW, or a comma list for multi-resolution training (one is drawn per step).")] = "224",
     views: Annotated[int, typer.Option(min=1, help="Jittered views per image and step.")] = 2,
     downsampler: Annotated[str, typer.Option(help="attention or simple.")] = "attention",
-    guidance: Annotated[str, typer.Option(help="jbu: rgb (the pixel) or conv (a 3x3 conv of the image).")] = "rgb",
+    guidance: Annotated[str, typer.Option(help="jbu: rgb (the pixel), conv (a 3x3 conv of the image) or features (the pixel and a projection of the features).")] = "rgb",
     fixup: Annotated[bool, typer.Option(help="jbu: FeatUp's additive kernel correction.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     save_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 100,

@@ -7,6 +7,7 @@
 // caller padded it). Three ops are registered under ``torch.ops.upcli_adaptive_conv_cpu``:
 //
 //   forward(x, weights, pad_mode)            -> out        [B, C, H, W]
+//   forward_up2(x, weights, pad_mode)        -> out        [B, C, H, W]  (x [B, C, H/2, W/2], upsampled on the fly)
 //   grad_input_padded(grad_out, weights)     -> grad_xpad  [B, C, H + k - 1, W + k - 1]  (a gather, no atomics)
 //   grad_weights(grad_out, x, pad_mode, k)   -> grad_w     [B, H, W, k, k]
 //
@@ -227,6 +228,46 @@ void load_padded_row(T* dst, const T* plane, int64_t H, int64_t W, int64_t p, in
   std::fill(dst + n, dst + width, T(0));
 }
 
+// The same padded row p, of the bicubic 2x upsampling of a low-res plane [h, w] (H = 2h, W = 2w): torch's
+// upsample_bicubic2d at scale 2 (A = -0.75, half-pixel centres, clamped borders), where output 2m + par takes
+// inputs m - 2 + par .. m + 1 + par with kUp2[par]. The high-res row is made in `hrow` (W + 4) from the 4 low-res
+// rows (combined into `tmp`, w + 4, with 2 clamped entries each side), then padded like load_padded_row.
+constexpr double kUp2[2][4] = {{-0.03515625, 0.26171875, 0.87890625, -0.10546875},
+                               {-0.10546875, 0.87890625, 0.26171875, -0.03515625}};
+
+template <typename T>
+void load_padded_row_up2(T* dst, const T* plane, int64_t h, int64_t w, int64_t p, int r, int mode, int64_t width,
+                         T* tmp, T* hrow) {
+  const int64_t H = 2 * h, W = 2 * w, n = W + 2 * r;
+  const int64_t sr = remap(p - r, H, mode);
+  if (sr < 0) {
+    std::fill(dst, dst + width, T(0));
+    return;
+  }
+  const int64_t m = sr >> 1;
+  const int par = int(sr & 1);
+  const T* rows[4];
+  for (int i = 0; i < 4; ++i) rows[i] = plane + std::clamp<int64_t>(m - 2 + par + i, 0, h - 1) * w;
+  const T a0 = T(kUp2[par][0]), a1 = T(kUp2[par][1]), a2 = T(kUp2[par][2]), a3 = T(kUp2[par][3]);
+  T* t = tmp + 2;
+  for (int64_t q = 0; q < w; ++q) t[q] = a0 * rows[0][q] + a1 * rows[1][q] + a2 * rows[2][q] + a3 * rows[3][q];
+  tmp[0] = tmp[1] = t[0];
+  t[w] = t[w + 1] = t[w - 1];
+  const T e0 = T(kUp2[0][0]), e1 = T(kUp2[0][1]), e2 = T(kUp2[0][2]), e3 = T(kUp2[0][3]);
+  const T o0 = T(kUp2[1][0]), o1 = T(kUp2[1][1]), o2 = T(kUp2[1][2]), o3 = T(kUp2[1][3]);
+  for (int64_t q = 0; q < w; ++q) {  // tmp[q + i] is input q - 2 + i
+    hrow[2 * q] = e0 * tmp[q] + e1 * tmp[q + 1] + e2 * tmp[q + 2] + e3 * tmp[q + 3];
+    hrow[2 * q + 1] = o0 * tmp[q + 1] + o1 * tmp[q + 2] + o2 * tmp[q + 3] + o3 * tmp[q + 4];
+  }
+  for (int q = 0; q < r; ++q) {
+    const int64_t cl = remap(q - r, W, mode), cr = remap(W + q, W, mode);
+    dst[q] = cl < 0 ? T(0) : hrow[cl];
+    dst[r + W + q] = cr < 0 ? T(0) : hrow[cr];
+  }
+  std::memcpy(dst + r, hrow, W * sizeof(T));
+  std::fill(dst + n, dst + width, T(0));
+}
+
 // wT[t][s_t + w] = wrow[w * kk + t] for w < W, zeros elsewhere in [0, width); s_t = j (t = i * k + j) if
 // shifted, else 0.
 template <typename T>
@@ -330,19 +371,24 @@ void forward_rows_any(const T* __restrict wT, int64_t Wv, const T* const* xr, T*
   }
 }
 
+// up2: x is [B, C, H / 2, W / 2] and the op reads its bicubic 2x upsampling, made row by row (never stored).
 template <typename T>
-void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_t H, int64_t W, int k, int mode) {
+void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_t H, int64_t W, int k, int mode,
+                  bool up2 = false) {
   constexpr int L = lanes<T>(), CH = L * kNV;
   const int r = k / 2, kk = k * k;
   const int64_t Wv = round_up(W, CH), Wr = round_up(Wv + std::max(L, k - 1), L);
-  const int64_t Hs = mode == kValid ? H + k - 1 : H, Ws = mode == kValid ? W + k - 1 : W;
+  const int64_t Hs = up2 ? H / 2 : mode == kValid ? H + k - 1 : H, Ws = up2 ? W / 2 : mode == kValid ? W + k - 1 : W;
   const int64_t HB = kRowBlock, nhb = (H + HB - 1) / HB, RB = HB + k - 1;  // RB: padded rows per block
   struct State {
-    Buffer<T> wT, xs, dummy;
+    Buffer<T> wT, xs, dummy, tmp, hrow;
   };
   run_tasks(
       B * nhb,
-      [&] { return State{Buffer<T>(HB * kk * Wv), Buffer<T>(kNC * RB * Wr), Buffer<T>(Wv)}; },
+      [&] {
+        return State{Buffer<T>(HB * kk * Wv), Buffer<T>(kNC * RB * Wr), Buffer<T>(Wv), Buffer<T>(up2 ? Ws + 4 : 0),
+                     Buffer<T>(up2 ? W : 0)};
+      },
       [&](State& s, int64_t task) {
         const int64_t b = task / nhb, h0 = task % nhb * HB, nh = std::min(HB, H - h0), nrows = nh + k - 1;
         for (int64_t hh = 0; hh < nh; ++hh)
@@ -351,8 +397,13 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
           const int nc = int(std::min<int64_t>(kNC, C - c0));
           for (int cc = 0; cc < nc; ++cc) {
             const T* plane = x + (b * C + c0 + cc) * Hs * Ws;
-            for (int64_t p = 0; p < nrows; ++p)
-              load_padded_row(s.xs.data() + (cc * RB + p) * Wr, plane, H, W, h0 + p, r, mode, Wr);
+            for (int64_t p = 0; p < nrows; ++p) {
+              T* dst = s.xs.data() + (cc * RB + p) * Wr;
+              if (up2)
+                load_padded_row_up2(dst, plane, Hs, Ws, h0 + p, r, mode, Wr, s.tmp.data(), s.hrow.data());
+              else
+                load_padded_row(dst, plane, H, W, h0 + p, r, mode, Wr);
+            }
           }
           for (int64_t hh = 0; hh < nh; ++hh) {
             const T* xr[kNC * 64];
@@ -679,6 +730,33 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weights, int64_t pad_m
   return out;
 }
 
+// forward(bicubic 2x of x, weights): x [B, C, h, w], weights [B, 2h, 2w, k, k]; no upsampled tensor is made.
+at::Tensor forward_up2(const at::Tensor& x, const at::Tensor& weights, int64_t pad_mode) {
+  check_common(x, "x");
+  check_common(weights, "weights");
+  check_mode(pad_mode);
+  TORCH_CHECK(pad_mode != kValid, "upcli adaptive_conv cpu: forward_up2 pads the upsampled input itself");
+  TORCH_CHECK(x.scalar_type() == weights.scalar_type(), "upcli adaptive_conv cpu: x is ", dtype_str(x), ", weights ",
+              dtype_str(weights));
+  const int64_t k = check_weights(weights);
+  const int64_t B = weights.size(0), H = weights.size(1), W = weights.size(2);
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == B && 2 * x.size(2) == H && 2 * x.size(3) == W && x.size(2) > 0 &&
+                  x.size(3) > 0,
+              "upcli adaptive_conv cpu: x ", shape_str(x), " is not half the size of weights ", shape_str(weights));
+  TORCH_CHECK(pad_mode != kReflect || (k / 2 < H && k / 2 < W), "upcli adaptive_conv cpu: reflect padding needs ",
+              "k // 2 < H and W, got k = ", std::to_string(k), ", ", std::to_string(H), "x", std::to_string(W));
+  const int64_t C = x.size(1);
+  at::Tensor out = new_output({B, C, H, W}, x.options());
+  if (out.numel() == 0) return out;
+  if (x.scalar_type() == at::kFloat)
+    forward_impl<float>(x.const_data_ptr<float>(), weights.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+                        B, C, H, W, int(k), int(pad_mode), true);
+  else
+    forward_impl<double>(x.const_data_ptr<double>(), weights.const_data_ptr<double>(),
+                         out.mutable_data_ptr<double>(), B, C, H, W, int(k), int(pad_mode), true);
+  return out;
+}
+
 at::Tensor grad_input_padded(const at::Tensor& grad_out, const at::Tensor& weights) {
   check_common(grad_out, "grad_out");
   check_common(weights, "weights");
@@ -728,12 +806,14 @@ at::Tensor grad_weights(const at::Tensor& grad_out, const at::Tensor& x, int64_t
 
 TORCH_LIBRARY(upcli_adaptive_conv_cpu, m) {
   m.def("forward(Tensor x, Tensor weights, int pad_mode) -> Tensor");
+  m.def("forward_up2(Tensor x, Tensor weights, int pad_mode) -> Tensor");
   m.def("grad_input_padded(Tensor grad_out, Tensor weights) -> Tensor");
   m.def("grad_weights(Tensor grad_out, Tensor x, int pad_mode, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(upcli_adaptive_conv_cpu, CPU, m) {
   m.impl("forward", &forward);
+  m.impl("forward_up2", &forward_up2);
   m.impl("grad_input_padded", &grad_input_padded);
   m.impl("grad_weights", &grad_weights);
 }

@@ -203,3 +203,59 @@ def test_unavailable_warns_once_and_does_not_raise(monkeypatch, env, reason):
     finally:
         _cpu._state.clear()
         _cpu._state.update(saved)
+
+
+# ---- forward_up2: the adaptive conv of the bicubic 2x upsampling, upsampled inside the kernel ----------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(2, 5, 5, 7, 3), (3, 19, 6, 3, 5), (1, 37, 9, 12, 7), (2, 3, 1, 1, 3), (1, 9, 4, 9, 9)],
+                         ids=lambda s: "B{}C{}h{}w{}k{}".format(*s))
+def test_forward_up2_equals_torch_bicubic_then_adaptive_conv(shape, mode, dtype):
+    B, C, h, w, k = shape
+    if mode == 1 and k // 2 >= 2 * min(h, w):
+        pytest.skip("reflect needs the upsampled map larger than the radius")
+    g = torch.Generator().manual_seed(sum(shape) + mode)
+    x = torch.randn(B, C, h, w, generator=g, dtype=dtype)
+    weights = torch.randn(B, 2 * h, 2 * w, k, k, generator=g, dtype=dtype)
+    up = F.interpolate(x, size=(2 * h, 2 * w), mode="bicubic", align_corners=False)
+    want = _reference(_pad(up, k, mode), weights)
+    got = _cpu.adaptive_conv_forward_up2(x, weights, mode)
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL[dtype] * want.abs().max().item())
+
+
+def test_forward_up2_same_bits_for_any_thread_count_and_bad_inputs():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 11, 9, 10, generator=g), torch.rand(2, 18, 20, 7, 7, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(_cpu.adaptive_conv_forward_up2(x, w, 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
+    with pytest.raises(RuntimeError, match="not half the size"):
+        _cpu.adaptive_conv_forward_up2(x, torch.rand(2, 17, 20, 7, 7), 1)
+    with pytest.raises(RuntimeError, match="pads the upsampled input"):
+        _cpu.adaptive_conv_forward_up2(x, w, 3)
+
+
+def test_adaptive_conv_up2_front_takes_the_fused_path_only_without_gradients():
+    from upcli.kernels import adaptive_conv, adaptive_conv_up2
+
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 6, 5, 8, generator=g), torch.rand(1, 10, 16, 5, 5, generator=g)
+    composed = adaptive_conv(F.interpolate(x, size=(10, 16), mode="bicubic", align_corners=False), w, "replicate")
+    with torch.no_grad():
+        torch.testing.assert_close(adaptive_conv_up2(x, w, "replicate"), composed)
+    x.requires_grad_(True)
+    out = adaptive_conv_up2(x, w, "replicate")  # autograd: the composition
+    out.sum().backward()
+    assert out.grad_fn is not None and x.grad is not None and x.grad.shape == x.shape
+    torch.testing.assert_close(out.detach(), composed)
+    with pytest.raises(ValueError, match="2h, 2w"):
+        adaptive_conv_up2(x, torch.rand(1, 10, 15, 5, 5))
+    with pytest.raises(ValueError, match="pads the upsampled"):
+        adaptive_conv_up2(x, w, "valid")

@@ -33,7 +33,7 @@ from ..io.jobs import TerminateAsInterrupt
 from ..progress import ProgressReporter
 from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, load_train_state,
                         optimizer_tensors, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
-from .jbu import stage_sizes
+from .jbu import GUIDANCE_KINDS, stage_sizes
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
 
 # purposes of the random streams
@@ -120,8 +120,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {dist.world_size} processes")
     if cfg.upsampler not in TRAINABLE:
         raise UsageError(f"--upsampler must be one of {', '.join(TRAINABLE)}, got {cfg.upsampler!r}")
-    if cfg.upsampler_args.get("guidance", "rgb") not in ("rgb", "conv"):
-        raise UsageError(f"--guidance must be rgb or conv, got {cfg.upsampler_args['guidance']!r}")
+    if cfg.upsampler_args.get("guidance", "rgb") not in GUIDANCE_KINDS:
+        raise UsageError(f"--guidance must be one of {', '.join(GUIDANCE_KINDS)}, "
+                         f"got {cfg.upsampler_args['guidance']!r}")
     out, state_path = Path(cfg.out), train_state_path(cfg.out)
     best_path = out.with_name(out.name.removesuffix(".safetensors") + ".best.safetensors")
     torch.manual_seed(cfg.seed)  # parameter initialisation: the same on every process
