@@ -1,7 +1,8 @@
 """Fused ops for upcli, imported as ``upcli.kernels``.
 
 - ``adaptive_conv(x, weights, padding)``: each pixel's k x k neighbourhood times that pixel's own weights.
-- ``adaptive_conv_up2(x, weights, padding)``: the same on the bicubic 2x upsampling of ``x`` (a JBU stage).
+- ``adaptive_conv_bicubic(x, weights, padding)``: the same on ``x`` resized (bicubic) to the weights' size (a JBU
+  stage), without storing the resized ``x`` on CPU.
 - ``neighbour_logits(keys, k)``: each pixel's key dotted with its k x k neighbours' keys (JBU's range kernel).
 - ``pac_conv(x, kernel, weight, ...)``: the PAC form, with stride, dilation and the transposed variant.
 
@@ -9,7 +10,7 @@ Backends (Triton on CUDA, C++ on CPU compiled at first use, plain PyTorch) are c
 nothing is compiled at install and nothing touches the GPU at import.
 """
 
-from .adaptive_conv import adaptive_conv, adaptive_conv_up2, neighbour_logits
+from .adaptive_conv import adaptive_conv, adaptive_conv_bicubic, neighbour_logits
 from .pac import pac_conv
 
-__all__ = ["adaptive_conv", "adaptive_conv_up2", "neighbour_logits", "pac_conv"]
+__all__ = ["adaptive_conv", "adaptive_conv_bicubic", "neighbour_logits", "pac_conv"]

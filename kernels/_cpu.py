@@ -36,7 +36,7 @@ from torch import Tensor
 
 __all__ = [
     "adaptive_conv_forward",
-    "adaptive_conv_forward_up2",
+    "adaptive_conv_forward_resampled",
     "adaptive_conv_grad_input_padded",
     "adaptive_conv_grad_weights",
     "available",
@@ -176,10 +176,12 @@ def adaptive_conv_forward(x: Tensor, weights: Tensor, pad_mode: int) -> Tensor:
     return _ops().forward(x, weights, int(pad_mode))
 
 
-def adaptive_conv_forward_up2(x: Tensor, weights: Tensor, pad_mode: int) -> Tensor:
-    """:func:`adaptive_conv_forward` of the bicubic 2x upsampling of ``x`` (``Tensor[B, C, H / 2, W / 2]``), as
-    ``F.interpolate(mode="bicubic")`` computes it; the upsampled rows are made per thread and never stored."""
-    return _ops().forward_up2(x, weights, int(pad_mode))
+def adaptive_conv_forward_resampled(x: Tensor, weights: Tensor, pad_mode: int, rows: tuple[Tensor, Tensor],
+                                    cols: tuple[Tensor, Tensor]) -> Tensor:
+    """:func:`adaptive_conv_forward` of ``x`` (``Tensor[B, C, h, w]``) resized to the weights' ``(H, W)`` by 4-tap
+    tables ``rows = (first int64 [H], weight float64 [H, 4])`` and ``cols`` (``[W]``, ``[W, 4]``) from
+    ``adaptive_conv.bicubic_taps``; each resized row is made per thread when the kernel needs it, never stored."""
+    return _ops().forward_resampled(x, weights, int(pad_mode), *rows, *cols)
 
 
 def adaptive_conv_grad_input_padded(grad_out: Tensor, weights: Tensor) -> Tensor:

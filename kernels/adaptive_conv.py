@@ -127,31 +127,48 @@ def adaptive_conv(x: Tensor, weights: Tensor, padding: str = "reflect", backend:
     return _adaptive_conv(x, weights, _check(tuple(x.shape), tuple(weights.shape), padding), backend)
 
 
-def adaptive_conv_up2(x: Tensor, weights: Tensor, padding: str = "reflect", backend: str = "auto") -> Tensor:
-    """``adaptive_conv`` of the bicubic 2x upsampling of ``x``: a JBU stage's whole inner step.
+def bicubic_taps(in_len: int, out_len: int, device=None) -> tuple[Tensor, Tensor]:
+    """The 4 taps of torch's bicubic resize (``align_corners=False``, A = -0.75) per output position: the first
+    input index ``int64 [out_len]`` (taps ``first .. first + 3``, in ``[-2, in_len + 1]``; torch clamps them to
+    ``[0, in_len)``) and the weights ``float64 [out_len, 4]``."""
+    src = (torch.arange(out_len, dtype=torch.float64, device=device) + 0.5) * (in_len / out_len) - 0.5
+    first = src.floor()
+    t = (src - first)[:, None]
+    d = torch.cat([t + 1, t, 1 - t, 2 - t], dim=1)  # distance of each tap
+    a = -0.75
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return first.long() - 1, torch.where(d <= 1, near, far)
 
-    Equals ``adaptive_conv(F.interpolate(x, scale_factor=2, mode="bicubic"), weights, padding)``. On the C++ CPU
-    path, when no gradient is needed, the upsampled rows are made inside the kernel and never stored: that saves
-    torch's bicubic pass and a tensor 4x the size of ``x``. Elsewhere (CUDA, autograd) it is that composition.
+
+def adaptive_conv_bicubic(x: Tensor, weights: Tensor, padding: str = "reflect", backend: str = "auto") -> Tensor:
+    """``adaptive_conv`` of ``x`` resized (bicubic) to the weights' size: a JBU stage's whole inner step.
+
+    Equals ``adaptive_conv(F.interpolate(x, size=(H, W), mode="bicubic"), weights, padding)``. On the C++ CPU path,
+    when no gradient is needed, the resized rows are made inside the kernel and never stored: that saves torch's
+    bicubic pass and a tensor (H W) / (h w) times the size of ``x``. Elsewhere (CUDA, autograd) it is that
+    composition.
 
     Args:
         x: ``Tensor[B, C, h, w]``.
-        weights: ``Tensor[B, 2h, 2w, k, k]``, k odd.
-        padding: ``"reflect"``, ``"replicate"`` or ``"zeros"``, at the upsampled size.
+        weights: ``Tensor[B, H, W, k, k]``, k odd.
+        padding: ``"reflect"``, ``"replicate"`` or ``"zeros"``, at the resized size.
     """
-    if x.dim() != 4 or weights.dim() != 5 or tuple(weights.shape[1:3]) != (2 * x.shape[2], 2 * x.shape[3]):
-        raise ValueError(f"weights {tuple(weights.shape)} must be (B, 2h, 2w, k, k) for x {tuple(x.shape)}")
+    if x.dim() != 4 or weights.dim() != 5:
+        raise ValueError(f"expected x (B, C, h, w) and weights (B, H, W, k, k), got {tuple(x.shape)} and "
+                         f"{tuple(weights.shape)}")
     if padding == "valid":
-        raise ValueError("adaptive_conv_up2 pads the upsampled input itself: use reflect, replicate or zeros")
+        raise ValueError("adaptive_conv_bicubic pads the resized input itself: use reflect, replicate or zeros")
     size = tuple(weights.shape[1:3])
     pad_mode = _check((x.shape[0], x.shape[1], *size), tuple(weights.shape), padding)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad)
     if x.device == weights.device and x.device.type == "cpu" and not needs_grad and backend in ("auto", "cpu"):
         impl = _backend(backend, x.device)
         if impl.__name__.endswith("_cpu") and min(x.shape[2:]) > 0:
-            return impl.adaptive_conv_forward_up2(*_prepare(impl, x, weights), pad_mode).to(x.dtype)
-    up = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
-    return adaptive_conv(up, weights, padding, backend)
+            rows, cols = bicubic_taps(x.shape[2], size[0]), bicubic_taps(x.shape[3], size[1])
+            return impl.adaptive_conv_forward_resampled(*_prepare(impl, x, weights), pad_mode, rows, cols).to(x.dtype)
+    resized = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    return adaptive_conv(resized, weights, padding, backend)
 
 
 def _check(x_shape: tuple, w_shape: tuple, padding: str) -> int:

@@ -7,7 +7,7 @@
 // caller padded it). Three ops are registered under ``torch.ops.upcli_adaptive_conv_cpu``:
 //
 //   forward(x, weights, pad_mode)            -> out        [B, C, H, W]
-//   forward_up2(x, weights, pad_mode)        -> out        [B, C, H, W]  (x [B, C, H/2, W/2], upsampled on the fly)
+//   forward_resampled(x, weights, pad_mode, row/col tables) -> out [B, C, H, W]  (x [B, C, h, w], resized on the fly)
 //   grad_input_padded(grad_out, weights)     -> grad_xpad  [B, C, H + k - 1, W + k - 1]  (a gather, no atomics)
 //   grad_weights(grad_out, x, pad_mode, k)   -> grad_w     [B, H, W, k, k]
 //
@@ -41,7 +41,9 @@
 #include <cstdlib>
 #include <string>
 #include <cstring>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -69,6 +71,12 @@ struct Simd<float> {
   static V loadu(const float* p) { return _mm512_loadu_ps(p); }
   static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  using I = int32_t;  // lane index type of permute2
+  using Vi = __m512i;
+  static Vi loadi(const I* p) { return _mm512_loadu_si512(p); }
+  static Vi addi(Vi v, int n) { return _mm512_add_epi32(v, _mm512_set1_epi32(n)); }
+  // Lane q = (lo, hi)[idx[q]], idx in [0, 2L).
+  static V permute2(V lo, Vi idx, V hi) { return _mm512_permutex2var_ps(lo, idx, hi); }
   // Lanes [S, S + L) of the pair (lo, hi).
   template <int S>
   static V shift(V lo, V hi) {
@@ -86,6 +94,11 @@ struct Simd<double> {
   static V loadu(const double* p) { return _mm512_loadu_pd(p); }
   static void storeu(double* p, V v) { _mm512_storeu_pd(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  using I = int64_t;
+  using Vi = __m512i;
+  static Vi loadi(const I* p) { return _mm512_loadu_si512(p); }
+  static Vi addi(Vi v, int n) { return _mm512_add_epi64(v, _mm512_set1_epi64(n)); }
+  static V permute2(V lo, Vi idx, V hi) { return _mm512_permutex2var_pd(lo, idx, hi); }
   template <int S>
   static V shift(V lo, V hi) {
     if constexpr (S == 0) return lo;
@@ -228,43 +241,102 @@ void load_padded_row(T* dst, const T* plane, int64_t H, int64_t W, int64_t p, in
   std::fill(dst + n, dst + width, T(0));
 }
 
-// The same padded row p, of the bicubic 2x upsampling of a low-res plane [h, w] (H = 2h, W = 2w): torch's
-// upsample_bicubic2d at scale 2 (A = -0.75, half-pixel centres, clamped borders), where output 2m + par takes
-// inputs m - 2 + par .. m + 1 + par with kUp2[par]. The high-res row is made in `hrow` (W + 4) from the 4 low-res
-// rows (combined into `tmp`, w + 4, with 2 clamped entries each side), then padded like load_padded_row.
-constexpr double kUp2[2][4] = {{-0.03515625, 0.26171875, 0.87890625, -0.10546875},
-                               {-0.10546875, 0.87890625, 0.26171875, -0.03515625}};
+// ---- resizing inside the forward (adaptive_conv of a bicubic resize, never stored) ------------------------
+//
+// A resize by 4-tap tables (``bicubic_taps`` in adaptive_conv.py, torch's upsample_bicubic2d): high-res row P is
+// sum_i wy[P][i] * low-res row clamp(fy[P] + i), and column Q sum_i wx[Q][i] * column fx[Q] + i of a low-res row
+// padded by 2 replicated entries each side (fx in [-2, w - 1]).
 
+struct RowTaps {
+  const int64_t* first;  // [H]
+  const double* weight;  // [H][4]
+};
+
+// The column taps, prepared once per call. With AVX-512 each block of L columns whose taps lie in 2L consecutive
+// entries of the padded row (any upsampling) takes 2 loads, 4 two-register permutes and 4 FMAs; others are scalar.
 template <typename T>
-void load_padded_row_up2(T* dst, const T* plane, int64_t h, int64_t w, int64_t p, int r, int mode, int64_t width,
-                         T* tmp, T* hrow) {
-  const int64_t H = 2 * h, W = 2 * w, n = W + 2 * r;
+struct ColumnTaps {
+  int64_t W = 0;
+  std::vector<int64_t> start;  // [W] fx[Q] + 2: the first tap in the padded row
+  std::vector<T> wt;           // [4][W]
+#if defined(__AVX512F__)
+  using I = typename Simd<T>::I;
+  std::vector<int64_t> base;   // per block of L columns: where its 2L-entry window starts, or -1 (scalar)
+  std::vector<I> rel;          // [W] start - base of its block
+#endif
+  ColumnTaps(const int64_t* first, const double* weight, int64_t W_) : W(W_), start(W_), wt(4 * W_) {
+    for (int64_t q = 0; q < W; ++q) {
+      start[q] = first[q] + 2;
+      for (int i = 0; i < 4; ++i) wt[i * W + q] = T(weight[q * 4 + i]);
+    }
+#if defined(__AVX512F__)
+    constexpr int L = lanes<T>();
+    rel.assign(W, 0);
+    for (int64_t q0 = 0; q0 + L <= W; q0 += L) {
+      int64_t lo = start[q0], hi = start[q0];
+      for (int l = 1; l < L; ++l) lo = std::min(lo, start[q0 + l]), hi = std::max(hi, start[q0 + l]);
+      base.push_back(hi + 3 < lo + 2 * L ? lo : -1);
+      for (int l = 0; l < L; ++l) rel[q0 + l] = I(start[q0 + l] - lo);
+    }
+#endif
+  }
+
+  // out[Q] for Q < W from the padded low-res row (readable on [0, w + 4 + 2L)).
+  void apply(const T* row, T* out) const {
+    int64_t q = 0;
+#if defined(__AVX512F__)
+    using S = Simd<T>;
+    constexpr int L = lanes<T>();
+    for (; q + L <= W; q += L) {
+      const int64_t b = base[q / L];
+      if (b < 0) {
+        for (int64_t e = q + L; q < e; ++q) out[q] = scalar(row, q);
+        q -= L;
+        continue;
+      }
+      const auto lo = S::loadu(row + b), hi = S::loadu(row + b + L);
+      const auto idx = S::loadi(rel.data() + q);
+      auto acc = S::zero();
+      for (int i = 0; i < 4; ++i) acc = S::fma(S::loadu(wt.data() + i * W + q), S::permute2(lo, S::addi(idx, i), hi), acc);
+      S::storeu(out + q, acc);
+    }
+#endif
+    for (; q < W; ++q) out[q] = scalar(row, q);
+  }
+
+  T scalar(const T* row, int64_t q) const {
+    const T* x = row + start[q];
+    return wt[q] * x[0] + wt[W + q] * x[1] + wt[2 * W + q] * x[2] + wt[3 * W + q] * x[3];
+  }
+};
+
+// load_padded_row of the resized plane: low-res plane [h, w] -> high-res [H, W] by (ry, cx). tmp: w + 4 + 2L.
+template <typename T>
+void load_padded_row_resampled(T* dst, const T* plane, int64_t h, int64_t w, int64_t H, int64_t W, const RowTaps& ry,
+                               const ColumnTaps<T>& cx, int64_t p, int r, int mode, int64_t width, T* tmp) {
+  const int64_t n = W + 2 * r;
   const int64_t sr = remap(p - r, H, mode);
   if (sr < 0) {
     std::fill(dst, dst + width, T(0));
     return;
   }
-  const int64_t m = sr >> 1;
-  const int par = int(sr & 1);
   const T* rows[4];
-  for (int i = 0; i < 4; ++i) rows[i] = plane + std::clamp<int64_t>(m - 2 + par + i, 0, h - 1) * w;
-  const T a0 = T(kUp2[par][0]), a1 = T(kUp2[par][1]), a2 = T(kUp2[par][2]), a3 = T(kUp2[par][3]);
+  T a[4];
+  for (int i = 0; i < 4; ++i) {
+    rows[i] = plane + std::clamp<int64_t>(ry.first[sr] + i, 0, h - 1) * w;
+    a[i] = T(ry.weight[sr * 4 + i]);
+  }
   T* t = tmp + 2;
-  for (int64_t q = 0; q < w; ++q) t[q] = a0 * rows[0][q] + a1 * rows[1][q] + a2 * rows[2][q] + a3 * rows[3][q];
+  for (int64_t q = 0; q < w; ++q) t[q] = a[0] * rows[0][q] + a[1] * rows[1][q] + a[2] * rows[2][q] + a[3] * rows[3][q];
   tmp[0] = tmp[1] = t[0];
   t[w] = t[w + 1] = t[w - 1];
-  const T e0 = T(kUp2[0][0]), e1 = T(kUp2[0][1]), e2 = T(kUp2[0][2]), e3 = T(kUp2[0][3]);
-  const T o0 = T(kUp2[1][0]), o1 = T(kUp2[1][1]), o2 = T(kUp2[1][2]), o3 = T(kUp2[1][3]);
-  for (int64_t q = 0; q < w; ++q) {  // tmp[q + i] is input q - 2 + i
-    hrow[2 * q] = e0 * tmp[q] + e1 * tmp[q + 1] + e2 * tmp[q + 2] + e3 * tmp[q + 3];
-    hrow[2 * q + 1] = o0 * tmp[q + 1] + o1 * tmp[q + 2] + o2 * tmp[q + 3] + o3 * tmp[q + 4];
-  }
+  T* out = dst + r;
+  cx.apply(tmp, out);
   for (int q = 0; q < r; ++q) {
     const int64_t cl = remap(q - r, W, mode), cr = remap(W + q, W, mode);
-    dst[q] = cl < 0 ? T(0) : hrow[cl];
-    dst[r + W + q] = cr < 0 ? T(0) : hrow[cr];
+    dst[q] = cl < 0 ? T(0) : out[cl];
+    dst[r + W + q] = cr < 0 ? T(0) : out[cr];
   }
-  std::memcpy(dst + r, hrow, W * sizeof(T));
   std::fill(dst + n, dst + width, T(0));
 }
 
@@ -371,23 +443,24 @@ void forward_rows_any(const T* __restrict wT, int64_t Wv, const T* const* xr, T*
   }
 }
 
-// up2: x is [B, C, H / 2, W / 2] and the op reads its bicubic 2x upsampling, made row by row (never stored).
+// ry, cx: x is [B, C, h, w] and the op reads it resized to [H, W], made row by row (never stored).
 template <typename T>
 void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_t H, int64_t W, int k, int mode,
-                  bool up2 = false) {
+                  const RowTaps* ry = nullptr, const ColumnTaps<T>* cx = nullptr, int64_t h = 0, int64_t w = 0) {
+  const bool rs = ry != nullptr;
   constexpr int L = lanes<T>(), CH = L * kNV;
   const int r = k / 2, kk = k * k;
   const int64_t Wv = round_up(W, CH), Wr = round_up(Wv + std::max(L, k - 1), L);
-  const int64_t Hs = up2 ? H / 2 : mode == kValid ? H + k - 1 : H, Ws = up2 ? W / 2 : mode == kValid ? W + k - 1 : W;
+  const int64_t Hs = rs ? h : mode == kValid ? H + k - 1 : H, Ws = rs ? w : mode == kValid ? W + k - 1 : W;
   const int64_t HB = kRowBlock, nhb = (H + HB - 1) / HB, RB = HB + k - 1;  // RB: padded rows per block
   struct State {
-    Buffer<T> wT, xs, dummy, tmp, hrow;
+    Buffer<T> wT, xs, dummy, tmp;
   };
   run_tasks(
       B * nhb,
       [&] {
-        return State{Buffer<T>(HB * kk * Wv), Buffer<T>(kNC * RB * Wr), Buffer<T>(Wv), Buffer<T>(up2 ? Ws + 4 : 0),
-                     Buffer<T>(up2 ? W : 0)};
+        return State{Buffer<T>(HB * kk * Wv), Buffer<T>(kNC * RB * Wr), Buffer<T>(Wv),
+                     Buffer<T>(rs ? Ws + 4 + 2 * L : 0)};
       },
       [&](State& s, int64_t task) {
         const int64_t b = task / nhb, h0 = task % nhb * HB, nh = std::min(HB, H - h0), nrows = nh + k - 1;
@@ -399,8 +472,8 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
             const T* plane = x + (b * C + c0 + cc) * Hs * Ws;
             for (int64_t p = 0; p < nrows; ++p) {
               T* dst = s.xs.data() + (cc * RB + p) * Wr;
-              if (up2)
-                load_padded_row_up2(dst, plane, Hs, Ws, h0 + p, r, mode, Wr, s.tmp.data(), s.hrow.data());
+              if (rs)
+                load_padded_row_resampled(dst, plane, Hs, Ws, H, W, *ry, *cx, h0 + p, r, mode, Wr, s.tmp.data());
               else
                 load_padded_row(dst, plane, H, W, h0 + p, r, mode, Wr);
             }
@@ -730,30 +803,50 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weights, int64_t pad_m
   return out;
 }
 
-// forward(bicubic 2x of x, weights): x [B, C, h, w], weights [B, 2h, 2w, k, k]; no upsampled tensor is made.
-at::Tensor forward_up2(const at::Tensor& x, const at::Tensor& weights, int64_t pad_mode) {
+void check_taps(const at::Tensor& first, const at::Tensor& weight, int64_t n, int64_t in_len, const char* name) {
+  TORCH_CHECK(first.scalar_type() == at::kLong && weight.scalar_type() == at::kDouble && first.is_contiguous() &&
+                  weight.is_contiguous() && first.dim() == 1 && weight.dim() == 2 && first.size(0) == n &&
+                  weight.size(0) == n && weight.size(1) == 4,
+              "upcli adaptive_conv cpu: ", name, " taps must be contiguous int64 (", std::to_string(n),
+              ") and float64 (", std::to_string(n), ", 4)");
+  const int64_t* p = first.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(p[i] >= -2 && p[i] <= in_len - 1, "upcli adaptive_conv cpu: ", name, " taps out of range");
+}
+
+// forward(x resized to the weights' size by 4-tap tables, weights): x [B, C, h, w], weights [B, H, W, k, k];
+// the resized tensor is never made.
+at::Tensor forward_resampled(const at::Tensor& x, const at::Tensor& weights, int64_t pad_mode,
+                             const at::Tensor& row_first, const at::Tensor& row_weight, const at::Tensor& col_first,
+                             const at::Tensor& col_weight) {
   check_common(x, "x");
   check_common(weights, "weights");
   check_mode(pad_mode);
-  TORCH_CHECK(pad_mode != kValid, "upcli adaptive_conv cpu: forward_up2 pads the upsampled input itself");
+  TORCH_CHECK(pad_mode != kValid, "upcli adaptive_conv cpu: forward_resampled pads the resized input itself");
   TORCH_CHECK(x.scalar_type() == weights.scalar_type(), "upcli adaptive_conv cpu: x is ", dtype_str(x), ", weights ",
               dtype_str(weights));
   const int64_t k = check_weights(weights);
   const int64_t B = weights.size(0), H = weights.size(1), W = weights.size(2);
-  TORCH_CHECK(x.dim() == 4 && x.size(0) == B && 2 * x.size(2) == H && 2 * x.size(3) == W && x.size(2) > 0 &&
-                  x.size(3) > 0,
-              "upcli adaptive_conv cpu: x ", shape_str(x), " is not half the size of weights ", shape_str(weights));
+  TORCH_CHECK(x.dim() == 4 && x.size(0) == B && x.size(2) > 0 && x.size(3) > 0,
+              "upcli adaptive_conv cpu: x ", shape_str(x), " does not fit weights ", shape_str(weights));
+  const int64_t h = x.size(2), w = x.size(3);
+  check_taps(row_first, row_weight, H, h, "row");
+  check_taps(col_first, col_weight, W, w, "column");
   TORCH_CHECK(pad_mode != kReflect || (k / 2 < H && k / 2 < W), "upcli adaptive_conv cpu: reflect padding needs ",
               "k // 2 < H and W, got k = ", std::to_string(k), ", ", std::to_string(H), "x", std::to_string(W));
   const int64_t C = x.size(1);
   at::Tensor out = new_output({B, C, H, W}, x.options());
   if (out.numel() == 0) return out;
-  if (x.scalar_type() == at::kFloat)
+  const RowTaps ry{row_first.const_data_ptr<int64_t>(), row_weight.const_data_ptr<double>()};
+  if (x.scalar_type() == at::kFloat) {
+    const ColumnTaps<float> cx(col_first.const_data_ptr<int64_t>(), col_weight.const_data_ptr<double>(), W);
     forward_impl<float>(x.const_data_ptr<float>(), weights.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
-                        B, C, H, W, int(k), int(pad_mode), true);
-  else
+                        B, C, H, W, int(k), int(pad_mode), &ry, &cx, h, w);
+  } else {
+    const ColumnTaps<double> cx(col_first.const_data_ptr<int64_t>(), col_weight.const_data_ptr<double>(), W);
     forward_impl<double>(x.const_data_ptr<double>(), weights.const_data_ptr<double>(),
-                         out.mutable_data_ptr<double>(), B, C, H, W, int(k), int(pad_mode), true);
+                         out.mutable_data_ptr<double>(), B, C, H, W, int(k), int(pad_mode), &ry, &cx, h, w);
+  }
   return out;
 }
 
@@ -806,14 +899,15 @@ at::Tensor grad_weights(const at::Tensor& grad_out, const at::Tensor& x, int64_t
 
 TORCH_LIBRARY(upcli_adaptive_conv_cpu, m) {
   m.def("forward(Tensor x, Tensor weights, int pad_mode) -> Tensor");
-  m.def("forward_up2(Tensor x, Tensor weights, int pad_mode) -> Tensor");
+  m.def("forward_resampled(Tensor x, Tensor weights, int pad_mode, Tensor row_first, Tensor row_weight, "
+        "Tensor col_first, Tensor col_weight) -> Tensor");
   m.def("grad_input_padded(Tensor grad_out, Tensor weights) -> Tensor");
   m.def("grad_weights(Tensor grad_out, Tensor x, int pad_mode, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(upcli_adaptive_conv_cpu, CPU, m) {
   m.impl("forward", &forward);
-  m.impl("forward_up2", &forward_up2);
+  m.impl("forward_resampled", &forward_resampled);
   m.impl("grad_input_padded", &grad_input_padded);
   m.impl("grad_weights", &grad_weights);
 }

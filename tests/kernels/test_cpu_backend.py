@@ -205,57 +205,74 @@ def test_unavailable_warns_once_and_does_not_raise(monkeypatch, env, reason):
         _cpu._state.update(saved)
 
 
-# ---- forward_up2: the adaptive conv of the bicubic 2x upsampling, upsampled inside the kernel ----------------
+# ---- forward_resampled: the adaptive conv of x resized by 4-tap tables (bicubic), resized inside the kernel ----
+
+def _resampled(x, weights, mode):
+    from upcli.kernels.adaptive_conv import bicubic_taps
+
+    H, W = weights.shape[1:3]
+    rows, cols = bicubic_taps(x.shape[2], H), bicubic_taps(x.shape[3], W)
+    return _cpu.adaptive_conv_forward_resampled(x, weights, mode, rows, cols)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", [0, 1, 2])
-@pytest.mark.parametrize("shape", [(2, 5, 5, 7, 3), (3, 19, 6, 3, 5), (1, 37, 9, 12, 7), (2, 3, 1, 1, 3), (1, 9, 4, 9, 9)],
-                         ids=lambda s: "B{}C{}h{}w{}k{}".format(*s))
-def test_forward_up2_equals_torch_bicubic_then_adaptive_conv(shape, mode, dtype):
-    B, C, h, w, k = shape
-    if mode == 1 and k // 2 >= 2 * min(h, w):
-        pytest.skip("reflect needs the upsampled map larger than the radius")
+@pytest.mark.parametrize("shape", [(2, 5, 5, 7, 10, 14, 3), (3, 19, 6, 3, 11, 7, 5), (1, 37, 9, 12, 18, 24, 7),
+                                   (2, 3, 1, 1, 2, 2, 3), (1, 9, 4, 9, 8, 18, 9), (1, 10, 7, 10, 13, 19, 7),
+                                   (2, 6, 5, 4, 5, 13, 3), (1, 4, 12, 9, 7, 9, 5), (1, 4, 6, 40, 9, 17, 3),
+                                   (1, 5, 4, 30, 8, 61, 5)],
+                         ids=lambda s: "B{}C{}h{}w{}H{}W{}k{}".format(*s))
+def test_forward_resampled_equals_torch_bicubic_then_adaptive_conv(shape, mode, dtype):
+    B, C, h, w, H, W, k = shape
+    if mode == 1 and k // 2 >= min(H, W):
+        pytest.skip("reflect needs the resized map larger than the radius")
     g = torch.Generator().manual_seed(sum(shape) + mode)
     x = torch.randn(B, C, h, w, generator=g, dtype=dtype)
-    weights = torch.randn(B, 2 * h, 2 * w, k, k, generator=g, dtype=dtype)
-    up = F.interpolate(x, size=(2 * h, 2 * w), mode="bicubic", align_corners=False)
-    want = _reference(_pad(up, k, mode), weights)
-    got = _cpu.adaptive_conv_forward_up2(x, weights, mode)
-    torch.testing.assert_close(got, want, rtol=0, atol=TOL[dtype] * want.abs().max().item())
+    weights = torch.randn(B, H, W, k, k, generator=g, dtype=dtype)
+    resized = F.interpolate(x, size=(H, W), mode="bicubic", align_corners=False)
+    want = _reference(_pad(resized, k, mode), weights)
+    got = _resampled(x, weights, mode)
+    tol = 1e-5 if dtype == torch.float32 else 1e-6  # torch computes its float64 bicubic taps in float32
+    torch.testing.assert_close(got, want, rtol=0, atol=tol * want.abs().max().item())
 
 
-def test_forward_up2_same_bits_for_any_thread_count_and_bad_inputs():
+def test_forward_resampled_same_bits_for_any_thread_count_and_bad_inputs():
+    from upcli.kernels.adaptive_conv import bicubic_taps
+
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(2, 11, 9, 10, generator=g), torch.rand(2, 18, 20, 7, 7, generator=g)
+    x, w = torch.randn(2, 11, 9, 10, generator=g), torch.rand(2, 17, 21, 7, 7, generator=g)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 3):
             torch.set_num_threads(n)
-            results.append(_cpu.adaptive_conv_forward_up2(x, w, 1))
+            results.append(_resampled(x, w, 1))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(*results)
-    with pytest.raises(RuntimeError, match="not half the size"):
-        _cpu.adaptive_conv_forward_up2(x, torch.rand(2, 17, 20, 7, 7), 1)
-    with pytest.raises(RuntimeError, match="pads the upsampled input"):
-        _cpu.adaptive_conv_forward_up2(x, w, 3)
+    rows, cols = bicubic_taps(9, 17), bicubic_taps(10, 21)
+    with pytest.raises(RuntimeError, match="row taps must be"):
+        _cpu.adaptive_conv_forward_resampled(x, w, 1, bicubic_taps(9, 16), cols)
+    with pytest.raises(RuntimeError, match="column taps out of range"):
+        _cpu.adaptive_conv_forward_resampled(x, w, 1, rows, (cols[0] + 2, cols[1]))
+    with pytest.raises(RuntimeError, match="pads the resized input"):
+        _cpu.adaptive_conv_forward_resampled(x, w, 3, rows, cols)
 
 
-def test_adaptive_conv_up2_front_takes_the_fused_path_only_without_gradients():
-    from upcli.kernels import adaptive_conv, adaptive_conv_up2
+def test_adaptive_conv_bicubic_front_takes_the_fused_path_only_without_gradients():
+    from upcli.kernels import adaptive_conv, adaptive_conv_bicubic
 
     g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(1, 6, 5, 8, generator=g), torch.rand(1, 10, 16, 5, 5, generator=g)
-    composed = adaptive_conv(F.interpolate(x, size=(10, 16), mode="bicubic", align_corners=False), w, "replicate")
+    x, w = torch.randn(1, 6, 5, 8, generator=g), torch.rand(1, 9, 17, 5, 5, generator=g)
+    composed = adaptive_conv(F.interpolate(x, size=(9, 17), mode="bicubic", align_corners=False), w, "replicate")
     with torch.no_grad():
-        torch.testing.assert_close(adaptive_conv_up2(x, w, "replicate"), composed)
+        torch.testing.assert_close(adaptive_conv_bicubic(x, w, "replicate"), composed)
     x.requires_grad_(True)
-    out = adaptive_conv_up2(x, w, "replicate")  # autograd: the composition
+    out = adaptive_conv_bicubic(x, w, "replicate")  # autograd: the composition
     out.sum().backward()
     assert out.grad_fn is not None and x.grad is not None and x.grad.shape == x.shape
     torch.testing.assert_close(out.detach(), composed)
-    with pytest.raises(ValueError, match="2h, 2w"):
-        adaptive_conv_up2(x, torch.rand(1, 10, 15, 5, 5))
-    with pytest.raises(ValueError, match="pads the upsampled"):
-        adaptive_conv_up2(x, w, "valid")
+    with pytest.raises(ValueError, match="pads the resized"):
+        adaptive_conv_bicubic(x, w, "valid")
+    with pytest.raises(ValueError, match="expected x"):
+        adaptive_conv_bicubic(x[0], w)

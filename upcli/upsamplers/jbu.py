@@ -9,7 +9,8 @@ One stage maps features ``(B, C, h, w)`` to ``(B, C, H, W)`` guided by the image
     out     = adaptive_conv(up, kernel)                       one fused op, no unfold
 
 ``t`` (temperature) and ``s`` (spatial sigma, in window-normalised units as in FeatUp) are learned. The
-logits come from ``neighbour_logits`` and the aggregation from ``adaptive_conv``: both run without unfolding
+logits come from ``neighbour_logits`` and the aggregation from ``adaptive_conv_bicubic`` (which, at inference on
+CPU, makes the bicubic rows inside the kernel instead of storing ``up``): both run without unfolding
 the keys or the features, and their filter gradients reach all k*k taps (FeatUp's CUDA op reaches 7 of 49).
 
 The stack (:class:`JBUStack`) runs stages of about 2x from the backbone's grid to *exactly* the requested size,
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import WeightsError
-from ..kernels import adaptive_conv, adaptive_conv_up2, neighbour_logits
+from ..kernels import adaptive_conv_bicubic, neighbour_logits
 from . import Upsampler, guidance_at, register_upsampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -110,10 +111,7 @@ class JBULayer(nn.Module):
             keys = self.feature_proj(feats.float() / rms)
             guidance = torch.cat([guidance, F.interpolate(keys, size=size, mode="bicubic", align_corners=False)], 1)
         kernel = self.kernel(guidance).to(feats.dtype)
-        if size == (2 * feats.shape[-2], 2 * feats.shape[-1]):  # fused: the upsampled features are never stored
-            return adaptive_conv_up2(feats, kernel, padding=self.padding(size))
-        up = F.interpolate(feats, size=size, mode="bicubic", align_corners=False)
-        return adaptive_conv(up, kernel, padding=self.padding(size))
+        return adaptive_conv_bicubic(feats, kernel, padding=self.padding(size))  # = adaptive_conv(bicubic(feats))
 
 
 class LearnedUpsampler(Upsampler):
