@@ -139,15 +139,19 @@ def test_converted_layer_matches_featup_reference():
     g = torch.Generator().manual_seed(2)
     source = torch.randn(2, D, 6, 9, generator=g)
     guidance = (torch.rand(2, 3, 12, 18, generator=g) - MEAN) / STD
+    # in float64: FeatUp's unnormalised fixup kernel amplifies float32 rounding (both sides are ~7e-5 off in float32);
+    # what is left (~6e-8) is torch's bicubic, whose taps are float32 numbers even for float64 input
+    source, guidance = source.double(), guidance.double()
     with torch.no_grad():
-        ours = stage(source, guidance)
-        ref = featup_jbu_ref(source, guidance, stage_params(sd, 1))
+        ours = stage.double()(source, guidance)
+        ref = featup_jbu_ref(source, guidance, {k: v.double() for k, v in stage_params(sd, 1).items()})
     assert ours.shape == ref.shape == (2, D, 12, 18)
     # the fixup term must matter here, or the test would not check its mapping
-    assert (ref - featup_jbu_ref(source, guidance, {**stage_params(sd, 1),
-                                                    "fixup_proj.3.weight": torch.zeros(49, 49, 1, 1),
-                                                    "fixup_proj.3.bias": torch.zeros(49)})).abs().max() > 1e-2
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    no_fixup = {k: v.double() for k, v in stage_params(sd, 1).items()}
+    no_fixup.update({"fixup_proj.3.weight": torch.zeros(49, 49, 1, 1, dtype=torch.float64),
+                     "fixup_proj.3.bias": torch.zeros(49, dtype=torch.float64)})
+    assert (ref - featup_jbu_ref(source, guidance, no_fixup)).abs().max() > 1e-2
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_converted_stack_matches_featup_reference():
