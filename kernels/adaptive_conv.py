@@ -129,7 +129,7 @@ def adaptive_conv(x: Tensor, weights: Tensor, padding: str = "reflect", backend:
 
 def bicubic_taps(in_len: int, out_len: int, device=None) -> tuple[Tensor, Tensor]:
     """The 4 taps of torch's bicubic resize (``align_corners=False``, A = -0.75) per output position: the first
-    input index ``int64 [out_len]`` (taps ``first .. first + 3``, in ``[-2, in_len + 1]``; torch clamps them to
+    input index ``int64 [out_len]`` in ``[-2, in_len - 2]`` (taps ``first .. first + 3``; torch clamps them to
     ``[0, in_len)``) and the weights ``float64 [out_len, 4]``."""
     src = (torch.arange(out_len, dtype=torch.float64, device=device) + 0.5) * (in_len / out_len) - 0.5
     first = src.floor()

@@ -245,7 +245,7 @@ void load_padded_row(T* dst, const T* plane, int64_t H, int64_t W, int64_t p, in
 //
 // A resize by 4-tap tables (``bicubic_taps`` in adaptive_conv.py, torch's upsample_bicubic2d): high-res row P is
 // sum_i wy[P][i] * low-res row clamp(fy[P] + i), and column Q sum_i wx[Q][i] * column fx[Q] + i of a low-res row
-// padded by 2 replicated entries each side (fx in [-2, w - 1]).
+// padded by 2 replicated entries each side (fx in [-2, w - 2], as bicubic resizing of any ratio gives).
 
 struct RowTaps {
   const int64_t* first;  // [H]
@@ -811,7 +811,7 @@ void check_taps(const at::Tensor& first, const at::Tensor& weight, int64_t n, in
               ") and float64 (", std::to_string(n), ", 4)");
   const int64_t* p = first.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(p[i] >= -2 && p[i] <= in_len - 1, "upcli adaptive_conv cpu: ", name, " taps out of range");
+    TORCH_CHECK(p[i] >= -2 && p[i] <= in_len - 2, "upcli adaptive_conv cpu: ", name, " taps out of range");
 }
 
 // forward(x resized to the weights' size by 4-tap tables, weights): x [B, C, h, w], weights [B, H, W, k, k];
