@@ -95,10 +95,10 @@ def test_eval_is_deterministic_and_equals_train(kwargs):
 
 
 def test_residual_on_the_input_grid_equals_on_the_output():
-    # the stages are linear, channel-shared and normalised: a 1x1 conv commutes with them
+    # with image-only guidance the stages are linear, channel-shared and normalised: a 1x1 conv commutes with them
     torch.manual_seed(0)
-    up_in = create_upsampler("jbu", FakeBackbone(), pretrained=False, residual="input")
-    up_out = create_upsampler("jbu", FakeBackbone(), pretrained=False, residual="output")
+    up_in = create_upsampler("jbu", FakeBackbone(), pretrained=False, residual="input", guidance="rgb")
+    up_out = create_upsampler("jbu", FakeBackbone(), pretrained=False, residual="output", guidance="rgb")
     torch.nn.init.normal_(up_in.residual.weight, std=0.2)
     torch.nn.init.normal_(up_in.residual.bias, std=0.2)
     up_out.load_state_dict(up_in.state_dict())

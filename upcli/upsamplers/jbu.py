@@ -16,17 +16,18 @@ the keys or the features, and their filter gradients reach all k*k taps (FeatUp'
 The stack (:class:`JBUStack`) runs stages of about 2x from the backbone's grid to *exactly* the requested size,
 any aspect ratio: ``n = round(log2(ratio))`` stages with sizes ``round(h * (H / h) ** (s / n))``. Stage ``s`` uses
 layer ``min(s, layers - 1)``. A zero-initialised 1x1 residual corrects the features. FeatUp applies it at the
-output; here it runs on the backbone grid, before the stages. The stages are linear and treat every channel
-alike with weights that sum to one, so both places compute the same function (exactly so without ``fixup``),
-and the low-res one costs (H W) / (h w) times less: at 448^2 and C = 320, 0.04 instead of 41 GFLOP. No dropout:
-eval and train compute the same function, and inference is deterministic.
+output; here it runs on the backbone grid, before the stages, which costs (H W) / (h w) times less: at 448^2 and
+C = 320, 0.04 instead of 41 GFLOP. With image-only guidance (``rgb``, ``conv``) the stages are linear and treat
+every channel alike with weights that sum to one, so both places compute the same function (exactly so without
+``fixup``); with ``features`` guidance the correction also feeds the keys. No dropout: eval and train compute the
+same function, and inference is deterministic.
 
-Options kept for the ablation (see ``examples/``): ``fixup`` adds FeatUp's unnormalised correction of the
-kernel, ``0.1 * MLP([kernel, guidance])``; ``guidance="conv"`` feeds the key MLP a 3x3 conv of the image
-instead of the bare RGB pixel; ``guidance="features"`` feeds it the RGB pixel and a learned 16-d projection of the
-stage's (RMS-normalised) features, so the range term also sees where the features change. The projection is
-linear, so it runs on the stage's input grid and is bicubically upsampled with the features (the same numbers,
-at a quarter of the cost).
+``guidance`` (measured on the CamVid probe, see the README): ``"rgb"`` (the default) feeds the key MLP the bare RGB
+pixel, as FeatUp; ``"conv"`` a 3x3 conv of the image; ``"features"`` the RGB pixel and a learned 16-d projection of
+the stage's (RMS-normalised) features, so the range term also sees where the features change. The projection is
+linear, so it runs on the stage's input grid and is bicubically upsampled with the features (the same numbers, at
+a fraction of the cost). ``fixup`` adds FeatUp's unnormalised correction of the kernel,
+``0.1 * MLP([kernel, guidance])``. Neither ``conv``, ``features`` nor ``fixup`` beat ``rgb`` on the full probe.
 """
 
 from __future__ import annotations
