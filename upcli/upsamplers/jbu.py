@@ -93,7 +93,6 @@ class JBULayer(nn.Module):
         """Per-pixel weights ``(B, H, W, k, k)`` from the normalised guidance ``(B, 3 [+ 16], H, W)``."""
         g = guidance if self.guidance_stem is None else F.gelu(self.guidance_stem(guidance))
         keys = self.range_proj(g.contiguous(memory_format=torch.channels_last))  # 1x1 convs are ~6x faster on CPU
-        keys = keys.contiguous()
         temp = self.range_temp.exp().clamp(1e-4, 1e4)
         spatial = -self.dist2 / (2 * self.sigma_spatial.square().clamp_min(1e-6))
         # (B, H, W, k*k) in memory: the softmax runs over contiguous taps, and the result is the kernel's layout
