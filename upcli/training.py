@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,11 @@ def setup_distributed(device: torch.device | None = None) -> Distributed:
 
 
 def teardown_distributed() -> None:
+    """Leave the process group. On a normal exit, first wait for every rank (one rank tearing gloo down while
+    another still writes its checkpoint can abort the other at exit); after an error the peers may be gone."""
     if dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
