@@ -172,6 +172,25 @@ def test_a_few_steps_lower_both_losses(teacher, positions, tmp_path):
     assert after["feature"] < 0.9 * before["feature"]
 
 
+def test_no_masking_trains_on_features_alone(tmp_path):
+    with pytest.raises(UsageError, match="drops no patch"):
+        small_cfg(tmp_path, mask_ratio=0.0).check()
+    with pytest.raises(UsageError, match="drops no patch"):
+        small_cfg(tmp_path, mask_ratio=0.0, pixel_weight=0.0, feature_positions="masked").check()
+    cfg = small_cfg(tmp_path, mask_ratio=0.0, pixel_weight=0.0, teacher="efficientnet-lite0", image_size=64,
+                    teacher_layer="blocks.4")
+    cfg.check()
+    torch.manual_seed(0)
+    model, teacher_net = build_pretrainer(cfg)
+    images = itpn_pretrain.crop_batch(ImagePool(str(EXAMPLES), 128), cfg, 0, range(2))
+    ids_keep = itpn_pretrain.mask_batch(cfg, 0, range(2), 16)
+    assert ids_keep.shape == (2, 16)
+    losses, _ = model(images, ids_keep, teacher_net.targets(images))
+    assert losses["pixel"] == 0 and torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_resume_after_an_interrupt_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = small_cfg(tmp_path / "a", steps=4, preview_every=2)
     pretrain_itpn(straight, quiet=True)

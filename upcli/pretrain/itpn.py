@@ -92,6 +92,10 @@ class ITPNPretrainConfig:
             raise UsageError("--pixel-weight and --feature-weight must be >= 0, and not both 0")
         if self.feature_positions not in ("masked", "all"):
             raise UsageError(f"--feature-positions must be masked or all, got {self.feature_positions!r}")
+        if round((self.image_size // PATCH) ** 2 * self.mask_ratio) == 0 and (
+                self.pixel_weight > 0 or self.feature_positions == "masked"):
+            raise UsageError(f"--mask-ratio {self.mask_ratio} drops no patch of a {self.image_size}-px crop, so "
+                             "nothing is left to reconstruct: use --pixel-weight 0 --feature-positions all")
         arch_config(self.arch, **self.arch_overrides)
 
     def identity(self) -> dict:
@@ -237,7 +241,8 @@ class ITPNPretrainer(nn.Module):
         pixels, features = self.decoder(levels, ids_keep, grid)
         masked = torch.ones(B, grid[0] * grid[1], dtype=torch.bool, device=images.device)
         masked[torch.arange(B, device=images.device)[:, None], ids_keep] = False
-        pixel_loss = ((pixels - patch_pixels(images)) ** 2).mean(-1)[masked].mean()
+        per_patch = ((pixels - patch_pixels(images)) ** 2).mean(-1)
+        pixel_loss = per_patch[masked].mean() if masked.any() else per_patch.sum() * 0  # nothing dropped
         losses = {"pixel": pixel_loss}
         total = self.pixel_weight * pixel_loss
         if targets is not None:
