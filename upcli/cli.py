@@ -358,7 +358,7 @@ def pretrain_mzsr(
 
 ITPN_EXAMPLE = """Examples:
 
-  upcli pretrain itpn ../shared/data/photos --arch tiny --teacher efficientnet-lite0 --out itpn-t.safetensors
+  upcli pretrain itpn ./photos --arch tiny --teacher efficientnet-lite0 --teacher-layer blocks.4 --steps 2000 --batch-size 16 --image-size 160 --mask-ratio 0.5 --pixel-weight 0.1 --out itpn-t.safetensors
 
   upcli pretrain itpn ./imagenet --arch base --epochs 400 --batch-size 64 --preview-every 1000 --out itpn-b.safetensors
 
