@@ -15,6 +15,8 @@ Methods: bicubic, zssr, mzsr1, mzsr10 (MZSR with 1 or 10 steps; any mzsrN), feed
     python examples/sr_benchmark.py --hr-dir ../shared/data/sr/Set5/HR --scale 2 --methods bicubic,zssr
     python examples/sr_benchmark.py --hr-dir ../shared/data/sr/BSD100/HR --kernel gd2.0 \\
         --methods bicubic,mzsr1,mzsr10 --init mzsr-direct.safetensors --json bsd100-gd20.json
+    python examples/sr_benchmark.py --hr-dir ../shared/data/sr/BSD100/HR --methods zssr --json bsd100-zssr.json \\
+        --resume                                   # hours: stop it at any time, run it again to go on
 """
 
 from __future__ import annotations
@@ -74,6 +76,37 @@ def warm_up() -> None:
         net(torch.rand(1, 3, 128, 128))
 
 
+def summarise(records: dict) -> dict:
+    """Means over the images of each method, and the per-image ``[psnr, ssim, seconds]``."""
+    summary = {}
+    for name, per_image in records.items():
+        values = np.array(list(per_image.values()), dtype=float).reshape(-1, 3)
+        summary[name] = {"psnr": float(values[:, 0].mean()), "ssim": float(values[:, 1].mean()),
+                         "seconds_per_image": float(values[:, 2].mean()), "images": len(per_image),
+                         "per_image": per_image}
+    return summary
+
+
+def write_results(path: str, settings: dict, summary: dict) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps({"settings": {**settings, "threads": torch.get_num_threads()}, **summary}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def load_finished(path: str | None, settings: dict, names: list[str]) -> dict:
+    """``{image: {method: [psnr, ssim, seconds]}}`` of the images that ``path`` (an earlier run's --json, same
+    settings) has for every method in ``names``."""
+    if path is None or not Path(path).is_file():
+        return {}
+    saved = json.loads(Path(path).read_text())
+    theirs = {k: v for k, v in saved.get("settings", {}).items() if k != "threads"}
+    if theirs != settings:
+        sys.exit(f"--resume: {path} was made with other settings "
+                 f"({', '.join(k for k in {**settings, **theirs} if settings.get(k) != theirs.get(k))})")
+    common = set.intersection(*(set(saved.get(n, {}).get("per_image", {})) for n in names))
+    return {image: {n: saved[n]["per_image"][image] for n in names} for image in common}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hr-dir", required=True, help="folder of HR images")
@@ -85,7 +118,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--limit", type=int, help="only the first N images")
     parser.add_argument("--zssr-iters", type=int, default=ZSSRConfig.max_iters, help="ZSSR's most iterations")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", help="write the results here (after every image)")
+    parser.add_argument("--resume", action="store_true", help="skip the images that --json already has")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:
@@ -96,12 +130,20 @@ def main(argv=None) -> dict:
     if not refs:
         sys.exit(f"no images in {args.hr_dir}")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    settings = {"hr_dir": str(args.hr_dir), "scale": args.scale, "kernel": args.kernel,
+                "subsample": degradation.subsample, "init": args.init, "zssr_iters": args.zssr_iters, "seed": args.seed}
+    done = load_finished(args.json, settings, names) if args.resume else {}
     methods = {name: make_method(name, args) for name in names}
-    results = {name: {"psnr": [], "ssim": [], "seconds": []} for name in names}
+    records = {name: {} for name in names}  # name: {image: [psnr, ssim, seconds]}
     dataset = Path(args.hr_dir).parent.name if Path(args.hr_dir).name.upper() == "HR" else Path(args.hr_dir).name
-    print(f"{dataset}: {len(refs)} images, {degradation.describe()}, kernel {args.kernel}", file=sys.stderr)
+    print(f"{dataset}: {len(refs)} images, {degradation.describe()}, kernel {args.kernel}"
+          + (f"; {len(done)} already in {args.json}" if done else ""), file=sys.stderr)
     warm_up()
     for ref in refs:
+        if ref.rel in done:
+            for name in names:
+                records[name][ref.rel] = done[ref.rel][name]
+            continue
         hr = torch.from_numpy(load_rgb(ref.path)).permute(2, 0, 1)[None].float() / 255
         h, w = hr.shape[-2:]
         hr = hr[..., : h - h % args.scale, : w - w % args.scale]  # mod-crop
@@ -112,17 +154,12 @@ def main(argv=None) -> dict:
             seconds = time.perf_counter() - start
             sr = sr[..., : hr.shape[-2], : hr.shape[-1]]
             p, s = psnr_y(sr, hr, args.scale), ssim_y(sr, hr, args.scale)
-            results[name]["psnr"].append(p)
-            results[name]["ssim"].append(s)
-            results[name]["seconds"].append(seconds)
+            records[name][ref.rel] = [round(p, 4), round(s, 5), round(seconds, 3)]
             print(f"  {ref.rel:30s} {label(name):10s} {p:6.2f} dB  {s:.4f}  {seconds:7.2f} s", file=sys.stderr, flush=True)
+        if args.json:  # after every image: a run that is stopped loses one image at most (--resume)
+            write_results(args.json, settings, summarise(records))
 
-    summary = {
-        name: {"psnr": float(np.mean(r["psnr"])), "ssim": float(np.mean(r["ssim"])),
-               "seconds_per_image": float(np.mean(r["seconds"])), "images": len(r["psnr"]),
-               "per_image": {ref.rel: [round(p, 4), round(s, 5)] for ref, p, s in zip(refs, r["psnr"], r["ssim"])}}
-        for name, r in results.items()
-    }
+    summary = summarise(records)
     header = "| Kernel | Dataset | " + " | ".join(label(n) for n in names) + " |"
     print(f"\nx{args.scale}, PSNR/SSIM on Y ({args.scale} px shaved), {len(refs)} images\n")
     print(header)
@@ -130,9 +167,7 @@ def main(argv=None) -> dict:
     print(f"| {args.kernel} | {dataset} | " + " | ".join(f"{summary[n]['psnr']:.2f}/{summary[n]['ssim']:.4f}" for n in names) + " |")
     print("| s/image | | " + " | ".join(f"{summary[n]['seconds_per_image']:.2f}" for n in names) + " |")
     if args.json:
-        meta = {"hr_dir": str(args.hr_dir), "scale": args.scale, "kernel": args.kernel, "subsample": degradation.subsample,
-                "init": args.init, "zssr_iters": args.zssr_iters, "threads": torch.get_num_threads()}
-        Path(args.json).write_text(json.dumps({"settings": meta, **summary}, indent=1) + "\n")
+        write_results(args.json, settings, summary)
     return summary
 
 

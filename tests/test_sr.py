@@ -157,6 +157,25 @@ def test_bicubic_baseline_matches_the_published_set5_figure():
     assert abs(result["bicubic"]["psnr"] - 33.64) < 0.1 and abs(result["bicubic"]["ssim"] - 0.9293) < 0.003
 
 
+@needs_data
+def test_benchmark_resumes_from_its_json(tmp_path, capsys):
+    from examples.sr_benchmark import main
+
+    out = tmp_path / "bench.json"
+    args = ["--hr-dir", str(DATA / "Set5" / "HR"), "--methods", "bicubic", "--json", str(out)]
+    first = main([*args, "--limit", "2"])
+    assert json.loads(out.read_text())["bicubic"]["images"] == 2
+    capsys.readouterr()
+    whole = main([*args, "--resume"])
+    assert "2 already in" in capsys.readouterr().err
+    assert whole["bicubic"]["images"] == 5
+    for image, record in first["bicubic"]["per_image"].items():
+        assert whole["bicubic"]["per_image"][image] == record
+    assert whole["bicubic"]["psnr"] == pytest.approx(main(args)["bicubic"]["psnr"])
+    with pytest.raises(SystemExit, match="other settings \\(scale\\)"):
+        main([*args, "--scale", "3", "--resume"])
+
+
 # ---- ZSSR --------------------------------------------------------------------------------------------------
 
 def test_father_crops_have_the_size_and_stay_in_range():

@@ -1,5 +1,6 @@
 """``upcli train``: the loop, checkpoints and resume, DDP against one process, the CLI."""
 
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 from upcli.errors import UsageError
 from upcli.training import read_config
 import upcli.upsamplers.train as train_module
-from upcli.upsamplers.train import TrainConfig, learning_rate, parse_image_sizes, train, train_state_path
+from upcli.upsamplers.train import (TrainConfig, learning_rate, parse_image_sizes, parse_input_scales, shrink, train,
+                                    train_state_path)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 
@@ -83,6 +85,38 @@ def test_parse_image_sizes():
             parse_image_sizes(bad)
 
 
+def test_parse_input_scales_and_shrink():
+    assert parse_input_scales("2") == [2.0] and parse_input_scales("1.5, 2,3") == [1.5, 2.0, 3.0]
+    for bad in ("", "two", "0.5", "2,,3"):
+        with pytest.raises(UsageError):
+            parse_input_scales(bad)
+    images = torch.rand(2, 3, 96, 130)
+    assert shrink(images, 1.0) is images
+    small = shrink(images, 2.0)
+    assert small.shape == (2, 3, 48, 65) and 0 <= small.min() and small.max() <= 1
+    assert torch.allclose(small.mean((2, 3)), images.mean((2, 3)), atol=1e-2)  # a resize, not a crop
+    assert shrink(images, 16.0).shape[-2:] == (16, 16)  # at least 16 px a side
+
+
+def test_input_scale_feeds_the_upsampler_a_smaller_image(tmp_path, monkeypatch):
+    """With --input-scale 2 the backbone sees each crop at half size for the upsampler's input, and the full crop
+    for the views; the run trains, resumes exactly, and a run without the option does not resume it."""
+    seen = []
+    real = train_module.shrink
+
+    def spy(images, scale):
+        seen.append((tuple(images.shape[-2:]), scale))
+        return real(images, scale)
+
+    monkeypatch.setattr(train_module, "shrink", spy)
+    cfg = config(tmp_path, steps=2, save_every=2, image_sizes=[(96, 96)], input_scales=[2.0])
+    result = train(cfg, quiet=True)
+    assert seen == [((96, 96), 2.0)] * 2 and all(math.isfinite(v) for v in result["losses"])
+    plain = config(tmp_path, steps=3, save_every=3, image_sizes=[(96, 96)])
+    with pytest.raises(UsageError, match="other settings \\(input_scales\\)"):
+        train(plain, resume=True, quiet=True)
+
+
 def test_ddp_two_processes_match_one(tmp_path, torchrun):
     args = ["train", str(EXAMPLES), "--steps", "3", "--batch-size", "2", "--image-size", "64,48x80", "--views", "1",
             "--save-every", "3", "--device", "cpu", "-q"]
@@ -133,6 +167,7 @@ def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--image-size", "12"], "sides >= 16"),
+    (["--input-scale", "0.5"], "--input-scale: each factor must be between 1 and 16"),
     (["--upsampler", "bilinear"], "must be one of jbu, pac, resize-conv"),
     (["--guidance", "depth"], "--guidance must be one of rgb, conv, features"),
     (["--downsampler", "nope"], "unknown downsampler"),

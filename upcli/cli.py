@@ -170,6 +170,7 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step, over all processes.")] = 4,
     lr: Annotated[float, typer.Option(help="NAdam learning rate.")] = 1e-3,
     image_size: Annotated[str, typer.Option(help="Training crop size: N, HxW, or a comma list for multi-resolution training (one is drawn per step).")] = "224",
+    input_scale: Annotated[str, typer.Option(help="Feed the upsampler the features of each crop shrunk by this factor (or a comma list, one drawn per step), so that it learns the features of a sharper image; 1: FeatUp's objective.")] = "1",
     views: Annotated[int, typer.Option(min=1, help="Jittered views per image and step.")] = 2,
     downsampler: Annotated[str, typer.Option(help="attention or simple.")] = "attention",
     guidance: Annotated[str, typer.Option(help="jbu: rgb (the pixel), conv (a 3x3 conv of the image) or features (the pixel and a projection of the features).")] = "rgb",
@@ -187,7 +188,8 @@ def train(
     upsampler_args = {"guidance": guidance, "fixup": fixup} if upsampler == "jbu" else {}
     cfg = lib.TrainConfig(
         images=[str(p) for p in images], out=str(out), backbone=backbone, upsampler=upsampler, steps=steps,
-        batch_size=batch_size, lr=lr, image_sizes=_call("train", lib.parse_image_sizes, image_size), views=views,
+        batch_size=batch_size, lr=lr, image_sizes=_call("train", lib.parse_image_sizes, image_size),
+        input_scales=_call("train", lib.parse_input_scales, input_scale), views=views,
         downsampler=downsampler, seed=seed, save_every=save_every, val=str(val) if val else None,
         weights=str(weights) if weights else None, layer=layer, upsampler_args=upsampler_args, device=device,
     )

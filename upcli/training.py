@@ -137,8 +137,9 @@ def load_train_state(out: str | Path, state_path: Path, kind: str, identity: dic
     if config.get("kind") != kind:
         raise UsageError(f"--resume: {state_path} is not a {kind}")
     plain = json.loads(json.dumps(identity))
-    if config["train_config"] != plain:
-        diff = [k for k, v in plain.items() if v != config["train_config"].get(k)]
+    saved = config["train_config"]
+    if saved != plain:
+        diff = [k for k in {**plain, **saved} if plain.get(k) != saved.get(k)]
         raise UsageError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)})")
     return state, config
 

@@ -4,7 +4,7 @@ The loop, in one place (nanoGPT style):
 
     for step in range(start, steps):
         images  = crops of the training images        # which ones and where: a function of (seed, step, sample)
-        lr      = backbone(images)                    # frozen
+        lr      = backbone(shrink(images, scale))     # frozen; scale 1 unless --input-scale
         views   = [(jitter, backbone(jitter(images)), projection) for each of --views]
         loss    = objective(lr, images, views)         # upsample, jitter, downsample, NLL
         loss.backward(); optimizer.step()
@@ -16,6 +16,11 @@ one uninterrupted process. The learning rate follows a cosine from ``--lr`` to a
 holds the upsampler (what ``upcli upsample --upsampler OUT`` loads); ``.train.safetensors`` beside it holds the
 rest (objective, optimiser, step) for ``--resume``; with ``--val``, ``.best.safetensors`` keeps the upsampler of
 the checkpoint with the lowest held-out loss so far.
+
+``--input-scale`` (JAFAR's and NAF's idea, under FeatUp's loss): the upsampler is fed the features of the crop
+shrunk by that factor, guided by the full crop, and judged against the features of views of the full crop. It
+then learns what the backbone would see in a sharper image, which is the job at inference (features of a 224-px
+input upsampled to a larger image); with 1, FeatUp's objective, it only learns to be consistent with its input.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..io.pool import ImagePool
@@ -37,7 +43,7 @@ from .jbu import GUIDANCE_KINDS, stage_sizes
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
 
 # purposes of the random streams
-_DATA, _VIEW, _PROJ, _SIZE, _VAL = 1, 2, 3, 4, 5
+_DATA, _VIEW, _PROJ, _SIZE, _VAL, _SCALE = 1, 2, 3, 4, 5, 6
 TRAINABLE = ("jbu", "pac", "resize-conv")
 
 
@@ -51,6 +57,7 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 1e-3
     image_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(224, 224)])
+    input_scales: list[float] = field(default_factory=lambda: [1.0])
     views: int = 2
     downsampler: str = "attention"
     projection_dim: int = 30
@@ -69,6 +76,8 @@ class TrainConfig:
         for key in ("steps", "save_every", "val", "val_images", "device", "out"):
             d.pop(key)
         d["image_sizes"] = [list(s) for s in self.image_sizes]
+        if self.input_scales == [1.0]:  # FeatUp's objective: runs from before the option existed resume
+            d.pop("input_scales")
         return d
 
 
@@ -85,6 +94,32 @@ def parse_image_sizes(text: str) -> list[tuple[int, int]]:
             raise UsageError(f"--image-size: sizes must be N or HxW with sides >= 16, got {item.strip()!r}")
         sizes.append((h, w))
     return sizes
+
+
+def parse_input_scales(text: str) -> list[float]:
+    """``"2"`` -> ``[2.0]``; ``"1.5,2,3"`` -> ``[1.5, 2.0, 3.0]``; each at least 1."""
+    try:
+        scales = [float(item) for item in str(text).split(",")]
+    except ValueError:
+        raise UsageError(f"--input-scale: expected a number or a comma list of numbers, got {text!r}") from None
+    if not all(1 <= s <= 16 for s in scales):
+        raise UsageError(f"--input-scale: each factor must be between 1 and 16, got {text!r}")
+    return scales
+
+
+def input_scale(cfg: TrainConfig, step: int) -> float:
+    """The factor the crops of ``step`` are shrunk by before the backbone (one of ``cfg.input_scales``)."""
+    scales = cfg.input_scales
+    return scales[int(torch.randint(len(scales), (1,), generator=generator(cfg.seed, _SCALE, step)))]
+
+
+def shrink(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """``images`` (B, 3, H, W) ``scale`` times smaller (antialiased), at least 16 px a side."""
+    if scale == 1:
+        return images
+    H, W = images.shape[-2:]
+    size = (max(16, round(H / scale)), max(16, round(W / scale)))
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
 def make_batch(pool: ImagePool, cfg: TrainConfig, step: int, samples: range, purpose: int = _DATA):
@@ -163,7 +198,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                     group["lr"] = learning_rate(cfg, step)
                 images = make_batch(pool, cfg, step, mine).to(device)
                 with torch.no_grad():
-                    lr_feats = backbone(images).float()
+                    lr_feats = backbone(shrink(images, input_scale(cfg, step))).float()
                 views = make_views(backbone, images, cfg, step, mine, backbone.dim)
                 loss = model(lr_feats, images, views)
                 optimizer.zero_grad(set_to_none=True)
@@ -217,7 +252,7 @@ class ValidationSet:
         with torch.no_grad():
             self.images = make_batch(pool, cfg, 0, samples, purpose=_VAL).to(device)
             self.views = make_views(backbone, self.images, cfg, 0, samples, backbone.dim, purpose_offset=10)
-            self.lr_feats = backbone(self.images).float()
+            self.lr_feats = backbone(shrink(self.images, input_scale(cfg, 0))).float()
 
     def loss(self, objective: MultiViewObjective) -> float:
         with torch.no_grad():
