@@ -153,6 +153,42 @@ def test_projected_objective_equals_the_unprojected_definition():
     torch.testing.assert_close(loss, direct, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("downsampler", ["attention", "simple"])
+def test_projecting_before_the_stages_gives_the_same_loss_and_gradients(downsampler):
+    """With image-only guidance the objective upsamples V * P + 1 projected channels instead of C: the loss and
+    every gradient (stages, residual, downsampler, uncertainty) must match the full path."""
+    torch.manual_seed(0)
+    up = create_upsampler("jbu", FakeBackbone(dim=12), pretrained=False)
+    torch.nn.init.normal_(up.residual.weight, std=0.1)
+    obj = MultiViewObjective(up, 12, downsampler, projection_dim=3)
+    assert obj.project_first
+    lr, image = torch.randn(2, 12, 3, 4), torch.rand(2, 3, 40, 52)
+    views = []
+    for v in range(2):
+        gens = [generator(0, 2, s, v) for s in range(2)]
+        views.append((sample_jitter(gens), torch.randn(2, 12, 3, 4), random_projection(gens, 12, 3)))
+    results = []
+    for project_first in (True, False):
+        obj.project_first = project_first
+        obj.zero_grad()
+        loss = obj(lr, image, views)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in obj.named_parameters() if p.grad is not None}))
+    (fast, fast_grads), (full, full_grads) = results
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-6)
+    assert fast_grads.keys() == full_grads.keys() and any(k.startswith("upsampler.stages") for k in fast_grads)
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=2e-3, atol=1e-6, msg=name)
+
+
+def test_only_channel_shared_stacks_project_first():
+    for kw, shared in [({}, True), ({"guidance": "conv"}, True), ({"guidance": "features"}, False),
+                       ({"fixup": True}, False), ({"residual": "output"}, False)]:
+        up = create_upsampler("jbu", FakeBackbone(), pretrained=False, **kw)
+        assert MultiViewObjective(up, 8).project_first is shared, kw
+    assert not MultiViewObjective(create_upsampler("resize-conv", FakeBackbone(), pretrained=False), 8).project_first
+
+
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     bb = FakeBackbone(dim=8, name="fake-a")
     up = create_upsampler("jbu", bb, pretrained=False, guidance="conv")

@@ -182,17 +182,34 @@ class JBUStack(LearnedUpsampler):
         self.load_setup_weights()
 
     def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
+        x = self.propagate(self.prepare(lr_feats), image, size)
+        if self.config["residual"] == "output":  # FeatUp's place
+            x = x + self.residual(x)
+        return x.to(lr_feats.dtype)
+
+    @property
+    def channel_shared(self) -> bool:
+        """Whether ``propagate`` is linear and treats every channel alike with weights summing to one (image-only
+        guidance, no fixup, residual on the input). Then ``propagate(prepare(F)) @ P == propagate(prepare(F) @ P)``
+        for any channel projection ``P``, which training uses to upsample a few projected channels instead of C."""
+        c = self.config
+        return c["guidance"] != "features" and not c["fixup"] and c["residual"] == "input"
+
+    def prepare(self, lr_feats: Tensor) -> Tensor:
+        """What happens on the backbone grid: the channel norm (FeatUp checkpoints) and the residual correction."""
         x = lr_feats.float()
         if self.channel_norm is not None:
             x = self.channel_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if self.config["residual"] == "input":  # at the low resolution: see the module docstring
             x = x + self.residual(x)
+        return x
+
+    def propagate(self, x: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
+        """The JBU stages from ``x``'s grid to ``size``, guided by ``image`` (B, 3, H, W) in [0, 1]."""
         image = self.normalize(image)
         for s, stage_size in enumerate(stage_sizes(tuple(x.shape[-2:]), tuple(size))):
             x = self.stages[min(s, len(self.stages) - 1)](x, self.guidance(image, stage_size))
-        if self.config["residual"] == "output":  # FeatUp's place
-            x = x + self.residual(x)
-        return x.to(lr_feats.dtype)
+        return x
 
     def guidance(self, image: Tensor, size: tuple[int, int]) -> Tensor:
         """The normalised image at a stage's size: antialiased bilinear, or box-filtered ("area") as FeatUp."""

@@ -113,7 +113,8 @@ def _cell_softmax_pool(x: Tensor, logits: Tensor, f: int) -> Tensor:
 class Downsampler(nn.Module):
     """``forward(x (B, C, H, W), low=(h, w)) -> (B, C, h, w)``, split in two so that the objective can jitter and
     project cheaply: ``saliency(x)`` is the per-pixel part (``None`` or ``(B, 1, H, W)``, computed before the
-    jitter), ``pool(x, saliency, low)`` the per-cell softmax pooling (after it)."""
+    jitter), ``pool(x, saliency, low)`` the per-cell softmax pooling (after it). The saliency, where there is one,
+    is the 1x1 conv ``saliency_proj``: the objective relies on it being linear."""
 
     def saliency(self, x: Tensor) -> Tensor | None:
         return None
@@ -220,20 +221,34 @@ class MultiViewObjective(nn.Module):
         self.downsampler = DOWNSAMPLERS.create(downsampler, dim=dim)
         self.scale_net = uncertainty_net(dim)
         self.projection_dim = min(projection_dim, dim)
+        # project on the backbone grid, before upsampling, when that gives the same loss (see forward)
+        self.project_first = bool(getattr(upsampler, "channel_shared", False))
 
     def forward(self, lr_feats: Tensor, image: Tensor, views: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
         """Mean loss over ``views``: each ``(theta, target (B, C, h, w), projection (B, C, P))``.
 
         Jitter, resizing and pooling are linear in the features and act on each channel alike, and the saliency
         is a 1x1 conv, so ``P^T down(t(F)) = down(t(P^T F))`` with the saliency of ``F`` jittered alongside: the
-        jitter and the pooling run on P + 1 channels instead of C. Same loss, a fraction of the work.
+        jitter and the pooling run on P + 1 channels instead of C. When the upsampler's stages are channel-shared
+        too (``project_first``; JBU with image-only guidance), the projections and the saliency weights are applied
+        on the backbone grid, and only those V * P + 1 channels are upsampled. Same loss, a fraction of the work.
         """
-        hr = self.upsampler(lr_feats, image, tuple(image.shape[-2:]))
-        saliency = self.downsampler.saliency(hr)
+        size = tuple(image.shape[-2:])
+        projs = [proj.to(lr_feats.device, torch.float32) for _, _, proj in views]
+        saliency_conv = getattr(self.downsampler, "saliency_proj", None)
+        if self.project_first:
+            x = self.upsampler.prepare(lr_feats)
+            columns = projs + ([saliency_conv.weight.view(1, -1, 1).expand(len(x), -1, -1)] if saliency_conv else [])
+            hr = self.upsampler.propagate(torch.einsum("bchw,bcp->bphw", x, torch.cat(columns, dim=2)), image, size)
+            widths = [p.shape[2] for p in projs] + ([1] if saliency_conv else [])
+            seen_views = list(hr.split(widths, dim=1))
+            saliency = seen_views.pop() + saliency_conv.bias.view(1, 1, 1, 1) if saliency_conv else None
+        else:
+            hr = self.upsampler(lr_feats, image, size)
+            saliency = self.downsampler.saliency(hr)
+            seen_views = [torch.einsum("bchw,bcp->bphw", hr, proj.to(hr)) for proj in projs]
         total = hr.new_zeros(())
-        for theta, target, proj in views:
-            proj = proj.to(hr)
-            seen = torch.einsum("bchw,bcp->bphw", hr, proj)
+        for (theta, target, _), proj, seen in zip(views, projs, seen_views):
             if saliency is not None:
                 seen = torch.cat([seen, saliency], dim=1)
             seen = apply_jitter(seen, theta)
