@@ -251,6 +251,7 @@ def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False) ->
             raise
         finally:
             reporter.close()
+            ddp = None  # the DDP reducer holds the process group: free it first, not at interpreter exit
             teardown_distributed()
     return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "losses": history}
 

@@ -224,6 +224,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             raise
         finally:
             reporter.close()
+            model = None  # the DDP reducer holds the process group: free it first, not at interpreter exit
             teardown_distributed()
     return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "losses": history,
             "val_loss": val_loss}
