@@ -18,9 +18,9 @@ rest (objective, optimiser, step) for ``--resume``; with ``--val``, ``.best.safe
 the checkpoint with the lowest held-out loss so far.
 
 ``--input-scale`` (JAFAR's and NAF's idea, under FeatUp's loss): the upsampler is fed the features of the crop
-shrunk by that factor, guided by the full crop, and judged against the features of views of the full crop. It
-then learns what the backbone would see in a sharper image, which is the job at inference (features of a 224-px
-input upsampled to a larger image); with 1, FeatUp's objective, it only learns to be consistent with its input.
+shrunk by that factor, guided by the full crop, and judged against the features of views of the full crop: it is
+asked what the backbone would see in a sharper image, the job at inference. With 1 it is FeatUp's objective. On the
+CamVid probe the JBU gained nothing from it (see the README), so 1 stays the default.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..io.pool import ImagePool
@@ -39,6 +38,7 @@ from ..io.jobs import TerminateAsInterrupt
 from ..progress import ProgressReporter
 from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, load_train_state,
                         optimizer_tensors, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
+from . import guidance_at
 from .jbu import GUIDANCE_KINDS, stage_sizes
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
 
@@ -107,10 +107,14 @@ def parse_input_scales(text: str) -> list[float]:
     return scales
 
 
+def drawn_for_step(options: list, cfg: TrainConfig, purpose: int, step: int):
+    """One of ``options`` for ``step`` (the same on every process and after a resume)."""
+    return options[int(torch.randint(len(options), (1,), generator=generator(cfg.seed, purpose, step)))]
+
+
 def input_scale(cfg: TrainConfig, step: int) -> float:
     """The factor the crops of ``step`` are shrunk by before the backbone (one of ``cfg.input_scales``)."""
-    scales = cfg.input_scales
-    return scales[int(torch.randint(len(scales), (1,), generator=generator(cfg.seed, _SCALE, step)))]
+    return drawn_for_step(cfg.input_scales, cfg, _SCALE, step)
 
 
 def shrink(images: torch.Tensor, scale: float) -> torch.Tensor:
@@ -118,14 +122,12 @@ def shrink(images: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 1:
         return images
     H, W = images.shape[-2:]
-    size = (max(16, round(H / scale)), max(16, round(W / scale)))
-    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    return guidance_at(images, (max(16, round(H / scale)), max(16, round(W / scale))))
 
 
 def make_batch(pool: ImagePool, cfg: TrainConfig, step: int, samples: range, purpose: int = _DATA):
     """The crops for global sample indices ``samples`` of ``step`` and the (shared) image size."""
-    sizes = cfg.image_sizes
-    size = sizes[int(torch.randint(len(sizes), (1,), generator=generator(cfg.seed, _SIZE, step)))]
+    size = drawn_for_step(cfg.image_sizes, cfg, _SIZE, step)
     return torch.stack([pool.crop(generator(cfg.seed, purpose, step, s), size) for s in samples])
 
 
