@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--key-dim", type=int, default=32)
     parser.add_argument("--max-gib", type=float, default=6.0, help="skip implementations that would need more")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (its first call compiles)")
+    parser.add_argument("--impls", default="unfold,eager,torch.compile,upcli",
+                        help="which adaptive_conv implementations to time (comma-separated)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device, C, k = torch.device(args.device), args.channels, args.kernel_size
@@ -170,6 +172,8 @@ def main(argv=None) -> int:
         unfold_gib = C * k * k * H * W * 4 / 2**30
         impls = {"unfold": lambda x, w: adaptive_conv_unfold(x, w), "eager": shift_and_accumulate,
                  "torch.compile": compiled, "upcli": lambda x, w: adaptive_conv(x, w)}
+        wanted = set(args.impls.split(","))
+        impls = {name: fn for name, fn in impls.items() if name in wanted}
         for backward in (False, True):
             op = "adaptive_conv" + (" f+b" if backward else "")
             flops = 2 * C * H * W * k * k * (3 if backward else 1)

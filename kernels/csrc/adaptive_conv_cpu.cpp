@@ -18,12 +18,15 @@
 // * Rows are copied into small, 64-byte aligned per-thread scratch buffers, already padded and with a zero
 //   tail: the padding mode is an index remap in ``load_padded_row`` only, so the hot loops have no borders,
 //   no branches and no partial vectors. No temporary is larger than a few rows per thread.
-// * Weights [W][k*k] are transposed per row to [k*k][W] so the hot loops run unit-stride over w.
-// * Accumulators stay in registers (NC channels x NV vectors of one output row in forward / grad-input,
-//   k taps x NV vectors summed over channels in grad-weights).
-// * For k <= 7 the taps are unrolled at compile time and, with AVX-512, the j-shifted input vectors are
-//   made with ``valignd`` from two aligned loads instead of unaligned loads that split cache lines
+// * Weights [W][k*k] are transposed per row to [k*k][W] so the hot loops run unit-stride over w (the forward
+//   blocks them further, per chunk of L columns, so that a chunk's weights are one contiguous block).
+// * Accumulators stay in registers: the forward (k <= 7) keeps a tile of 4 output rows x 6 channels, so each
+//   shifted input vector is loaded once for all the output rows that read it (about 0.5 loads per FMA);
+//   grad-input keeps NC channels x NV vectors of one row, grad-weights k taps x NV vectors summed over channels.
+// * For k <= 7 the taps are unrolled at compile time. In grad-input and grad-weights, with AVX-512, the j-shifted
+//   vectors are made with ``valignd`` from two aligned loads instead of unaligned loads that split cache lines
 //   (about 1.7x faster on Zen 5). Other k use a runtime-k path with unaligned loads.
+// * Forward outputs larger than the L3 cache (32 MiB) are written with non-temporal stores: no read-for-ownership.
 // * Accumulation is in the tensor's dtype (float32 or float64).
 // * Outputs of 8 MiB or more get a transparent-huge-page hint (``new_output``): on the 2-core VM this was
 //   written on, first-touch page faults of a fresh 77 MB output cost ~25 ms with 4 KiB pages, ~3 ms with 2 MiB.
@@ -70,6 +73,7 @@ struct Simd<float> {
   static V load(const float* p) { return _mm512_load_ps(p); }
   static V loadu(const float* p) { return _mm512_loadu_ps(p); }
   static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   using I = int32_t;  // lane index type of permute2
   using Vi = __m512i;
@@ -93,6 +97,7 @@ struct Simd<double> {
   static V load(const double* p) { return _mm512_load_pd(p); }
   static V loadu(const double* p) { return _mm512_loadu_pd(p); }
   static void storeu(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static void stream(double* p, V v) { _mm512_stream_pd(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   using I = int64_t;
   using Vi = __m512i;
@@ -122,6 +127,7 @@ struct Simd {
     return v;
   }
   static void storeu(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static void stream(T* p, V v) { storeu(p, v); }
   static V fma(V a, V b, V c) { return a * b + c; }
 };
 #endif
@@ -149,13 +155,16 @@ struct Window {
 #endif
 };
 
+// Forces inlining of the unrolled lambdas (GCC otherwise outlines large bodies and spills the accumulators).
+#define UPCLI_INLINE __attribute__((always_inline))
+
 template <typename F, int... Is>
-inline void unroll_impl(F&& f, std::integer_sequence<int, Is...>) {
+UPCLI_INLINE inline void unroll_impl(F&& f, std::integer_sequence<int, Is...>) {
   (f(std::integral_constant<int, Is>{}), ...);
 }
 // f(integral_constant<int, 0>), ..., f(integral_constant<int, N - 1>)
 template <int N, typename F>
-inline void unroll(F&& f) {
+UPCLI_INLINE inline void unroll(F&& f) {
   unroll_impl(f, std::make_integer_sequence<int, N>{});
 }
 
@@ -163,6 +172,9 @@ inline void unroll(F&& f) {
 constexpr int kNC = kAvx512 ? 8 : 4;
 constexpr int kNV = kAvx512 ? 1 : 2;
 constexpr int kNVW = kAvx512 ? 2 : 1;
+constexpr int kTileR = kAvx512 ? 4 : 2;  // forward tile: output rows x channels of accumulators (k <= 7)
+constexpr int kTileC = kAvx512 ? 6 : 4;
+constexpr int64_t kStreamBytes = int64_t(32) << 20;  // outputs this large (beyond L3) bypass the cache
 constexpr int kJB = 7;   // taps per register block on the runtime-k grad-weights path
 constexpr int kCG = 32;  // channels per scratch group in grad-weights (their rows stay in L2)
 constexpr int64_t kRowBlock = 8;       // output rows per task in forward / grad-input (their weights stay in L2)
@@ -361,19 +373,41 @@ void transpose_weight_row(T* wT, const T* wrow, int64_t W, int k, int64_t width,
   }
 }
 
+// dst[0, valid) = v (all of it if valid >= L); a non-temporal store if `stream` (dst then 64-byte aligned).
+template <typename T>
+inline void store_vector(T* dst, typename Simd<T>::V v, int64_t valid, bool stream = false) {
+  if (valid >= lanes<T>()) {
+    if (stream) Simd<T>::stream(dst, v);
+    else Simd<T>::storeu(dst, v);
+  } else if (valid > 0) {
+    alignas(64) T tmp[lanes<T>()];
+    Simd<T>::storeu(tmp, v);
+    std::memcpy(dst, tmp, valid * sizeof(T));
+  }
+}
+
+// The weights of NR rows (wrows [NR][W][k*k], rows past `nrows` left as they are) blocked for forward_tile_k:
+// wB[w / L][m][t][w % L] = wrows[m][w][t], zeros for w in [W, Wv).
+template <typename T, int NR>
+void block_weight_rows(T* wB, const T* wrows, int64_t nrows, int64_t W, int kk, int64_t Wv) {
+  constexpr int L = lanes<T>();
+  for (int64_t m = 0; m < nrows; ++m)
+    for (int64_t w0 = 0; w0 < Wv; w0 += L) {
+      T* dst = wB + (w0 * NR + m * L) * kk;
+      const int64_t n = std::min<int64_t>(L, W - w0);
+      for (int64_t l = 0; l < n; ++l)
+        for (int t = 0; t < kk; ++t) dst[t * L + l] = wrows[(m * W + w0 + l) * kk + t];
+      for (int64_t l = std::max<int64_t>(n, 0); l < L; ++l)
+        for (int t = 0; t < kk; ++t) dst[t * L + l] = T(0);
+    }
+}
+
 // Stores NC x NV accumulators at orow[cc] + w0, only the first `valid` elements of a partial chunk.
 template <typename T, int NC, int NV>
 inline void store_rows(const typename Simd<T>::V (&acc)[NC][NV], T* const* orow, int64_t w0, int64_t valid) {
-  constexpr int L = lanes<T>(), CH = L * NV;
-  for (int cc = 0; cc < NC; ++cc) {
-    if (valid >= CH) {
-      for (int n = 0; n < NV; ++n) Simd<T>::storeu(orow[cc] + w0 + n * L, acc[cc][n]);
-    } else {
-      alignas(64) T tmp[CH];
-      for (int n = 0; n < NV; ++n) Simd<T>::storeu(tmp + n * L, acc[cc][n]);
-      std::memcpy(orow[cc] + w0, tmp, valid * sizeof(T));
-    }
-  }
+  constexpr int L = lanes<T>();
+  for (int cc = 0; cc < NC; ++cc)
+    for (int n = 0; n < NV; ++n) store_vector<T>(orow[cc] + w0 + n * L, acc[cc][n], valid - n * L);
 }
 
 // Runs task(state, t) for t in [0, ntasks) on torch's intra-op threads, dynamically.
@@ -392,34 +426,49 @@ void run_tasks(int64_t ntasks, const MakeState& make_state, const Task& task) {
 
 // ---- forward -------------------------------------------------------------------------------------
 //
-// One output row of kNC channels: wT [k*k][Wv] weights of the row; xr[cc * k + i] padded input row h + i of
-// channel cc (aligned, readable on [0, Wv + max(L, k - 1))); orow[cc] output row (W valid entries).
-
-template <typename T, int K>
-void forward_rows_k(const T* __restrict wT, int64_t Wv, const T* const* xr, T* const* orow, int64_t W) {
+// A tile of NR output rows x NC channels, for compile-time K. wB: weights of the rows blocked by chunks of L columns,
+// [Wv / L][NR][K*K][L] (each chunk's weights are one contiguous, L1-sized block); xs: the
+// padded input rows of the first channel, row p (< NR + K - 1) at xs + p * Wr, channel cc at + cc * cstride
+// (aligned, readable on [0, Wv + K - 1)); orow[m * NC + cc]: output row m of channel cc (W valid entries).
+// Each input vector (row p, shift j) is loaded once and feeds every output row m = p - i of the tile, and each
+// weight vector feeds NC channels: about 0.5 loads per FMA instead of 1 + 1 / NC for one row at a time.
+template <typename T, int K, int NR, int NC>
+void forward_tile_k(const T* __restrict wB, int64_t Wv, const T* __restrict xs, int64_t cstride, int64_t Wr,
+                    T* const* orow, int64_t W, bool stream) {
   using S = Simd<T>;
   using V = typename S::V;
-  constexpr int L = lanes<T>(), CH = L * kNV;
-  for (int64_t w0 = 0; w0 < Wv; w0 += CH) {
-    V acc[kNC][kNV];
-    for (int cc = 0; cc < kNC; ++cc)
-      for (int n = 0; n < kNV; ++n) acc[cc][n] = S::zero();
-    for (int i = 0; i < K; ++i) {
-      Window<T, kNV> win[kNC];
-      for (int cc = 0; cc < kNC; ++cc) win[cc].load(xr[cc * K + i] + w0);
-      const T* wi = wT + int64_t(i) * K * Wv + w0;
-      unroll<K>([&](auto J) {
+  constexpr int L = lanes<T>(), KK = K * K;
+  for (int64_t w0 = 0; w0 < Wv; w0 += L) {
+    const T* wc = wB + w0 * NR * KK;
+    V acc[NR][NC];
+    unroll<NR>([&](auto M) UPCLI_INLINE { unroll<NC>([&](auto CC) UPCLI_INLINE { acc[M][CC] = S::zero(); }); });
+    unroll<NR + K - 1>([&](auto P) UPCLI_INLINE {
+      constexpr int p = decltype(P)::value;
+      constexpr int mlo = p - K + 1 > 0 ? p - K + 1 : 0, mhi = p < NR - 1 ? p : NR - 1;  // the rows reading p
+      unroll<K>([&](auto J) UPCLI_INLINE {
         constexpr int j = decltype(J)::value;
-        V wv[kNV];
-        for (int n = 0; n < kNV; ++n) wv[n] = S::load(wi + j * Wv + n * L);
-        for (int cc = 0; cc < kNC; ++cc)
-          for (int n = 0; n < kNV; ++n) acc[cc][n] = S::fma(wv[n], win[cc].template get<j>(n), acc[cc][n]);
+        V wv[NR];
+        unroll<NR>([&](auto M) UPCLI_INLINE {
+          constexpr int m = decltype(M)::value;
+          if constexpr (m >= mlo && m <= mhi) wv[m] = S::load(wc + ((m * K + p - m) * K + j) * L);
+        });
+        unroll<NC>([&](auto CC) UPCLI_INLINE {
+          constexpr int cc = decltype(CC)::value;
+          const V xv = S::loadu(xs + cc * cstride + p * Wr + w0 + j);
+          unroll<NR>([&](auto M) UPCLI_INLINE {
+            constexpr int m = decltype(M)::value;
+            if constexpr (m >= mlo && m <= mhi) acc[m][cc] = S::fma(wv[m], xv, acc[m][cc]);
+          });
+        });
       });
-    }
-    store_rows<T, kNC, kNV>(acc, orow, w0, W - w0);
+    });
+    for (int m = 0; m < NR; ++m)
+      for (int cc = 0; cc < NC; ++cc) store_vector<T>(orow[m * NC + cc] + w0, acc[m][cc], W - w0, stream);
   }
 }
 
+// Any k (runtime): one output row of kNC channels. wT [k*k][Wv] weights of the row; xr[cc * k + i] padded input
+// row h + i of channel cc (readable on [0, Wv + max(L, k - 1))); orow[cc] output row (W valid entries).
 template <typename T>
 void forward_rows_any(const T* __restrict wT, int64_t Wv, const T* const* xr, T* const* orow, int64_t W, int k) {
   using S = Simd<T>;
@@ -450,24 +499,32 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
   const bool rs = ry != nullptr;
   constexpr int L = lanes<T>(), CH = L * kNV;
   const int r = k / 2, kk = k * k;
+  const bool tiled = k <= 7;  // compile-time tiles for k = 1, 3, 5, 7; forward_rows_any otherwise
+  const int G = tiled ? kTileC : kNC;  // channels per group
   const int64_t Wv = round_up(W, CH), Wr = round_up(Wv + std::max(L, k - 1), L);
   const int64_t Hs = rs ? h : mode == kValid ? H + k - 1 : H, Ws = rs ? w : mode == kValid ? W + k - 1 : W;
   const int64_t HB = kRowBlock, nhb = (H + HB - 1) / HB, RB = HB + k - 1;  // RB: padded rows per block
+  const bool stream = tiled && W % L == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
+                      B * C * H * W * int64_t(sizeof(T)) >= kStreamBytes;
+  static_assert(kRowBlock % kTileR == 0, "row blocks hold whole tiles");
   struct State {
     Buffer<T> wT, xs, dummy, tmp;
   };
   run_tasks(
       B * nhb,
       [&] {
-        return State{Buffer<T>(HB * kk * Wv), Buffer<T>(kNC * RB * Wr), Buffer<T>(Wv),
+        return State{Buffer<T>(HB * kk * Wv), Buffer<T>(G * RB * Wr), Buffer<T>(Wv),
                      Buffer<T>(rs ? Ws + 4 + 2 * L : 0)};
       },
       [&](State& s, int64_t task) {
         const int64_t b = task / nhb, h0 = task % nhb * HB, nh = std::min(HB, H - h0), nrows = nh + k - 1;
-        for (int64_t hh = 0; hh < nh; ++hh)
-          transpose_weight_row(s.wT.data() + hh * kk * Wv, wts + ((b * H + h0 + hh) * W) * kk, W, k, Wv, false);
-        for (int64_t c0 = 0; c0 < C; c0 += kNC) {
-          const int nc = int(std::min<int64_t>(kNC, C - c0));
+        for (int64_t hh = 0; hh < nh; hh += tiled ? kTileR : 1) {
+          const T* wrows = wts + ((b * H + h0 + hh) * W) * kk;
+          if (tiled) block_weight_rows<T, kTileR>(s.wT.data() + hh * kk * Wv, wrows, std::min<int64_t>(kTileR, nh - hh), W, kk, Wv);
+          else transpose_weight_row(s.wT.data() + hh * kk * Wv, wrows, W, k, Wv, false);
+        }
+        for (int64_t c0 = 0; c0 < C; c0 += G) {
+          const int nc = int(std::min<int64_t>(G, C - c0));
           for (int cc = 0; cc < nc; ++cc) {
             const T* plane = x + (b * C + c0 + cc) * Hs * Ws;
             for (int64_t p = 0; p < nrows; ++p) {
@@ -478,24 +535,39 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
                 load_padded_row(dst, plane, H, W, h0 + p, r, mode, Wr);
             }
           }
-          for (int64_t hh = 0; hh < nh; ++hh) {
-            const T* xr[kNC * 64];
-            T* orow[kNC];
-            for (int cc = 0; cc < kNC; ++cc) {
-              const int src = cc < nc ? cc : 0;  // missing channels of the last group: computed, not stored
-              orow[cc] = cc < nc ? out + ((b * C + c0 + cc) * H + h0 + hh) * W : s.dummy.data();
-              for (int i = 0; i < k; ++i) xr[cc * k + i] = s.xs.data() + (src * RB + hh + i) * Wr;
+          // Rows and channels past the end (nh, nc) are computed from whatever the scratch holds, and dropped.
+          auto out_row = [&](int64_t cc, int64_t hh) {
+            return cc < nc && hh < nh ? out + ((b * C + c0 + cc) * H + h0 + hh) * W : s.dummy.data();
+          };
+          if (tiled) {
+            for (int64_t hh = 0; hh < nh; hh += kTileR) {
+              T* orow[kTileR * kTileC];
+              for (int m = 0; m < kTileR; ++m)
+                for (int cc = 0; cc < kTileC; ++cc) orow[m * kTileC + cc] = out_row(cc, hh + m);
+              const T* wT = s.wT.data() + hh * kk * Wv;
+              const T* xs = s.xs.data() + hh * Wr;
+              switch (k) {
+                case 1: forward_tile_k<T, 1, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream); break;
+                case 3: forward_tile_k<T, 3, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream); break;
+                case 5: forward_tile_k<T, 5, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream); break;
+                default: forward_tile_k<T, 7, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream); break;
+              }
             }
-            const T* wT = s.wT.data() + hh * kk * Wv;
-            switch (k) {
-              case 1: forward_rows_k<T, 1>(wT, Wv, xr, orow, W); break;
-              case 3: forward_rows_k<T, 3>(wT, Wv, xr, orow, W); break;
-              case 5: forward_rows_k<T, 5>(wT, Wv, xr, orow, W); break;
-              case 7: forward_rows_k<T, 7>(wT, Wv, xr, orow, W); break;
-              default: forward_rows_any<T>(wT, Wv, xr, orow, W, k); break;
+          } else {
+            for (int64_t hh = 0; hh < nh; ++hh) {
+              const T* xr[kNC * 64];
+              T* orow[kNC];
+              for (int cc = 0; cc < kNC; ++cc) {
+                orow[cc] = out_row(cc, hh);
+                for (int i = 0; i < k; ++i) xr[cc * k + i] = s.xs.data() + (cc * RB + hh + i) * Wr;
+              }
+              forward_rows_any<T>(s.wT.data() + hh * kk * Wv, Wv, xr, orow, W, k);
             }
           }
         }
+#if defined(__AVX512F__)
+        if (stream) _mm_sfence();  // the non-temporal stores are visible before the task ends
+#endif
       });
 }
 

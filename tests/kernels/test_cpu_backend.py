@@ -19,8 +19,8 @@ from upcli.kernels import _cpu
 PAD = {0: "constant", 1: "reflect", 2: "replicate"}  # 3 = valid: x comes padded
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # relative to the largest reference value
 
-# (B, C, H, W, k): non-square, B > 1, C not a multiple of the 4/8-channel register blocks nor of the 32-channel
-# groups (37 spans two), H not a multiple of the 8-row blocks, W not a multiple of the 8/16/32-wide vectors,
+# (B, C, H, W, k): non-square, B > 1, C not a multiple of the 4/6/8-channel register blocks nor of the 32-channel
+# groups (37 spans two), H not a multiple of the 4-row forward tiles nor of the 8-row blocks, W not a multiple of the 8/16/32-wide vectors,
 # k = 1, 3, 5, 7 (compile-time paths) and 9 (the runtime-k path).
 SHAPES = [
     (2, 5, 9, 13, 3),
@@ -110,6 +110,14 @@ def test_forward_and_gradients(shape, mode, dtype):
     _assert_close(_cpu.adaptive_conv_forward(xd, wd, mode), out.detach(), dtype)
     _assert_close(_cpu.adaptive_conv_grad_input_padded(gd, wd), xpad.grad, dtype)
     _assert_close(_cpu.adaptive_conv_grad_weights(gd, xd, mode, k), w.grad, dtype)
+
+
+def test_large_output_streamed_past_the_cache():
+    """Outputs of 32 MiB or more with whole-vector rows are written with non-temporal stores: same values."""
+    from upcli.kernels.reference import adaptive_conv_forward
+
+    x, weights, _ = _inputs(1, 65, 257, 256, 3, 1)  # 65 * 257 * 256 float64 = 34 MB; 257 rows, 65 channels: partial tiles
+    _assert_close(_cpu.adaptive_conv_forward(x, weights, 1), adaptive_conv_forward(x, weights, 1), torch.float64)
 
 
 @pytest.mark.parametrize("mode", [0, 2, 3])
