@@ -426,6 +426,32 @@ void run_tasks(int64_t ntasks, const MakeState& make_state, const Task& task) {
 
 // ---- forward -------------------------------------------------------------------------------------
 //
+// Software prefetch of the input rows the next channel group will copy, spread over the current group's tiles,
+// so that reading x from memory overlaps the arithmetic instead of stalling each group's row copy.
+// Up to kTileC byte ranges, walked a few cache lines per step.
+struct Prefetcher {
+  const char* begin[8];
+  const char* end[8];
+  int n = 0, cur = 0;
+  const char* p = nullptr;
+  void add(const void* b, int64_t bytes) {
+    if (bytes <= 0 || n == 8) return;
+    begin[n] = static_cast<const char*>(b), end[n] = begin[n] + bytes;
+    if (n++ == 0) p = begin[0];
+  }
+  inline void step(int lines) {
+#if defined(__AVX512F__) || defined(__SSE__)
+    for (; lines > 0 && cur < n; --lines) {
+      __builtin_prefetch(p, 0, 2);  // read, into L2 (a group's rows are larger than L1)
+      p += 64;
+      if (p >= end[cur] && ++cur < n) p = begin[cur];
+    }
+#else
+    (void)lines;
+#endif
+  }
+};
+
 // A tile of NR output rows x NC channels, for compile-time K. wB: weights of the rows blocked by chunks of L columns,
 // [Wv / L][NR][K*K][L] (each chunk's weights are one contiguous, L1-sized block); xs: the
 // padded input rows of the first channel, row p (< NR + K - 1) at xs + p * Wr, channel cc at + cc * cstride
@@ -434,12 +460,13 @@ void run_tasks(int64_t ntasks, const MakeState& make_state, const Task& task) {
 // weight vector feeds NC channels: about 0.5 loads per FMA instead of 1 + 1 / NC for one row at a time.
 template <typename T, int K, int NR, int NC>
 void forward_tile_k(const T* __restrict wB, int64_t Wv, const T* __restrict xs, int64_t cstride, int64_t Wr,
-                    T* const* orow, int64_t W, bool stream) {
+                    T* const* orow, int64_t W, bool stream, Prefetcher& prefetch, int prefetch_lines) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = lanes<T>(), KK = K * K;
   for (int64_t w0 = 0; w0 < Wv; w0 += L) {
     const T* wc = wB + w0 * NR * KK;
+    prefetch.step(prefetch_lines);
     V acc[NR][NC];
     unroll<NR>([&](auto M) UPCLI_INLINE { unroll<NC>([&](auto CC) UPCLI_INLINE { acc[M][CC] = S::zero(); }); });
     unroll<NR + K - 1>([&](auto P) UPCLI_INLINE {
@@ -540,6 +567,19 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
             return cc < nc && hh < nh ? out + ((b * C + c0 + cc) * H + h0 + hh) * W : s.dummy.data();
           };
           if (tiled) {
+            // the next group's source rows (row-contiguous in x), prefetched over this group's tiles
+            Prefetcher pf;
+            int64_t pf_bytes = 0;
+            if (!rs && c0 + G < C) {
+              const int64_t first = mode == kValid ? h0 : std::max<int64_t>(h0 - r, 0);
+              const int64_t last = mode == kValid ? h0 + nrows : std::min<int64_t>(h0 + nh + r, H);
+              for (int64_t cc = c0 + G; cc < std::min<int64_t>(C, c0 + 2 * G); ++cc) {
+                pf.add(x + ((b * C + cc) * Hs + first) * Ws, (last - first) * Ws * int64_t(sizeof(T)));
+                pf_bytes += (last - first) * Ws * int64_t(sizeof(T));
+              }
+            }
+            const int64_t steps = (nh + kTileR - 1) / kTileR * (Wv / L);
+            const int pf_lines = int((pf_bytes / 64 + steps) / std::max<int64_t>(steps, 1));
             for (int64_t hh = 0; hh < nh; hh += kTileR) {
               T* orow[kTileR * kTileC];
               for (int m = 0; m < kTileR; ++m)
@@ -547,10 +587,10 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
               const T* wT = s.wT.data() + hh * kk * Wv;
               const T* xs = s.xs.data() + hh * Wr;
               switch (k) {
-                case 1: forward_tile_k<T, 1, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream); break;
-                case 3: forward_tile_k<T, 3, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream); break;
-                case 5: forward_tile_k<T, 5, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream); break;
-                default: forward_tile_k<T, 7, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream); break;
+                case 1: forward_tile_k<T, 1, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pf_lines); break;
+                case 3: forward_tile_k<T, 3, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pf_lines); break;
+                case 5: forward_tile_k<T, 5, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pf_lines); break;
+                default: forward_tile_k<T, 7, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pf_lines); break;
               }
             }
           } else {
