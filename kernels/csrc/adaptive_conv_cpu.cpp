@@ -550,6 +550,18 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
           if (tiled) block_weight_rows<T, kTileR>(s.wT.data() + hh * kk * Wv, wrows, std::min<int64_t>(kTileR, nh - hh), W, kk, Wv);
           else transpose_weight_row(s.wT.data() + hh * kk * Wv, wrows, W, k, Wv, false);
         }
+        // the rows [src_first, src_last) of each source plane that this task reads
+        int64_t src_first = Hs, src_last = 0;
+        for (int64_t p = 0; p < nrows; ++p) {
+          int64_t lo = h0 + p, hi = h0 + p;  // valid: padded row h0 + p
+          if (mode != kValid) {
+            const int64_t sr = remap(h0 + p - r, H, mode);
+            if (sr < 0) continue;
+            lo = hi = sr;
+            if (rs) lo = std::clamp<int64_t>(ry->first[sr], 0, Hs - 1), hi = std::clamp<int64_t>(ry->first[sr] + 3, 0, Hs - 1);
+          }
+          src_first = std::min(src_first, lo), src_last = std::max(src_last, hi + 1);
+        }
         for (int64_t c0 = 0; c0 < C; c0 += G) {
           const int nc = int(std::min<int64_t>(G, C - c0));
           for (int cc = 0; cc < nc; ++cc) {
@@ -570,12 +582,10 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
             // the next group's source rows (row-contiguous in x), prefetched over this group's tiles
             Prefetcher pf;
             int64_t pf_bytes = 0;
-            if (!rs && c0 + G < C) {
-              const int64_t first = mode == kValid ? h0 : std::max<int64_t>(h0 - r, 0);
-              const int64_t last = mode == kValid ? h0 + nrows : std::min<int64_t>(h0 + nh + r, H);
+            if (c0 + G < C) {
               for (int64_t cc = c0 + G; cc < std::min<int64_t>(C, c0 + 2 * G); ++cc) {
-                pf.add(x + ((b * C + cc) * Hs + first) * Ws, (last - first) * Ws * int64_t(sizeof(T)));
-                pf_bytes += (last - first) * Ws * int64_t(sizeof(T));
+                pf.add(x + ((b * C + cc) * Hs + src_first) * Ws, (src_last - src_first) * Ws * int64_t(sizeof(T)));
+                pf_bytes += (src_last - src_first) * Ws * int64_t(sizeof(T));
               }
             }
             const int64_t steps = (nh + kTileR - 1) / kTileR * (Wv / L);
