@@ -428,7 +428,7 @@ void run_tasks(int64_t ntasks, const MakeState& make_state, const Task& task) {
 //
 // Software prefetch of the input rows the next channel group will copy, spread over the current group's tiles,
 // so that reading x from memory overlaps the arithmetic instead of stalling each group's row copy.
-// Up to kTileC byte ranges, walked a few cache lines per step.
+// Up to 8 byte ranges (one per channel of the group), walked a few cache lines per step.
 struct Prefetcher {
   const char* begin[8];
   const char* end[8];
@@ -440,15 +440,11 @@ struct Prefetcher {
     if (n++ == 0) p = begin[0];
   }
   inline void step(int lines) {
-#if defined(__AVX512F__) || defined(__SSE__)
     for (; lines > 0 && cur < n; --lines) {
       __builtin_prefetch(p, 0, 2);  // read, into L2 (a group's rows are larger than L1)
       p += 64;
       if (p >= end[cur] && ++cur < n) p = begin[cur];
     }
-#else
-    (void)lines;
-#endif
   }
 };
 
@@ -547,8 +543,11 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
         const int64_t b = task / nhb, h0 = task % nhb * HB, nh = std::min(HB, H - h0), nrows = nh + k - 1;
         for (int64_t hh = 0; hh < nh; hh += tiled ? kTileR : 1) {
           const T* wrows = wts + ((b * H + h0 + hh) * W) * kk;
-          if (tiled) block_weight_rows<T, kTileR>(s.wT.data() + hh * kk * Wv, wrows, std::min<int64_t>(kTileR, nh - hh), W, kk, Wv);
-          else transpose_weight_row(s.wT.data() + hh * kk * Wv, wrows, W, k, Wv, false);
+          T* dst = s.wT.data() + hh * kk * Wv;
+          if (tiled)
+            block_weight_rows<T, kTileR>(dst, wrows, std::min<int64_t>(kTileR, nh - hh), W, kk, Wv);
+          else
+            transpose_weight_row(dst, wrows, W, k, Wv, false);
         }
         // the rows [src_first, src_last) of each source plane that this task reads
         int64_t src_first = Hs, src_last = 0;
@@ -558,7 +557,10 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
             const int64_t sr = remap(h0 + p - r, H, mode);
             if (sr < 0) continue;
             lo = hi = sr;
-            if (rs) lo = std::clamp<int64_t>(ry->first[sr], 0, Hs - 1), hi = std::clamp<int64_t>(ry->first[sr] + 3, 0, Hs - 1);
+            if (rs) {  // the 4 low-res rows of its bicubic taps
+              lo = std::clamp<int64_t>(ry->first[sr], 0, Hs - 1);
+              hi = std::clamp<int64_t>(ry->first[sr] + 3, 0, Hs - 1);
+            }
           }
           src_first = std::min(src_first, lo), src_last = std::max(src_last, hi + 1);
         }
@@ -589,7 +591,7 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
               }
             }
             const int64_t steps = (nh + kTileR - 1) / kTileR * (Wv / L);
-            const int pf_lines = int((pf_bytes / 64 + steps) / std::max<int64_t>(steps, 1));
+            const int pfl = int((pf_bytes / 64 + steps) / std::max<int64_t>(steps, 1));  // lines per step
             for (int64_t hh = 0; hh < nh; hh += kTileR) {
               T* orow[kTileR * kTileC];
               for (int m = 0; m < kTileR; ++m)
@@ -597,10 +599,10 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
               const T* wT = s.wT.data() + hh * kk * Wv;
               const T* xs = s.xs.data() + hh * Wr;
               switch (k) {
-                case 1: forward_tile_k<T, 1, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pf_lines); break;
-                case 3: forward_tile_k<T, 3, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pf_lines); break;
-                case 5: forward_tile_k<T, 5, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pf_lines); break;
-                default: forward_tile_k<T, 7, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pf_lines); break;
+                case 1: forward_tile_k<T, 1, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pfl); break;
+                case 3: forward_tile_k<T, 3, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pfl); break;
+                case 5: forward_tile_k<T, 5, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pfl); break;
+                default: forward_tile_k<T, 7, kTileR, kTileC>(wT, Wv, xs, RB * Wr, Wr, orow, W, stream, pf, pfl); break;
               }
             }
           } else {
