@@ -131,6 +131,9 @@ def run_case(name, fn, make_inputs, flops, nbytes, rates, device, backward, chec
             "sgemm_frac": gflops / gemm_gflops, "peak_MiB": mem.peak / 2**20, "agrees": ok}
 
 
+IMPLS = ("unfold", "eager", "torch.compile", "upcli")  # the adaptive_conv implementations it can time
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -140,10 +143,13 @@ def main(argv=None) -> int:
     parser.add_argument("--key-dim", type=int, default=32)
     parser.add_argument("--max-gib", type=float, default=6.0, help="skip implementations that would need more")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (its first call compiles)")
-    parser.add_argument("--impls", default="unfold,eager,torch.compile,upcli",
+    parser.add_argument("--impls", default=",".join(IMPLS),
                         help="which adaptive_conv implementations to time (comma-separated)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    unknown = set(args.impls.split(",")) - set(IMPLS)
+    if unknown:
+        parser.error(f"--impls: unknown {', '.join(sorted(unknown))}; choose from {', '.join(IMPLS)}")
     device, C, k = torch.device(args.device), args.channels, args.kernel_size
     rates = device_rates(device)
     print(f"device {device}: copy {rates[0]:.1f} GB/s, sgemm {rates[1]:.1f} GFLOP/s, {torch.get_num_threads()} threads")

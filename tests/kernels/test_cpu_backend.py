@@ -20,8 +20,8 @@ PAD = {0: "constant", 1: "reflect", 2: "replicate"}  # 3 = valid: x comes padded
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}  # relative to the largest reference value
 
 # (B, C, H, W, k): non-square, B > 1, C not a multiple of the 4/6/8-channel register blocks nor of the 32-channel
-# groups (37 spans two), H not a multiple of the 4-row forward tiles nor of the 8-row blocks, W not a multiple of the 8/16/32-wide vectors,
-# k = 1, 3, 5, 7 (compile-time paths) and 9 (the runtime-k path).
+# groups (37 spans two), H not a multiple of the 4-row forward tiles nor of the 8-row blocks, W not a multiple of
+# the 8/16/32-wide vectors, k = 1, 3, 5, 7 (compile-time paths) and 9 (the runtime-k path).
 SHAPES = [
     (2, 5, 9, 13, 3),
     (3, 19, 11, 6, 5),
