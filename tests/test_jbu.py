@@ -208,6 +208,30 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
         create_upsampler("resize-conv", backbone=bb, checkpoint=str(path))
 
 
+def test_a_radius_per_stage_round_trips_and_a_wrong_count_is_refused(tmp_path):
+    bb = FakeBackbone(dim=8, stride=16, name="fake-a")  # 4 layers
+    up = create_upsampler("jbu", bb, pretrained=False, radius=[3, 2, 1, 0])
+    assert [stage.kernel_size for stage in up.stages] == [7, 5, 3, 1]
+    feats, image = torch.randn(1, 8, 2, 3), torch.rand(1, 3, 32, 48)
+    kernels = []  # the kernel each stage applies: its own size, and a normalised window
+    hooks = [stage.register_forward_hook(lambda m, args, out: kernels.append(m.kernel(args[1]))) for stage in up.stages]
+    with torch.no_grad():
+        out = up(feats, image, (32, 48))
+    assert [k.shape[-1] for k in kernels] == [7, 5, 3, 1]
+    assert all(torch.allclose(k.sum((-1, -2)), torch.ones(())) for k in kernels)
+    for h in hooks:
+        h.remove()
+    path = tmp_path / "jbu.safetensors"
+    save_upsampler(path, up, bb)
+    loaded = create_upsampler(str(path), backbone=bb)
+    assert loaded.config["radius"] == [3, 2, 1, 0]
+    with torch.no_grad():
+        assert torch.equal(loaded(feats, image, (32, 48)), out)
+    for bad in ([3, 2, 1], [3, 3, 3, 8]):
+        with pytest.raises(ValueError, match="one per layer"):
+            create_upsampler("jbu", bb, pretrained=False, radius=bad)
+
+
 def test_no_shipped_checkpoint_is_one_clear_error():
     with pytest.raises(WeightsError, match="no jbu checkpoint ships for backbone 'fake'.*upcli train"):
         create_upsampler("jbu", FakeBackbone())

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from upcli.errors import UsageError
 from upcli.training import read_config
 import upcli.upsamplers.train as train_module
-from upcli.upsamplers.train import (TrainConfig, learning_rate, parse_image_sizes, parse_input_scales, shrink, train,
-                                    train_state_path)
+from upcli.upsamplers.train import (TrainConfig, learning_rate, parse_image_sizes, parse_input_scales, parse_radius,
+                                    shrink, train, train_state_path)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 
@@ -83,6 +83,13 @@ def test_parse_image_sizes():
     for bad in ("", "abc", "8", "1x2x3"):
         with pytest.raises(UsageError):
             parse_image_sizes(bad)
+
+
+def test_parse_radius():
+    assert parse_radius("3") == 3 and parse_radius("3, 3,2,1,1") == [3, 3, 2, 1, 1]
+    for bad in ("", "a", "-1", "8", "3,,2"):
+        with pytest.raises(UsageError):
+            parse_radius(bad)
 
 
 def test_parse_input_scales_and_shrink():
@@ -171,6 +178,9 @@ def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
     (["--upsampler", "bilinear"], "must be one of jbu, pac, resize-conv"),
     (["--guidance", "depth"], "--guidance must be one of rgb, conv, features"),
     (["--downsampler", "nope"], "unknown downsampler"),
+    (["--radius", "3,x"], "--radius: expected a number or a comma list"),
+    (["--radius", "3,9"], "--radius: each radius must be between 0 and 7"),
+    (["--radius", "3,2"], "radius must be a number in 0..7 or one per layer (5)"),
 ])
 def test_cli_train_bad_flags_are_one_line(tmp_path, flags, message):
     run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out",

@@ -175,6 +175,7 @@ def train(
     downsampler: Annotated[str, typer.Option(help="attention or simple.")] = "attention",
     guidance: Annotated[str, typer.Option(help="jbu: rgb (the pixel), conv (a 3x3 conv of the image) or features (the pixel and a projection of the features).")] = "rgb",
     fixup: Annotated[bool, typer.Option(help="jbu: FeatUp's additive kernel correction.")] = False,
+    radius: Annotated[str, typer.Option(help="jbu: kernel radius of every stage (3: FeatUp's 7x7), or one per stage from the coarsest, e.g. 3,3,3,2,1 (one per log2 of the backbone's stride).")] = "3",
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     save_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 100,
     val: Annotated[Optional[Path], typer.Option(help="Folder of held-out images: report the reconstruction loss at each checkpoint.", file_okay=False)] = None,
@@ -185,7 +186,8 @@ def train(
     """Train a learned upsampler (JBU, PAC or resize-conv) by FeatUp's multi-view reconstruction."""
     from .upsamplers import train as lib
 
-    upsampler_args = {"guidance": guidance, "fixup": fixup} if upsampler == "jbu" else {}
+    upsampler_args = ({"guidance": guidance, "fixup": fixup, "radius": _call("train", lib.parse_radius, radius)}
+                      if upsampler == "jbu" else {})
     cfg = lib.TrainConfig(
         images=[str(p) for p in images], out=str(out), backbone=backbone, upsampler=upsampler, steps=steps,
         batch_size=batch_size, lr=lr, image_sizes=_call("train", lib.parse_image_sizes, image_size),

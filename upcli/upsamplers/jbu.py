@@ -55,6 +55,14 @@ def stage_sizes(low: tuple[int, int], high: tuple[int, int]) -> list[tuple[int, 
     return sizes + [tuple(high)]
 
 
+def stage_radii(radius, layers: int) -> list[int]:
+    """The kernel radius of each layer: ``radius`` is one number for all, or one per layer (coarsest first)."""
+    radii = [radius] * layers if isinstance(radius, int) else [int(r) for r in radius]
+    if len(radii) != layers or not all(0 <= r <= 7 for r in radii):
+        raise ValueError(f"radius must be a number in 0..7 or one per layer ({layers}), got {radius!r}")
+    return radii
+
+
 GUIDANCE_KINDS = ("rgb", "conv", "features")
 FEATURE_KEYS = 16  # dims of the feature projection in guidance="features"
 
@@ -175,7 +183,7 @@ class JBUStack(LearnedUpsampler):
     """
 
     def __init__(self, backbone: nn.Module | None = None, dim: int | None = None, layers: int | None = None,
-                 key_dim: int = 32, radius: int = 3, guidance: str = "rgb", fixup: bool = False,
+                 key_dim: int = 32, radius: int | list[int] = 3, guidance: str = "rgb", fixup: bool = False,
                  residual: str = "input", channel_norm: bool = False, guidance_resize: str = "bilinear",
                  checkpoint: str | None = None, pretrained: bool = True):
         super().__init__()
@@ -187,8 +195,8 @@ class JBUStack(LearnedUpsampler):
                              f"{c['residual']!r} and {c['guidance_resize']!r}")
         # FeatUp checkpoints (see featup.py) normalise the backbone features over channels first
         self.channel_norm = nn.LayerNorm(c["dim"]) if c["channel_norm"] else None
-        self.stages = nn.ModuleList(JBULayer(c["key_dim"], c["radius"], c["guidance"], c["fixup"], c["dim"])
-                                    for _ in range(c["layers"]))
+        self.stages = nn.ModuleList(JBULayer(c["key_dim"], r, c["guidance"], c["fixup"], c["dim"])
+                                    for r in stage_radii(c["radius"], c["layers"]))
         self.residual = self.residual_correction(c["dim"])
         self.load_setup_weights()
 

@@ -107,6 +107,17 @@ def parse_input_scales(text: str) -> list[float]:
     return scales
 
 
+def parse_radius(text: str) -> int | list[int]:
+    """``"3"`` -> ``3`` (every JBU stage 7x7); ``"3,3,3,2,1"`` -> one radius per stage, coarsest first."""
+    try:
+        radii = [int(item) for item in str(text).split(",")]
+    except ValueError:
+        raise UsageError(f"--radius: expected a number or a comma list of numbers, got {text!r}") from None
+    if not all(0 <= r <= 7 for r in radii):
+        raise UsageError(f"--radius: each radius must be between 0 and 7, got {text!r}")
+    return radii[0] if len(radii) == 1 else radii
+
+
 def drawn_for_step(options: list, cfg: TrainConfig, purpose: int, step: int):
     """One of ``options`` for ``step`` (the same on every process and after a resume)."""
     return options[int(torch.randint(len(options), (1,), generator=generator(cfg.seed, purpose, step)))]
@@ -165,7 +176,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     torch.manual_seed(cfg.seed)  # parameter initialisation: the same on every process
     backbone = create_backbone(cfg.backbone, weights=cfg.weights, layer=cfg.layer).to(device).eval()
     backbone.requires_grad_(False)
-    upsampler = create_upsampler(cfg.upsampler, backbone=backbone, pretrained=False, **cfg.upsampler_args)
+    try:
+        upsampler = create_upsampler(cfg.upsampler, backbone=backbone, pretrained=False, **cfg.upsampler_args)
+    except ValueError as err:  # an architecture that does not fit the backbone, e.g. a radius per stage
+        raise UsageError(f"--upsampler {cfg.upsampler}: {err}") from None
     objective = MultiViewObjective(upsampler, backbone.dim, cfg.downsampler, cfg.projection_dim).to(device)
     optimizer = torch.optim.NAdam(objective.parameters(), lr=cfg.lr)
     start = 0
