@@ -260,3 +260,18 @@ def test_shipped_efficientnet_lite0_checkpoint(kind):
     with torch.no_grad():
         out = up(bb(image), image, (64, 96))
     assert out.shape == (1, 320, 64, 96) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("taps", [1, 9, 25])
+def test_softmax_taps_equals_torch_softmax_with_and_without_autograd(taps):
+    from upcli.upsamplers.jbu import softmax_taps
+
+    logits = torch.randn(2, 5, 7, taps) * 30  # large logits: the max is subtracted
+    want = torch.softmax(logits, dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(softmax_taps(logits), want)
+    logits.requires_grad_(True)
+    got = softmax_taps(logits)
+    torch.testing.assert_close(got, want)
+    got[..., 0].sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()

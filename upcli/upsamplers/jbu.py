@@ -65,6 +65,16 @@ def stage_radii(radius, layers: int) -> list[int]:
     return radii
 
 
+def softmax_taps(logits: Tensor) -> Tensor:
+    """Softmax over the last dim (the taps). Without autograd, on CPU, a window of fewer than 16 taps goes through
+    three vectorised passes instead: torch's CPU softmax over so short a last dim is per row, about 4x slower
+    (448^2 x 9 taps: 20 ms against 4.5 ms on 2 cores)."""
+    if logits.device.type != "cpu" or logits.shape[-1] >= 16 or (torch.is_grad_enabled() and logits.requires_grad):
+        return torch.softmax(logits, dim=-1)
+    e = (logits - logits.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
+
+
 GUIDANCE_KINDS = ("rgb", "conv", "features")
 FEATURE_KEYS = 16  # dims of the feature projection in guidance="features"
 
@@ -107,7 +117,7 @@ class JBULayer(nn.Module):
         spatial = -self.dist2 / (2 * self.sigma_spatial.square().clamp_min(1e-6))
         # (B, H, W, k*k) in memory: the softmax runs over contiguous taps, and the result is the kernel's layout
         logits = neighbour_logits(keys, self.kernel_size, self.padding(keys.shape[-2:])).permute(0, 2, 3, 1)
-        weights = torch.softmax(torch.addcmul(spatial, logits, temp), dim=-1)
+        weights = softmax_taps(torch.addcmul(spatial, logits, temp))
         if self.fixup_proj is not None:
             w = weights.permute(0, 3, 1, 2)
             weights = (w + 0.1 * self.fixup_proj(torch.cat([w, guidance[:, :3]], dim=1))).permute(0, 2, 3, 1)
