@@ -96,25 +96,25 @@ def parse_image_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def number_list(text: str, option: str, kind: type, low: float, high: float, what: str) -> list:
+    """``"1.5,2"`` -> ``[1.5, 2.0]`` for ``kind=float``, each in ``[low, high]``, or a one-line ``UsageError``."""
+    try:
+        values = [kind(item) for item in str(text).split(",")]
+    except ValueError:
+        raise UsageError(f"{option}: expected a number or a comma list of numbers, got {text!r}") from None
+    if not all(low <= v <= high for v in values):
+        raise UsageError(f"{option}: each {what} must be between {low} and {high}, got {text!r}")
+    return values
+
+
 def parse_input_scales(text: str) -> list[float]:
     """``"2"`` -> ``[2.0]``; ``"1.5,2,3"`` -> ``[1.5, 2.0, 3.0]``; each at least 1."""
-    try:
-        scales = [float(item) for item in str(text).split(",")]
-    except ValueError:
-        raise UsageError(f"--input-scale: expected a number or a comma list of numbers, got {text!r}") from None
-    if not all(1 <= s <= 16 for s in scales):
-        raise UsageError(f"--input-scale: each factor must be between 1 and 16, got {text!r}")
-    return scales
+    return number_list(text, "--input-scale", float, 1, 16, "factor")
 
 
 def parse_radius(text: str) -> int | list[int]:
     """``"3"`` -> ``3`` (every JBU stage 7x7); ``"3,3,3,2,1"`` -> one radius per stage, coarsest first."""
-    try:
-        radii = [int(item) for item in str(text).split(",")]
-    except ValueError:
-        raise UsageError(f"--radius: expected a number or a comma list of numbers, got {text!r}") from None
-    if not all(0 <= r <= 7 for r in radii):
-        raise UsageError(f"--radius: each radius must be between 0 and 7, got {text!r}")
+    radii = number_list(text, "--radius", int, 0, 7, "radius")
     return radii[0] if len(radii) == 1 else radii
 
 
