@@ -175,7 +175,7 @@ def train(
     downsampler: Annotated[str, typer.Option(help="attention or simple.")] = "attention",
     guidance: Annotated[str, typer.Option(help="jbu: rgb (the pixel), conv (a 3x3 conv of the image) or features (the pixel and a projection of the features).")] = "rgb",
     fixup: Annotated[bool, typer.Option(help="jbu: FeatUp's additive kernel correction.")] = False,
-    radius: Annotated[str, typer.Option(help="jbu: kernel radius of every stage (3: FeatUp's 7x7), or one per stage from the coarsest, e.g. 3,3,3,2,1 (one per log2 of the backbone's stride).")] = "3",
+    radius: Annotated[str, typer.Option(help="jbu: kernel radius of every stage (3: FeatUp's 7x7), or one per stage from the coarsest, e.g. 3,3,3,2,1 (as many as the stack's layers, log2 of the backbone's stride: 5 for efficientnet-lite0).")] = "3",
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     save_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 100,
     val: Annotated[Optional[Path], typer.Option(help="Folder of held-out images: report the reconstruction loss at each checkpoint.", file_okay=False)] = None,

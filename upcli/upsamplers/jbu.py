@@ -17,9 +17,11 @@ The stack (:class:`JBUStack`) runs stages of about 2x from the backbone's grid t
 any aspect ratio: ``n = round(log2(ratio))`` stages with sizes ``round(h * (H / h) ** (s / n))``. Stage ``s`` uses
 layer ``min(s, layers - 1)``. ``radius`` is one for every layer (3: FeatUp's 7x7) or one per layer; the finest
 stages hold most of the pixels, so small kernels there are most of the speed (the shipped efficientnet-lite0 stack
-uses 3, 3, 3, 2, 1: the same probe mIoU as 3 everywhere at 1.7x the speed). A zero-initialised 1x1 residual corrects the features. FeatUp applies it at the
-output; here it runs on the backbone grid, before the stages, which costs (H W) / (h w) times less: at 448^2 and
-C = 320, 0.04 instead of 41 GFLOP. With image-only guidance (``rgb``, ``conv``) the stages are linear and treat
+uses 3, 3, 3, 2, 1: the same probe mIoU as 3 everywhere at 1.7x the speed).
+
+A zero-initialised 1x1 residual corrects the features. FeatUp applies it at the output; here it runs on the
+backbone grid, before the stages, which costs (H W) / (h w) times less: at 448^2 and C = 320, 0.04 instead of
+41 GFLOP. With image-only guidance (``rgb``, ``conv``) the stages are linear and treat
 every channel alike with weights that sum to one, so both places compute the same function (exactly so without
 ``fixup``); with ``features`` guidance the correction also feeds the keys. No dropout: eval and train compute the
 same function, and inference is deterministic.
