@@ -1,5 +1,7 @@
 """The learned JBU stack, resize-conv, the downsamplers and the multi-view objective."""
 
+import math
+
 import pytest
 import torch
 
@@ -275,3 +277,16 @@ def test_softmax_taps_equals_torch_softmax_with_and_without_autograd(taps):
     torch.testing.assert_close(got, want)
     got[..., 0].sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_spatial_kernel_starts_at_the_same_width_in_pixels_for_any_radius(radius):
+    """A fresh stage's kernel gives the neighbour one pixel away the same share whatever the window; a 3x3 window
+    with 7x7's sigma would start as the identity and get no gradient to leave it."""
+    layer = JBULayer(radius=radius)
+    with torch.no_grad():
+        layer.range_proj[2].weight.zero_()  # no range term: the spatial Gaussian alone
+        layer.range_proj[2].bias.zero_()
+        kernel = layer.kernel(torch.randn(1, 3, 9, 9))[0, 4, 4]
+    r = radius
+    assert kernel[r, r + 1] / kernel[r, r] == pytest.approx(math.exp(-1 / (2 * 0.75**2)), rel=1e-4)

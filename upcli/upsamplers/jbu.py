@@ -98,10 +98,12 @@ class JBULayer(nn.Module):
         self.feature_proj = nn.Conv2d(dim, FEATURE_KEYS, 1) if guidance == "features" else None
         self.range_proj = nn.Sequential(nn.Conv2d(in_dim, key_dim, 1), nn.GELU(), nn.Conv2d(key_dim, key_dim, 1))
         self.range_temp = nn.Parameter(torch.zeros(()))
-        # FeatUp starts at 1.0 (a 7x7 blur of sigma ~3 px per stage, ~45 px over five stages); 0.25 (~0.75 px)
-        # starts near plain bicubic upsampling. Measured on CamVid (see the note of issue 4): untrained, 28.9 vs
-        # 33.2 mIoU, bilinear 34.5.
-        self.sigma_spatial = nn.Parameter(torch.full((), 0.25))
+        # sigma is in window units (the window spans [-1, 1]), as FeatUp, which starts it at 1.0 (a 7x7 blur of
+        # sigma ~3 px per stage, ~45 px over five stages). It starts here at ~0.75 px whatever the radius (0.25 for
+        # 7x7), near plain bicubic upsampling: measured on CamVid (see the note of issue 4), untrained, 28.9 vs 33.2
+        # mIoU, bilinear 34.5. The same 0.25 for a 3x3 window would be 0.25 px: the kernel starts as the identity,
+        # with vanishing gradients, and stays there.
+        self.sigma_spatial = nn.Parameter(torch.full((), 0.75 / max(radius, 1)))
         self.fixup_proj = (nn.Sequential(nn.Conv2d(taps + 3, taps, 1), nn.GELU(), nn.Conv2d(taps, taps, 1))
                            if fixup else None)
         grid = torch.linspace(-1, 1, self.kernel_size)
