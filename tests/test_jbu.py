@@ -216,7 +216,8 @@ def test_a_radius_per_stage_round_trips_and_a_wrong_count_is_refused(tmp_path):
     assert [stage.kernel_size for stage in up.stages] == [7, 5, 3, 1]
     feats, image = torch.randn(1, 8, 2, 3), torch.rand(1, 3, 32, 48)
     kernels = []  # the kernel each stage applies: its own size, and a normalised window
-    hooks = [stage.register_forward_hook(lambda m, args, out: kernels.append(m.kernel(args[1]))) for stage in up.stages]
+    hooks = [stage.register_forward_hook(lambda m, args, out: kernels.append(m.kernel(args[1])))
+             for stage in up.stages]
     with torch.no_grad():
         out = up(feats, image, (32, 48))
     assert [k.shape[-1] for k in kernels] == [7, 5, 3, 1]
