@@ -59,11 +59,14 @@ def stage_sizes(low: tuple[int, int], high: tuple[int, int]) -> list[tuple[int, 
     return sizes + [tuple(high)]
 
 
+MAX_RADIUS = 7  # the kernels' row-pointer tables hold k <= 64; 15x15 is already far past any use here
+
+
 def stage_radii(radius, layers: int) -> list[int]:
     """The kernel radius of each layer: ``radius`` is one number for all, or one per layer (coarsest first)."""
     radii = [radius] * layers if isinstance(radius, int) else [int(r) for r in radius]
-    if len(radii) != layers or not all(0 <= r <= 7 for r in radii):
-        raise ValueError(f"radius must be a number in 0..7 or one per layer ({layers}), got {radius!r}")
+    if len(radii) != layers or not all(0 <= r <= MAX_RADIUS for r in radii):
+        raise ValueError(f"radius must be a number in 0..{MAX_RADIUS} or one per layer ({layers}), got {radius!r}")
     return radii
 
 

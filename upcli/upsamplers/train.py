@@ -39,7 +39,7 @@ from ..progress import ProgressReporter
 from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, load_train_state,
                         optimizer_tensors, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
 from . import guidance_at
-from .jbu import GUIDANCE_KINDS, stage_sizes
+from .jbu import GUIDANCE_KINDS, MAX_RADIUS, stage_sizes
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
 
 # purposes of the random streams
@@ -114,7 +114,7 @@ def parse_input_scales(text: str) -> list[float]:
 
 def parse_radius(text: str) -> int | list[int]:
     """``"3"`` -> ``3`` (every JBU stage 7x7); ``"3,3,3,2,1"`` -> one radius per stage, coarsest first."""
-    radii = number_list(text, "--radius", int, 0, 7, "radius")
+    radii = number_list(text, "--radius", int, 0, MAX_RADIUS, "radius")
     return radii[0] if len(radii) == 1 else radii
 
 
