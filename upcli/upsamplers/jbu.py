@@ -59,7 +59,7 @@ def stage_sizes(low: tuple[int, int], high: tuple[int, int]) -> list[tuple[int, 
     return sizes + [tuple(high)]
 
 
-MAX_RADIUS = 7  # the kernels' row-pointer tables hold k <= 64; 15x15 is already far past any use here
+MAX_RADIUS = 7  # 15x15 windows, far past FeatUp's 7x7 (the kernels themselves take k up to 63)
 
 
 def stage_radii(radius, layers: int) -> list[int]:
