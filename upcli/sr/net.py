@@ -37,6 +37,8 @@ class SRNet(nn.Module):
 
     def forward(self, upscaled: torch.Tensor) -> torch.Tensor:
         """``upscaled``: the LR image bicubic-upscaled to the output size, (B, 3, H, W) in [0, 1]."""
+        if upscaled.device.type == "cpu":  # oneDNN's NHWC convolutions: 10-20% faster training on CPU
+            upscaled = upscaled.contiguous(memory_format=torch.channels_last)
         return upscaled + self.body(upscaled)
 
 
