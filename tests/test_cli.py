@@ -101,12 +101,25 @@ def test_bad_inputs_get_one_line_errors(tmp_path):
     bad_ckpt = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "layer4.2.conv3.weight": torch.zeros(2048, 512, 1, 1)}, bad_ckpt)
     cases.append((["upsample", imgs, "--out", tmp_path / "o3", "--backbone", "dinov2", "--weights", bad_ckpt], 1, "resnet.pth"))
+    cases.append((["upsample", imgs, "--out", tmp_path / "o4", "--num-shards", "0"], 2, "--num-shards must be at least 1"))
     for args, code, message in cases:
         result = invoke(*args, "--workers", "0", "-q")
         assert result.exit_code == code, (args, result.output)
         if message:
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and message in lines[0] and lines[0].startswith("upcli upsample: "), (args, result.stderr)
+
+
+def test_a_bad_option_leaves_nothing_that_blocks_the_corrected_command(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 2)
+    out = tmp_path / "o"
+    result = invoke("upsample", imgs, "--out", out, "--size", "32", "--workers", "-1")
+    assert result.exit_code == 2 and "--workers must be 0 or more" in result.stderr and not out.exists()
+    assert invoke("upsample", imgs, "--out", out, "--size", "32", "--workers", "0", "-q").exit_code == 0
+    other = invoke("upsample", imgs, "--out", out, "--size", "32", "--upsampler", "bilateral", "--sigma-color", "0.2",
+                   "--workers", "0", "-q")
+    assert other.exit_code == 1 and "upsampler 'bilinear' vs 'bilateral'" in other.stderr, other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1 and "size" not in other.stderr.split("(", 1)[1], other.stderr
 
 
 def test_corrupt_image_is_reported_and_exit_3(tmp_path):

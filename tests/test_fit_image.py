@@ -133,6 +133,11 @@ def test_store_sizes_scale_and_save_field_rerender(tmp_path):
         assert torch.equal(torch.as_tensor(np.asarray(store[key])), torch.as_tensor(np.asarray(rerendered[key])))
     larger = fit_images(images, tmp_path / "big", size=77, from_fields=out / "fields", workers=0, quiet=True)
     assert larger.exit_code == 0 and min(FeatureStore(tmp_path / "big")["img0.png"].shape[1:]) == 77
+    from upcli.upsample import upsample_folder
+
+    with pytest.raises(UsageError, match="field fitted to the single image 'img0.png'.*--from-fields"):
+        upsample_folder(images, tmp_path / "up", upsampler=str(out / "fields" / "img0.png.safetensors"), workers=0)
+    assert not (tmp_path / "up").exists()
 
 
 KILL_AT_SECOND_IMAGE = """
@@ -191,6 +196,9 @@ def test_bad_inputs_are_recorded_and_the_folder_goes_on(tmp_path):
     ({"size": 100, "scale": 2.0}, "not both"),
     ({"size": None, "scale": -1.0}, "--scale must be positive"),
     ({"fit": FitConfig(steps=0)}, "steps must be at least 1"),
+    ({"fit": FitConfig(base="nosuch")}, "unknown upsampler 'nosuch'"),
+    ({"fit": FitConfig(base="implicit")}, "--base implicit: the field corrects a feed-forward upsampler"),
+    ({"workers": -1}, "--workers must be 0 or more"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, kwargs, message):
     images = folder(tmp_path / "imgs", n=1)

@@ -265,6 +265,9 @@ def test_cli_pretrains_and_upsample_reads_the_itpn_backbone(tmp_path):
     assert "images/s" in run.stderr
     config = read_config(ckpt)
     assert config["kind"] == "itpn" and config["arch"] == "tiny" and config["training"]["step"] == 1
+    again = run_cli("pretrain", "itpn", EXAMPLES, "--out", ckpt, "--steps", "1", "--batch-size", "2", "--image-size",
+                    "32", "--device", "cpu", "--resume")
+    assert again.returncode == 0 and "already at step 1 of 1; nothing to do" in again.stderr, again.stderr
     out = tmp_path / "feats"
     up = run_cli("upsample", EXAMPLES, "--backbone", f"itpn:{ckpt}", "--out", out, "--size", "64", "--workers", "0",
                  "-q")
@@ -291,6 +294,9 @@ def test_cli_pretrains_and_upsample_reads_the_itpn_backbone(tmp_path):
     bad = run_cli("upsample", EXAMPLES, "--backbone", f"itpn:{tmp_path / 'none.safetensors'}", "--out", tmp_path / "x")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     missing = run_cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "new.safetensors", "--resume", "--device", "cpu")
+    (tmp_path / "file").write_text("")
+    unwritable = run_cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "file" / "i.safetensors", "--device", "cpu")
+    assert unwritable.returncode == 2 and "cannot write to" in unwritable.stderr, unwritable.stderr
     assert missing.returncode == 2 and "no checkpoint to resume" in missing.stderr
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -208,6 +208,11 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
         create_upsampler(str(path), backbone=FakeBackbone(dim=16, name="fake-a"))
     with pytest.raises(WeightsError, match="not resize-conv"):
         create_upsampler("resize-conv", backbone=bb, checkpoint=str(path))
+    from upcli.training import save_checkpoint
+
+    save_checkpoint(tmp_path / "sr.safetensors", {"w": torch.zeros(1)}, {"kind": "sr-net"})
+    with pytest.raises(WeightsError, match="is a sr-net checkpoint, not an upsampler"):
+        create_upsampler(str(tmp_path / "sr.safetensors"), backbone=bb)
 
 
 def test_a_radius_per_stage_round_trips_and_a_wrong_count_is_refused(tmp_path):

@@ -213,3 +213,12 @@ def test_resolve_split_from_flags_and_env():
         resolve_split(2, 2, env={})
     with pytest.raises(UsageError, match="go together"):
         resolve_split(2, None, env={})
+
+
+def test_a_job_mismatch_names_only_the_options_that_differ():
+    from upcli.io.jobs import _difference
+
+    old = {"command": "fit-image", "settings": {"size": 448, "fit": {"steps": 200, "views": 48, "base": "bilinear"}}}
+    new = {"command": "fit-image", "settings": {"size": 448, "fit": {"steps": 100, "views": 48, "base": "jbu"}}}
+    assert _difference(old, new) == "fit.steps 200 vs 100, fit.base 'bilinear' vs 'jbu'"
+    assert _difference(old, {**new, "command": "upsample"}) == "command fit-image vs upsample"

@@ -233,7 +233,18 @@ def test_adaptation_steps_lower_the_son_loss():
     lr = photo((32, 32))
     adapted, losses = adapt(net, lr, Degradation(2, gaussian_kernel(15, 2.0), "direct"), 5)
     assert losses[-1] < losses[0] and adapted is not net
+    unchanged, none = adapt(net, lr, Degradation(2, None, "bicubic"), 0)  # --steps 0: the start as it is
+    assert none == [] and all(torch.equal(a, b) for a, b in zip(unchanged.state_dict().values(), net.state_dict().values()))
     assert step_sizes("direct", 6) == [2e-2, 1e-2, 1e-2, 1e-2, 5e-3, 5e-3] and step_sizes("bicubic", 4)[-1] == 1e-3
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"plain_tasks": 2.0}, "--plain-tasks is a share of the tasks, between 0 and 1"),
+    ({"meta_lr": 0.0}, "must be positive"),
+])
+def test_pretrain_config_refuses_impossible_values(option, message):
+    with pytest.raises(UsageError, match=message):
+        MZSRConfig(images=[], out="x", **option).check()
 
 
 def test_loss_weights_anneal_to_the_last_step():
@@ -363,6 +374,9 @@ def test_zssr_from_python_on_one_image(tmp_path):
     (["--zero-shot", "--init", "missing.safetensors"], "does not exist", 1),
     (["--zero-shot", "--init", "x.safetensors"], "not a safetensors checkpoint", 1),
     (["--steps", "3", "--init", "x.safetensors"], "needs --zero-shot", 2),
+    (["--zero-shot", "--steps", "3"], "needs --init CKPT", 2),
+    (["--zero-shot", "--max-iters", "-5"], "--max-iters must be at least 1", 2),
+    (["--zero-shot", "--noise", "-1"], "--noise must be 0 or more", 2),
 ])
 def test_sr_bad_options_fail_in_one_line(tmp_path, args, message, code):
     images = sr_folder(tmp_path / "lr")
@@ -392,6 +406,13 @@ def test_pretrain_mzsr_command_trains_and_resumes(tmp_path):
     common = ["pretrain", "mzsr", root, "--out", out, "--pretrain-steps", "2", "--tasks", "1", "--device", "cpu"]
     run = run_cli(*common, "--meta-steps", "0", "--save-every", "1")
     assert run.returncode == 0 and out.is_file(), run.stderr
+    again = run_cli(*common, "--meta-steps", "0")
+    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
+    done = run_cli(*common, "--meta-steps", "0", "--resume")
+    assert done.returncode == 0 and "already at step 2 of 2" in done.stderr, done.stderr
+    (tmp_path / "file").write_text("")
+    unwritable = run_cli(*common[:3], "--out", tmp_path / "file" / "m.safetensors", *common[5:], "--meta-steps", "0")
+    assert unwritable.returncode == 2 and "cannot write to" in unwritable.stderr, unwritable.stderr
     missing = run_cli("pretrain", "mzsr", root, "--out", tmp_path / "none.safetensors", "--resume", "--device", "cpu")
     assert missing.returncode == 2 and "no checkpoint to resume" in missing.stderr
     bad = run_cli("pretrain", "mzsr", tmp_path / "empty", "--out", tmp_path / "e.safetensors")

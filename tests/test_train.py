@@ -72,9 +72,26 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path):
     with pytest.raises(UsageError, match="no checkpoint to resume"):
         train(cfg, resume=True, quiet=True)
     train(cfg, quiet=True)
+    with pytest.raises(UsageError, match="already exists; add --resume .* or --overwrite"):
+        train(cfg, quiet=True)
+    with pytest.raises(UsageError, match="not both"):
+        train(cfg, resume=True, overwrite=True, quiet=True)
+    assert train(cfg, resume=True, quiet=True)["start"] == 2  # done already: nothing to train
     cfg.steps, cfg.lr = 4, 5e-4
     with pytest.raises(UsageError, match="other settings \\(lr\\)"):
         train(cfg, resume=True, quiet=True)
+    assert train(cfg, overwrite=True, quiet=True)["start"] == 0
+
+
+def test_out_is_checked_before_training(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="cannot write to"):
+        train(config(tmp_path, name="file/jbu.safetensors"), quiet=True)
+    with pytest.raises(UsageError, match="is a folder"):
+        train(config(tmp_path, name=""), quiet=True)
+    deep = config(tmp_path, name="new/dir/jbu.safetensors", steps=1, save_every=1, image_sizes=[(64, 64)])
+    train(deep, quiet=True)
+    assert Path(deep.out).is_file() and not list(Path(deep.out).parent.glob(".upcli-write-test-*"))
 
 
 def test_parse_image_sizes():
@@ -161,6 +178,10 @@ def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "wrote" in run.stderr and ckpt.is_file() and train_state_path(ckpt).is_file()
+    again = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out", str(ckpt), "--steps",
+                            "2", "--batch-size", "1", "--image-size", "64", "--views", "1", "--device", "cpu",
+                            "--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already at step 2 of 2; nothing to do" in again.stderr, again.stderr
     out = tmp_path / "feats"
     run = subprocess.run([sys.executable, "-m", "upcli.cli", "upsample", str(EXAMPLES), "--out", str(out),
                           "--upsampler", str(ckpt), "--size", "64", "--device", "cpu", "-q"],
@@ -181,6 +202,9 @@ def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
     (["--radius", "3,x"], "--radius: expected a number or a comma list"),
     (["--radius", "3,9"], "--radius: each radius must be between 0 and 7"),
     (["--radius", "3,2"], "radius must be a number in 0..7 or one per layer (5)"),
+    (["--lr", "-1"], "--lr must be 0 or more"),
+    (["--image-size", "17"], "gives a 1x1 grid of efficientnet-lite0 features (stride 32)"),
+    (["--resume", "--overwrite"], "give --resume or --overwrite, not both"),
 ])
 def test_cli_train_bad_flags_are_one_line(tmp_path, flags, message):
     run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out",

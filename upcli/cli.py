@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, UpcliError
+from .errors import EXIT_INTERRUPTED, EXIT_SOME_FAILED, EXIT_USAGE, UpcliError
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -66,7 +66,7 @@ def upsample(
     backbone: Annotated[str, typer.Option(help="Backbone name (see --list-backbones), timm:<model>, or itpn:<checkpoint> (upcli pretrain itpn).")] = "efficientnet-lite0",
     weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint: official DINOv2/DINO .pth, timm or torchvision layout.", dir_okay=False)] = None,
     layer: Annotated[Optional[str], typer.Option(help="Backbone layer to read (default: the entry's own).")] = None,
-    upsampler: Annotated[str, typer.Option(help="bilinear, bilateral, jbu, resize-conv (the checkpoint shipped for the backbone), or a checkpoint PATH from upcli train.")] = "bilinear",
+    upsampler: Annotated[str, typer.Option(help="bilinear, bilateral, jbu or pac (the checkpoint shipped for the backbone), implicit (a field fitted to each image: slow, see fit-image), or a checkpoint PATH from upcli train (jbu, pac, resize-conv).")] = "bilinear",
     sigma_spatial: Annotated[Optional[float], typer.Option(help="bilateral: spatial sigma in low-res pixels.")] = None,
     sigma_color: Annotated[Optional[float], typer.Option(help="bilateral: colour sigma on [0, 1] RGB.")] = None,
     size: Annotated[str, typer.Option(help="Shorter side of the output in pixels, or 'original'.")] = "448",
@@ -115,7 +115,8 @@ def upsample(
         rate = result.processed / max(result.seconds, 1e-9)
         print(f"upsample: {result.processed} images written to {out} ({rate:.2f} img/s), {result.failed} failed, "
               f"{result.skipped_shards} shards already done", file=sys.stderr)
-        print(f"time: {', '.join(f'{k} {v:.2f}s' for k, v in result.timings.items())}", file=sys.stderr)
+        if result.timings:
+            print(f"time: {', '.join(f'{k} {v:.2f}s' for k, v in result.timings.items())}", file=sys.stderr)
         if result.failed:
             print(f"failed inputs are listed in {Path(out) / 'failures.jsonl'}", file=sys.stderr)
     raise typer.Exit(result.exit_code)
@@ -180,6 +181,7 @@ def train(
     save_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 100,
     val: Annotated[Optional[Path], typer.Option(help="Folder of held-out images: report the reconstruction loss at each checkpoint.", file_okay=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from --out and its training state.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start a new run in place of an existing --out.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
 ) -> None:
@@ -195,11 +197,23 @@ def train(
         downsampler=downsampler, seed=seed, save_every=save_every, val=str(val) if val else None,
         weights=str(weights) if weights else None, layer=layer, upsampler_args=upsampler_args, device=device,
     )
-    result = _call("train", lib.train, cfg, resume=resume, quiet=quiet)
+    result = _call("train", lib.train, cfg, resume=resume, quiet=quiet, overwrite=overwrite)
     if not quiet and result["losses"]:
         val_text = f", val loss {result['val_loss']:.4f}" if result["val_loss"] is not None else ""
         print(f"train: steps {result['start']}..{result['steps']} in {result['seconds']:.0f} s, last loss "
               f"{result['losses'][-1]:.4f}{val_text}; wrote {out}", file=sys.stderr)
+    _finish_training("train", result, quiet)
+
+
+def _finish_training(command: str, result: dict, quiet: bool) -> None:
+    """The end of a training command: say if a resumed run had nothing left to do; exit 3 if images were skipped."""
+    if not quiet and result["start"] >= result["steps"]:
+        print(f"{command}: already at step {result['start']} of {result['steps']}; nothing to do (raise the step "
+              "count to train further)", file=sys.stderr)
+    if result["skipped"]:
+        print(f"{command}: {len(result['skipped'])} unreadable images were skipped (first: {result['skipped'][0]})",
+              file=sys.stderr)
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 FIT_EXAMPLE = """Examples:
@@ -344,6 +358,7 @@ def pretrain_mzsr(
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints. (default: 200)", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue from --out and its training state.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start a new run in place of an existing --out.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
 ) -> None:
@@ -354,10 +369,11 @@ def pretrain_mzsr(
                "plain_tasks": plain_tasks, "meta_lr": meta_lr}
     cfg = MZSRConfig(images=[str(p) for p in images], out=str(out), scale=scale, subsample=subsample, seed=seed,
                      init=str(init) if init else None, device=device, **{k: v for k, v in options.items() if v is not None})
-    result = _call("pretrain mzsr", run, cfg, resume=resume, quiet=quiet)
+    result = _call("pretrain mzsr", run, cfg, resume=resume, quiet=quiet, overwrite=overwrite)
     if not quiet and result["losses"]:
         print(f"pretrain mzsr: steps {result['start']}..{result['steps']} in {result['seconds']:.0f} s, last loss "
               f"{result['losses'][-1]:.4f}; wrote {out}", file=sys.stderr)
+    _finish_training("pretrain mzsr", result, quiet)
 
 
 ITPN_EXAMPLE = """Examples:
@@ -400,6 +416,7 @@ def pretrain_itpn(
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from --out and its training state.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start a new run in place of an existing --out.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
 ) -> None:
@@ -413,11 +430,12 @@ def pretrain_itpn(
         teacher=teacher, teacher_layer=teacher_layer,
         teacher_weights=str(teacher_weights) if teacher_weights else None, ema_decay=ema_decay, drop_path=drop_path,
         workers=workers, preview_every=preview_every, save_every=save_every, seed=seed, device=device)
-    result = _call("pretrain itpn", run, cfg, resume=resume, quiet=quiet)
+    result = _call("pretrain itpn", run, cfg, resume=resume, quiet=quiet, overwrite=overwrite)
     if not quiet and result["losses"]["pixel"]:
         last = ", ".join(f"{name} {values[-1]:.4f}" for name, values in result["losses"].items() if values)
         print(f"pretrain itpn: steps {result['start']}..{result['steps']} in {result['seconds']:.0f} s "
               f"({result['images_per_second']:.2f} images/s), last losses {last}; wrote {out}", file=sys.stderr)
+    _finish_training("pretrain itpn", result, quiet)
 
 
 def main() -> None:

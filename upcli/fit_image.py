@@ -150,6 +150,7 @@ def fit_images(
     import torch
 
     from .backbones import create_backbone
+    from .upsamplers import create_upsampler
 
     if scale is not None:
         if size is not None:
@@ -167,6 +168,8 @@ def fit_images(
     root, inputs = inputs_of(Path(images))
     device = resolve_device(device)
     model = create_backbone(backbone, weights=weights, layer=layer).to(device).eval()
+    if from_fields is None:
+        create_upsampler(fit.base, backbone=model)  # a bad --base fails here, before anything is written
     settings = {
         "backbone": backbone, "weights": _weights_identity(weights), "layer": str(model.layer),
         "size": size or "original", "scale": scale, "dtype": dtype, "compression": compression,

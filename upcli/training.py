@@ -102,6 +102,31 @@ def train_state_path(out: str | Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".train.safetensors")
 
 
+def prepare_output(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """Check ``--out`` before any training, so that no run dies at its first save: its folder is created and
+    writable, and without ``--resume`` an existing checkpoint is only replaced with ``overwrite``. Raises
+    ``UsageError``."""
+    import tempfile
+
+    from .errors import UsageError
+
+    out = Path(out)
+    if resume and overwrite:
+        raise UsageError("give --resume or --overwrite, not both")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give the checkpoint's file name, e.g. {out / 'model.safetensors'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".upcli-write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write to {out.parent} ({err.strerror or err})") from None
+    existing = [p for p in (out, train_state_path(out)) if p.exists()]
+    if existing and not resume and not overwrite:
+        raise UsageError(f"--out {out} already exists; add --resume to continue that run, or --overwrite to "
+                         "start a new one in its place")
+
+
 def read_config(path: str | Path) -> dict:
     """The JSON config of a checkpoint, without loading a weight. Raises ``WeightsError`` for anything else."""
     from safetensors import safe_open

@@ -138,6 +138,11 @@ def upsample_folder(
     device = resolve_device(device)
     model = create_backbone(backbone, weights=weights, layer=layer).to(device).eval()
     up = create_upsampler(upsampler, backbone=model, **(upsampler_args or {})).to(device).eval()
+    if up.name == "implicit-field":  # fitted to one image: it would paint that image's features on every other
+        from .training import read_config
+
+        raise UsageError(f"--upsampler {upsampler} is the field fitted to the single image "
+                         f"{read_config(upsampler).get('source')!r}; render it with `upcli fit-image IMAGE --from-fields DIR`")
     settings = {
         "backbone": backbone, "weights": _weights_identity(weights), "layer": str(model.layer), "upsampler": upsampler,
         "upsampler_args": upsampler_args or {}, "size": size or "original", "dtype": dtype, "compression": compression,

@@ -107,9 +107,11 @@ def resolve_split(count: int | None = None, index: int | None = None, env=os.env
             index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
         else:
             count, index = 1, 0
+    if count is not None and count < 1:
+        raise UsageError(f"--num-shards must be at least 1, got {count}")
     if count is None or index is None:
         raise UsageError("--num-shards and --shard-index go together")
-    if count < 1 or not 0 <= index < count:
+    if not 0 <= index < count:
         raise UsageError(f"--shard-index must be in [0, {count}) for --num-shards {count}, got {index}")
     return index, count
 
@@ -142,8 +144,12 @@ def _difference(old: dict, new: dict) -> str:
     if old.get("command") != new["command"]:
         return f"command {old.get('command')} vs {new['command']}"
     for key, value in new["settings"].items():
-        if old.get("settings", {}).get(key) != value:
-            return f"{key} {old.get('settings', {}).get(key)!r} vs {value!r}"
+        before = old.get("settings", {}).get(key)
+        if before != value:
+            if isinstance(before, dict) and isinstance(value, dict):  # e.g. fit-image's fit options: the keys that differ
+                return ", ".join(f"{key}.{k} {before.get(k)!r} vs {value.get(k)!r}"
+                                 for k in {**before, **value} if before.get(k) != value.get(k))
+            return f"{key} {before!r} vs {value!r}"
     if old.get("shard_size") != new["shard_size"]:
         return f"shard_size {old.get('shard_size')} vs {new['shard_size']}"
     if old.get("inputs") != new["inputs"]:
@@ -302,6 +308,8 @@ def run_job(
     reporter = reporter or ProgressReporter(job.command)
     timings = timings or Timings()
     part, parts = split
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {workers}")
     if overwrite and parts > 1:
         raise UsageError("--overwrite cannot be combined with a split of the work: clear --out once, then start the workers")
     prepare_out_dir(job, overwrite)
@@ -342,7 +350,7 @@ def run_job(
                 if shard != current:
                     writer.put(("open", shard))
                     current = shard
-                processed += _run_batch(items, process, writer, reporter, timings, strict)
+                processed += _run_batch(items, process, writer, reporter, timings, strict, workers > 0)
                 reporter.advance(len(items))
                 if position + 1 == len(batches) or batch_shards[position + 1] != shard:
                     writer.put(("commit", shard))
@@ -361,8 +369,9 @@ def run_job(
     )
 
 
-def _run_batch(items: list[Item], process, writer: _ShardWriterThread, reporter, timings: Timings, strict: bool) -> int:
-    timings.add("decode (in workers)", sum(item.decode_seconds for item in items))
+def _run_batch(items: list[Item], process, writer: _ShardWriterThread, reporter, timings: Timings, strict: bool,
+               in_workers: bool) -> int:
+    timings.add("decode (in workers)" if in_workers else "decode", sum(item.decode_seconds for item in items))
     good = []
     for item in items:
         if item.error is None:

@@ -39,7 +39,7 @@ from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
 from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, load_train_state,
-                        optimizer_tensors, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
+                        optimizer_tensors, prepare_output, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
 
 PYRAMID = {"p16": 1, "p8": 2, "p4": 4}  # level -> sub-tokens per patch side
 _CROP, _MASK, _PREVIEW = 1, 2, 3  # purposes of the random streams
@@ -348,7 +348,7 @@ def preview_dir(out: str | Path) -> Path:
 
 # ---- the loop ---------------------------------------------------------------------------------------------
 
-def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
     """Run (or continue) ``upcli pretrain itpn``; writes ``cfg.out`` (network + decoder) and its ``.train`` state."""
     from ..upsample import resolve_device
 
@@ -358,6 +358,7 @@ def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = F
     try:
         if cfg.batch_size % dist.world_size:
             raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {dist.world_size} processes")
+        prepare_output(cfg.out, resume, overwrite)
         reporter = ProgressReporter("pretrain itpn", quiet=quiet or not dist.is_main, unit="steps", log_every=30.0)
         pool = ImagePool(cfg.images, 2 * cfg.image_size, reporter, stream=None)
         steps = cfg.steps or (math.ceil(cfg.epochs * len(pool) / cfg.batch_size) if cfg.epochs else 1000)
@@ -368,7 +369,6 @@ def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = F
             teacher.to(device)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
         out, state_path = Path(cfg.out), train_state_path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         start = _resume(cfg, model, teacher, optimizer, out, state_path) if resume else 0
         return _loop(cfg, model, teacher, optimizer, pool, dist, device, reporter, start, steps)
     finally:
@@ -434,7 +434,7 @@ def _loop(cfg, model, teacher, optimizer, pool, dist, device, reporter, start: i
             reporter.close()
     seconds = time.perf_counter() - t0
     return {"steps": steps, "start": start, "seconds": seconds, "losses": history,
-            "images_per_second": (done - start) * cfg.batch_size / max(seconds, 1e-9)}
+            "images_per_second": (done - start) * cfg.batch_size / max(seconds, 1e-9), "skipped": pool.skipped}
 
 
 def _resume(cfg, model: ITPNPretrainer, teacher, optimizer, out: Path, state_path: Path) -> int:

@@ -96,6 +96,8 @@ def method_of(zero_shot: bool, init: str | None, steps: int | None) -> str:
         if steps is not None:
             raise UsageError("--steps adapts the network to each image; it needs --zero-shot")
         return "feedforward"
+    if init is None and steps is not None:
+        raise UsageError("--steps counts MZSR's adaptation steps and needs --init CKPT; ZSSR's length is --max-iters")
     return "zssr" if init is None else "mzsr"
 
 
@@ -133,6 +135,7 @@ def super_resolve_images(
 
     degradation = degradation_of(scale, kernel, subsample)
     name = method_of(zero_shot, init, steps)
+    zssr.check()
     _check_choices(shard_size=shard_size, preview=preview)
     split = resolve_split(num_shards, shard_index)
     root, inputs = inputs_of(Path(images))

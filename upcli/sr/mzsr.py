@@ -35,7 +35,7 @@ from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
 from ..training import (generator, global_mean, load_optimizer_tensors, load_train_state, optimizer_tensors,
-                        save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
+                        prepare_output, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
 from .degrade import SUBSAMPLINGS, Degradation, random_kernel, upscale
 from .net import SRNet, load_sr_net, mzsr_net, save_sr_net
 
@@ -56,6 +56,8 @@ def adapt(net: SRNet, lr: torch.Tensor, degradation: Degradation, steps: int,
           learning_rates: list[float] | None = None) -> tuple[SRNet, list[float]]:
     """A copy of ``net`` after ``steps`` SGD steps on the pair (upscale(degradation(lr)) -> lr); and the losses."""
     net = copy.deepcopy(net).train()
+    if steps == 0:
+        return net, []
     rates = learning_rates or step_sizes(degradation.subsample, steps)
     with torch.no_grad():
         son_up = upscale(degradation(lr), lr.shape[-2:])
@@ -115,6 +117,10 @@ class MZSRConfig:
         for name in ("pretrain_batch", "pretrain_patch", "tasks", "task_batch", "task_patch", "inner_steps", "save_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.plain_tasks <= 1:
+            raise UsageError(f"--plain-tasks is a share of the tasks, between 0 and 1, got {self.plain_tasks}")
+        if self.meta_lr <= 0 or self.pretrain_lr <= 0 or self.inner_lr <= 0:
+            raise UsageError("learning rates (--meta-lr) must be positive")
         if self.steps == 0:
             raise UsageError("nothing to train: --pretrain-steps and --meta-steps are both 0")
 
@@ -175,7 +181,7 @@ def task_loss(net: SRNet, support, query, cfg: MZSRConfig, weights: list[float])
     return total
 
 
-def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False) -> dict:
+def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
     """Run (or continue) ``upcli pretrain mzsr``; writes ``cfg.out`` (the network) and its ``.train`` state."""
     from ..upsample import resolve_device
 
@@ -185,6 +191,7 @@ def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False) ->
     if cfg.pretrain_batch % dist.world_size:
         raise UsageError(f"--pretrain-batch {cfg.pretrain_batch} must be a multiple of the {dist.world_size} processes")
     out, state_path = Path(cfg.out), train_state_path(cfg.out)
+    prepare_output(out, resume, overwrite)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     net = mzsr_net().to(device)
     if cfg.init is not None:
@@ -253,7 +260,8 @@ def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False) ->
             reporter.close()
             ddp = None  # the DDP reducer holds the process group: free it first, not at interpreter exit
             teardown_distributed()
-    return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "losses": history}
+    return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "losses": history,
+            "skipped": pool.skipped}
 
 
 def _resume(cfg: MZSRConfig, net: SRNet, out: Path, state_path: Path):

@@ -79,6 +79,9 @@ class FitConfig:
                 raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise UsageError(f"learning rate must be positive, got {self.learning_rate}")
+        if self.base in ("implicit", "implicit-field"):
+            raise UsageError(f"--base {self.base}: the field corrects a feed-forward upsampler (bilinear, bilateral, "
+                             "jbu, pac or a checkpoint), not another fit")
 
 
 # ---- the field ----------------------------------------------------------------------------------------------

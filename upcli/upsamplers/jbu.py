@@ -282,8 +282,10 @@ def check_checkpoint(path: str, kind: str | None, backbone) -> dict:
     from ..training import read_config
 
     config = read_config(path)
-    if config.get("kind") != "upsampler" or (kind is not None and config.get("upsampler") != kind):
-        raise WeightsError(f"{path} is a {config.get('upsampler') or config.get('kind')} checkpoint, not {kind}")
+    if config.get("kind") != "upsampler":
+        raise WeightsError(f"{path} is a {config.get('kind')} checkpoint, not an upsampler (make one with `upcli train`)")
+    if kind is not None and config.get("upsampler") != kind:
+        raise WeightsError(f"{path} is a {config.get('upsampler')} checkpoint, not {kind}")
     if backbone is not None:
         want = {"backbone": getattr(backbone, "name", None), "layer": str(getattr(backbone, "layer", None)),
                 "dim": getattr(backbone, "dim", None)}

@@ -37,7 +37,7 @@ from ..io.pool import ImagePool
 from ..io.jobs import TerminateAsInterrupt
 from ..progress import ProgressReporter
 from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, load_train_state,
-                        optimizer_tensors, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
+                        optimizer_tensors, prepare_output, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
 from . import guidance_at
 from .jbu import GUIDANCE_KINDS, MAX_RADIUS, stage_sizes
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
@@ -155,7 +155,7 @@ def make_views(backbone, images, cfg: TrainConfig, step: int, samples: range, di
     return views
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
     """Run (or continue) training; returns a summary dict. Writes ``cfg.out`` and its ``.train`` state."""
     from ..backbones import create_backbone
     from ..upsample import resolve_device
@@ -171,11 +171,19 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     if cfg.upsampler_args.get("guidance", "rgb") not in GUIDANCE_KINDS:
         raise UsageError(f"--guidance must be one of {', '.join(GUIDANCE_KINDS)}, "
                          f"got {cfg.upsampler_args['guidance']!r}")
+    if not cfg.lr >= 0:  # 0 is allowed: one step of it writes the initial weights
+        raise UsageError(f"--lr must be 0 or more, got {cfg.lr}")
     out, state_path = Path(cfg.out), train_state_path(cfg.out)
+    prepare_output(out, resume, overwrite)
     best_path = out.with_name(out.name.removesuffix(".safetensors") + ".best.safetensors")
     torch.manual_seed(cfg.seed)  # parameter initialisation: the same on every process
     backbone = create_backbone(cfg.backbone, weights=cfg.weights, layer=cfg.layer).to(device).eval()
     backbone.requires_grad_(False)
+    for h, w in cfg.image_sizes:
+        grid = backbone.grid_size(h, w)
+        if min(grid) < 2:
+            raise UsageError(f"--image-size {h}x{w} gives a {grid[0]}x{grid[1]} grid of {backbone.name} features "
+                             f"(stride {backbone.stride}): nothing to upsample; use sides of at least {2 * backbone.stride}")
     try:
         upsampler = create_upsampler(cfg.upsampler, backbone=backbone, pretrained=False, **cfg.upsampler_args)
     except ValueError as err:  # an architecture that does not fit the backbone, e.g. a radius per stage
@@ -243,7 +251,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             model = None  # the DDP reducer holds the process group: free it first, not at interpreter exit
             teardown_distributed()
     return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "losses": history,
-            "val_loss": val_loss}
+            "val_loss": val_loss, "skipped": pool.skipped}
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
