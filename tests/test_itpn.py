@@ -296,7 +296,7 @@ def test_cli_pretrains_and_upsample_reads_the_itpn_backbone(tmp_path):
     missing = run_cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "new.safetensors", "--resume", "--device", "cpu")
     (tmp_path / "file").write_text("")
     unwritable = run_cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "file" / "i.safetensors", "--device", "cpu")
-    assert unwritable.returncode == 2 and "cannot write to" in unwritable.stderr, unwritable.stderr
+    assert unwritable.returncode == 2 and "is a file, not a folder" in unwritable.stderr, unwritable.stderr
     assert missing.returncode == 2 and "no checkpoint to resume" in missing.stderr
     empty = tmp_path / "empty"
     empty.mkdir()

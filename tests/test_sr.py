@@ -412,7 +412,7 @@ def test_pretrain_mzsr_command_trains_and_resumes(tmp_path):
     assert done.returncode == 0 and "already at step 2 of 2" in done.stderr, done.stderr
     (tmp_path / "file").write_text("")
     unwritable = run_cli(*common[:3], "--out", tmp_path / "file" / "m.safetensors", *common[5:], "--meta-steps", "0")
-    assert unwritable.returncode == 2 and "cannot write to" in unwritable.stderr, unwritable.stderr
+    assert unwritable.returncode == 2 and "is a file, not a folder" in unwritable.stderr, unwritable.stderr
     missing = run_cli("pretrain", "mzsr", root, "--out", tmp_path / "none.safetensors", "--resume", "--device", "cpu")
     assert missing.returncode == 2 and "no checkpoint to resume" in missing.stderr
     bad = run_cli("pretrain", "mzsr", tmp_path / "empty", "--out", tmp_path / "e.safetensors")

@@ -85,8 +85,10 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path):
 
 def test_out_is_checked_before_training(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(UsageError, match="cannot write to"):
+    with pytest.raises(UsageError, match="file is a file, not a folder"):
         train(config(tmp_path, name="file/jbu.safetensors"), quiet=True)
+    with pytest.raises(UsageError, match="cannot write to .*file/deeper"):
+        train(config(tmp_path, name="file/deeper/jbu.safetensors"), quiet=True)
     with pytest.raises(UsageError, match="is a folder"):
         train(config(tmp_path, name=""), quiet=True)
     deep = config(tmp_path, name="new/dir/jbu.safetensors", steps=1, save_every=1, image_sizes=[(64, 64)])

@@ -115,6 +115,8 @@ def prepare_output(out: str | Path, resume: bool, overwrite: bool) -> None:
         raise UsageError("give --resume or --overwrite, not both")
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give the checkpoint's file name, e.g. {out / 'model.safetensors'}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"--out {out}: {out.parent} is a file, not a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".upcli-write-test-"):
