@@ -184,3 +184,17 @@ def test_sigterm_exits_130_and_resumes(tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp-*"))
     assert subprocess.run(base, capture_output=True).returncode == 0
     assert len(FeatureStore(tmp_path / "out")) == 6
+
+
+def test_every_subpackage_is_installed_by_a_plain_pip_install():
+    """``pip install .`` (not -e) installs only the packages pyproject lists: each folder with an __init__.py."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = {".".join(("upcli", *init.parent.relative_to(root / "upcli").parts)) for init in (root / "upcli").rglob("__init__.py")}
+    found |= {".".join(("upcli.kernels", *init.parent.relative_to(root / "kernels").parts))
+              for init in (root / "kernels").rglob("__init__.py")}
+    assert found == listed, (found - listed, listed - found)
+    assert config["package-dir"]["upcli.kernels"] == "kernels"

@@ -151,7 +151,7 @@ TRAIN_EXAMPLE = """Examples:
 
   upcli train ./photos ./camvid/train --image-size 112,128,96x144 --steps 1500 --out jbu.safetensors --val ./val
 
-  upcli train ./photos --out jbu.safetensors --steps 3000 --resume      # continue a run to 3000 steps
+  upcli train ./photos ./camvid/train --image-size 112,128,96x144 --steps 3000 --out jbu.safetensors --val ./val --resume   # the same options, to 3000 steps
 
   torchrun --nproc-per-node 4 -m upcli.cli train ./coco --batch-size 16 --out jbu.safetensors
 
@@ -382,7 +382,7 @@ ITPN_EXAMPLE = """Examples:
 
   upcli pretrain itpn ./imagenet --arch base --epochs 400 --batch-size 64 --preview-every 1000 --out itpn-b.safetensors
 
-  upcli pretrain itpn ./imagenet --out itpn-b.safetensors --resume        # continue after a crash or Ctrl-C
+  upcli pretrain itpn ./imagenet --arch base --epochs 400 --batch-size 64 --out itpn-b.safetensors --resume   # continue (the same options)
 
   torchrun --nproc-per-node 8 -m upcli.cli pretrain itpn ./imagenet --arch base --out itpn-b.safetensors
 

@@ -11,7 +11,7 @@ Meta-training (:func:`pretrain_mzsr`, ``upcli pretrain mzsr``), one loop over tw
         else:                                       # stage 2: meta-transfer learning (second-order MAML)
             for each task: a random Gaussian kernel, support and query patches degraded by it
                 theta_j = theta_(j-1) - alpha * grad L1_support(theta_(j-1)),  j = 1..inner_steps
-                task loss = sum_j w_j L1_query(theta_j)      (w: MAML++ weights, annealed to the last step)
+                task loss = sum_j w_j L1_query(theta_j)      (w: equal, or MAML++'s annealed to the last step)
             Adam step of theta on the mean task loss (gradients through the inner steps)
         every save_every steps: checkpoint OUT and OUT's .train state
 
