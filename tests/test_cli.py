@@ -102,6 +102,10 @@ def test_bad_inputs_get_one_line_errors(tmp_path):
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "layer4.2.conv3.weight": torch.zeros(2048, 512, 1, 1)}, bad_ckpt)
     cases.append((["upsample", imgs, "--out", tmp_path / "o3", "--backbone", "dinov2", "--weights", bad_ckpt], 1, "resnet.pth"))
     cases.append((["upsample", imgs, "--out", tmp_path / "o4", "--num-shards", "0"], 2, "--num-shards must be at least 1"))
+    cases.append((["upsample", imgs, "--out", tmp_path / "o5", "--sigma-spatial", "2"], 2,
+                  "--sigma-spatial and --sigma-color set the bilateral upsampler, not bilinear"))
+    cases.append((["upsample", imgs, "--out", tmp_path / "o6", "--upsampler", "implicit-field"], 2,
+                  "implicit-field renders one image's saved field"))
     for args, code, message in cases:
         result = invoke(*args, "--workers", "0", "-q")
         assert result.exit_code == code, (args, result.output)

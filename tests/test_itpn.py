@@ -175,6 +175,9 @@ def test_a_few_steps_lower_both_losses(teacher, positions, tmp_path):
 def test_no_masking_trains_on_features_alone(tmp_path):
     with pytest.raises(UsageError, match="drops no patch"):
         small_cfg(tmp_path, mask_ratio=0.0).check()
+    for bad in ({"save_every": 0}, {"workers": -1}, {"preview_every": -1}):
+        with pytest.raises(UsageError, match="--save-every must be at least 1"):
+            small_cfg(tmp_path, **bad).check()
     with pytest.raises(UsageError, match="drops no patch"):
         small_cfg(tmp_path, mask_ratio=0.0, pixel_weight=0.0, feature_positions="masked").check()
     cfg = small_cfg(tmp_path, mask_ratio=0.0, pixel_weight=0.0, teacher="efficientnet-lite0", image_size=64,

@@ -115,13 +115,14 @@ def test_kernel_files_and_specs(tmp_path):
         assert torch.equal(parse_kernel(str(path)), loaded)
     np.save(tmp_path / "bad.npy", np.zeros((3, 3, 3)))
     (tmp_path / "junk.mat").write_bytes(b"not a mat file")
-    for bad in ("bad.npy", "junk.mat", "missing.npy"):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    for bad in ("bad.npy", "junk.mat", "missing.npy", "empty.npy"):
         with pytest.raises(UsageError, match="kernel file"):
             load_kernel(tmp_path / bad)
     assert parse_kernel("bicubic") is None
     assert torch.allclose(parse_kernel("gauss:1.5"), gaussian_kernel(15, 2.25))
     assert torch.allclose(parse_kernel("aniso:4,1,90"), gaussian_kernel(17, 1.0, 4.0), atol=1e-6)
-    for bad in ("gauss:-1", "gauss:x", "box:3", "aniso:1,2"):
+    for bad in ("gauss:-1", "gauss:x", "box:3", "aniso:1,2", "gauss:1e200", "gauss:26", "aniso:1,1e9,0", "aniso:1,2,inf"):
         with pytest.raises(UsageError, match="--kernel"):
             parse_kernel(bad)
 

@@ -41,6 +41,9 @@ def resolve_device(device: str):
         raise UsageError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    index = device.partition(":")[2]
+    if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
     return torch.device(device)
 
 
@@ -135,6 +138,10 @@ def upsample_folder(
     split = resolve_split(num_shards, shard_index)
     root = Path(folder)
     inputs = _scan(root)
+    if upsampler_args and upsampler != "bilateral":
+        raise UsageError(f"--sigma-spatial and --sigma-color set the bilateral upsampler, not {upsampler}")
+    if upsampler == "implicit-field":
+        raise UsageError("implicit-field renders one image's saved field: use `upcli fit-image IMAGE --from-fields DIR`")
     device = resolve_device(device)
     model = create_backbone(backbone, weights=weights, layer=layer).to(device).eval()
     up = create_upsampler(upsampler, backbone=model, **(upsampler_args or {})).to(device).eval()

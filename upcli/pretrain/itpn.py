@@ -86,6 +86,8 @@ class ITPNPretrainConfig:
             raise UsageError("give --steps or --epochs, not both")
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
             raise UsageError("--steps and --epochs must be positive")
+        if self.save_every < 1 or self.preview_every < 0 or (self.workers is not None and self.workers < 0):
+            raise UsageError("--save-every must be at least 1, --preview-every and --workers 0 or more")
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.warmup < 1:
             raise UsageError("--batch-size and --lr must be positive and --warmup in [0, 1)")
         if self.pixel_weight < 0 or self.feature_weight < 0 or self.pixel_weight + self.feature_weight == 0:

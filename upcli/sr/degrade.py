@@ -135,8 +135,8 @@ def load_kernel(path: str | Path) -> torch.Tensor:
             array = _mat_kernel(path)
         else:
             raise UsageError(f"kernel file {path}: expected .npy or .mat")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"kernel file {path}: unreadable ({e})") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise UsageError(f"kernel file {path}: unreadable ({e or type(e).__name__})") from None
     array = np.asarray(array, dtype=np.float64)
     if array.ndim != 2 or min(array.shape) < 1 or not np.isfinite(array).all():
         raise UsageError(f"kernel file {path}: expected a finite 2-D array, got shape {array.shape}")
@@ -226,6 +226,9 @@ KERNEL_SPEC = re.compile(r"^(?:(?P<bicubic>bicubic)|gauss:(?P<sigma>[\d.eE+-]+)|
                          r"aniso:(?P<v1>[\d.eE+-]+),(?P<v2>[\d.eE+-]+),(?P<theta>[\d.eE+-]+))$")
 
 
+MAX_SIGMA = 25.0  # px: a wider blur leaves nothing to super-resolve, and its kernel would be huge
+
+
 def kernel_size_for(var: float) -> int:
     """An odd kernel size holding +-4 sigma of the widest axis, at least 15 (MZSR's training size)."""
     return max(15, 2 * math.ceil(4 * math.sqrt(var)) + 1)
@@ -244,12 +247,13 @@ def parse_kernel(spec: str) -> torch.Tensor | None:
             return None
         if match["sigma"] is not None:
             sigma = float(match["sigma"])
-            if not sigma > 0:
+            if not 0 < sigma <= MAX_SIGMA:
                 raise ValueError
             return gaussian_kernel(kernel_size_for(sigma * sigma), sigma * sigma)
         v1, v2, theta = float(match["v1"]), float(match["v2"]), float(match["theta"])
-        if not (v1 > 0 and v2 > 0):
+        if not (0 < v1 <= MAX_SIGMA ** 2 and 0 < v2 <= MAX_SIGMA ** 2 and math.isfinite(theta)):
             raise ValueError
         return gaussian_kernel(kernel_size_for(max(v1, v2)), v1, v2, math.radians(theta))
     except ValueError:
-        raise UsageError(f"--kernel {spec!r}: sigma and variances must be positive numbers") from None
+        raise UsageError(f"--kernel {spec!r}: sigma must be in (0, {MAX_SIGMA}] px and variances in "
+                         f"(0, {MAX_SIGMA ** 2}] px^2") from None
