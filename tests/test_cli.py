@@ -1,6 +1,7 @@
 """The command line end to end, with the real efficientnet-lite0 weights (offline)."""
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -136,6 +137,19 @@ def test_corrupt_image_is_reported_and_exit_3(tmp_path):
     failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
     assert [f["source"] for f in failures] == ["b/broken.jpg"]
     assert len(FeatureStore(tmp_path / "out")) == 3
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_not_fatal(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 2)
+    latin1 = Path(os.fsdecode(os.fsencode(imgs / "a") + b"/caf\xe9.png"))
+    latin1.write_bytes((imgs / "a" / "im1.png").read_bytes())
+    for _ in range(2):  # and a second run resumes instead of failing at the same image
+        result = subprocess.run([sys.executable, "-m", "upcli", "upsample", imgs, "--out", tmp_path / "out", "--size",
+                                 "32", "--workers", "0"], capture_output=True, text=True)
+        assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert [f["reason"] for f in failures] == ["the file name is not valid UTF-8; rename the file"]
+    assert len(FeatureStore(tmp_path / "out")) == 2
 
 
 def read_store(out: Path) -> dict:

@@ -187,6 +187,11 @@ class _Planned:
         item = Item(index, self.inputs[index])
         start = time.perf_counter()
         try:
+            item.ref.rel.encode("utf-8")  # the stores keep names as UTF-8 text
+        except UnicodeEncodeError:
+            item.error = "the file name is not valid UTF-8; rename the file"
+            return item
+        try:
             item.data = self.load(item.ref)
         except BadImageError as e:
             item.error = e.reason
