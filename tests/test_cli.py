@@ -152,6 +152,16 @@ def test_a_file_name_that_is_not_utf8_is_recorded_not_fatal(tmp_path):
     assert len(FeatureStore(tmp_path / "out")) == 2
 
 
+def test_an_out_folder_inside_the_image_folder_is_not_scanned(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 2)
+    out = imgs / "feats"
+    first = invoke("upsample", imgs, "--out", out, "--size", "32", "--preview", "2", "--workers", "0", "-q")
+    assert first.exit_code == 0 and len(list((out / "previews").glob("*.png"))) == 2
+    again = invoke("upsample", imgs, "--out", out, "--size", "32", "--preview", "2", "--workers", "0")
+    assert again.exit_code == 0 and "1 shards already done" in again.stderr, again.stderr
+    assert len(FeatureStore(out)) == 2
+
+
 def read_store(out: Path) -> dict:
     result = {}
     for shard in sorted(out.glob("shard-*.h5")):

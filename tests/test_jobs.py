@@ -222,3 +222,33 @@ def test_a_job_mismatch_names_only_the_options_that_differ():
     new = {"command": "fit-image", "settings": {"size": 448, "fit": {"steps": 100, "views": 48, "base": "jbu"}}}
     assert _difference(old, new) == "fit.steps 200 vs 100, fit.base 'bilinear' vs 'jbu'"
     assert _difference(old, {**new, "command": "upsample"}) == "command fit-image vs upsample"
+
+
+def test_an_unwritable_out_and_a_foreign_job_json_are_one_line_errors(tmp_path, monkeypatch):
+    import upcli.io.jobs as jobs
+    from upcli.io.jobs import verify_store
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "job.json").write_text('{"tool": "something else"}')
+    with pytest.raises(StoreError, match="not an upcli job record"):
+        verify_store(tmp_path / "other")
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(jobs, "write_atomic", read_only)
+    job = jobs.Job(tmp_path / "out", tmp_path, "upsample", [], {}, 1)
+    with pytest.raises(StoreError, match="cannot write there \\(Permission denied\\)"):
+        jobs.prepare_out_dir(job, overwrite=False)
+
+
+def test_write_atomic_leaves_no_temporary_file_when_it_fails(tmp_path, monkeypatch):
+    import upcli.io.store as store
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store.write_atomic(tmp_path / "x.json", "{}")
+    assert list(tmp_path.iterdir()) == []

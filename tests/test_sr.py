@@ -365,6 +365,12 @@ def test_zssr_from_python_on_one_image(tmp_path):
     assert result.exit_code == 0 and result.processed == 1
     record = json.loads((tmp_path / "out" / "shard-00000.json").read_text())
     assert record["images"][0]["method"] == "zssr" and record["images"][0]["iterations"] == 5
+    from upcli.io.jobs import verify_store
+
+    report = verify_store(tmp_path / "out")  # an image store: PNG shards, not HDF5
+    assert report["problems"] == [] and report["stored"] == 1 and report["complete_shards"] == 1
+    (tmp_path / "out" / "cat.png").unlink()
+    assert verify_store(tmp_path / "out")["problems"] == ["shard-00000.json: incomplete, unreadable or from another job"]
 
 
 @pytest.mark.parametrize("args, message, code", [
@@ -385,6 +391,13 @@ def test_sr_bad_options_fail_in_one_line(tmp_path, args, message, code):
     run = run_cli("sr", images, "--out", tmp_path / "out", *args, cwd=tmp_path)
     assert run.returncode == code and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert not (tmp_path / "out" / "cat.png").exists()
+
+
+def test_sr_refuses_to_overwrite_its_inputs(tmp_path):
+    images = sr_folder(tmp_path / "lr")
+    run = run_cli("sr", images, "--out", images, "--zero-shot", "--max-iters", "1")
+    assert run.returncode == 2 and "would overwrite the input broken.png" in run.stderr, run.stderr
+    assert not (images / "job.json").exists()
 
 
 def test_help_defaults_match_the_configs():

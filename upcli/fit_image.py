@@ -31,14 +31,14 @@ def output_size(orig: tuple[int, int], size: int | None, scale: float | None) ->
     return target_size(*orig, size)
 
 
-def inputs_of(path: Path) -> tuple[Path, list[ImageRef]]:
-    """The root and image list of IMAGE_OR_FOLDER: one file, or every image under a folder."""
+def inputs_of(path: Path, out: Path | None = None) -> tuple[Path, list[ImageRef]]:
+    """The root and image list of IMAGE_OR_FOLDER: one file, or every image under a folder (leaving out ``out``)."""
     if path.is_file():
         root = path.parent.resolve()
         return root, [ImageRef(path=path.resolve(), rel=path.name)]
     if not path.exists():
         raise UsageError(f"{str(path)!r} does not exist")
-    return path.resolve(), _scan(path)
+    return path.resolve(), _scan(path, exclude=out)
 
 
 def field_path(field_dir: Path, rel: str) -> Path:
@@ -165,7 +165,7 @@ def fit_images(
     if from_fields is not None and not Path(from_fields).is_dir():
         raise UsageError(f"--from-fields {str(from_fields)!r} is not a folder")
     split = resolve_split(num_shards, shard_index)
-    root, inputs = inputs_of(Path(images))
+    root, inputs = inputs_of(Path(images), Path(out))
     device = resolve_device(device)
     model = create_backbone(backbone, weights=weights, layer=layer).to(device).eval()
     if from_fields is None:

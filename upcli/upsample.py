@@ -137,7 +137,7 @@ def upsample_folder(
     _check_choices(dtype=dtype, compression=compression, shard_size=shard_size, batch_size=batch_size, preview=preview)
     split = resolve_split(num_shards, shard_index)
     root = Path(folder)
-    inputs = _scan(root)
+    inputs = _scan(root, exclude=out)
     if upsampler_args and upsampler != "bilateral":
         raise UsageError(f"--sigma-spatial and --sigma-color set the bilateral upsampler, not {upsampler}")
     if upsampler == "implicit-field":
@@ -200,8 +200,8 @@ def _check_choices(dtype="float16", compression="none", shard_size=1, batch_size
         raise UsageError(f"--preview must be 0 or more, got {preview}")
 
 
-def _scan(folder: Path) -> list[ImageRef]:
-    inputs = scan_images(folder)
+def _scan(folder: Path, exclude=None) -> list[ImageRef]:
+    inputs = scan_images(folder, exclude)
     if not inputs:
         raise UsageError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return inputs

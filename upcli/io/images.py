@@ -34,8 +34,11 @@ class ImageRef:
     rel: str  # POSIX path relative to the scanned root; unique within a scan
 
 
-def scan_images(root: str | os.PathLike) -> list[ImageRef]:
+def scan_images(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[ImageRef]:
     """All files under ``root`` (recursively) with an image extension, in ``rel`` order.
+
+    ``exclude``: a folder inside ``root`` to leave out, e.g. the command's output folder: its previews or results
+    must not become inputs of the next run (``root`` itself is never left out).
 
     Extensions match case-insensitively. Broken symlinks and unreadable files are kept so that
     ``load_rgb`` reports them. Symlinked folders are followed, but a folder reached twice (a link loop,
@@ -48,7 +51,7 @@ def scan_images(root: str | os.PathLike) -> list[ImageRef]:
         raise UsageError(f"{str(root)!r} is not a folder")
 
     refs = []
-    seen_dirs = set()
+    seen_dirs = {os.path.realpath(exclude)} - {os.path.realpath(root)} if exclude is not None else set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:

@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -137,7 +138,10 @@ def prepare_out_dir(job: Job, overwrite: bool) -> None:
         return
     if overwrite:
         clear_store(out)
-    write_atomic(job_file, json.dumps(record, indent=1) + "\n")
+    try:
+        write_atomic(job_file, json.dumps(record, indent=1) + "\n")
+    except OSError as e:
+        raise StoreError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def _difference(old: dict, new: dict) -> str:
@@ -366,7 +370,13 @@ def run_job(
             writer.stop()
         reporter.close()
         del loader
-        write_index(job.out_dir, list(range(job.num_shards)), fingerprint, kind)
+        pending = sys.exc_info()[1]
+        try:
+            write_index(job.out_dir, list(range(job.num_shards)), fingerprint, kind)
+        except OSError as e:
+            if pending is None:  # else the error already on its way says more
+                raise StoreError(f"{job.out_dir}: cannot write manifest.jsonl ({e.strerror or e}); finished shards "
+                                 f"are kept, `upcli upsample --verify {job.out_dir}` rebuilds it") from None
     failures = old_failures + writer.failures
     return JobResult(
         exit_code=EXIT_SOME_FAILED if failures else EXIT_OK, processed=processed, failed=len(failures),
@@ -406,11 +416,16 @@ def verify_store(out_dir: Path) -> dict:
         raise StoreError(f"{out_dir}: no job.json; not an upcli output folder") from None
     except (OSError, ValueError) as e:
         raise StoreError(f"{out_dir / 'job.json'}: unreadable ({e})") from None
-    inputs, shard_size = record["inputs"], record["shard_size"]
+    try:
+        inputs, shard_size, num_shards, fingerprint = (record["inputs"], record["shard_size"], record["num_shards"],
+                                                       record["fingerprint"])
+    except (KeyError, TypeError):
+        raise StoreError(f"{out_dir / 'job.json'}: not an upcli job record") from None
+    kind = IMAGE_SHARDS if record.get("command") == "sr" else FEATURE_SHARDS
     problems, stored, failed, complete = [], 0, 0, 0
-    for shard in range(record["num_shards"]):
-        path = out_dir / shard_name(shard)
-        content = read_shard_index(path, record["fingerprint"])
+    for shard in range(num_shards):
+        path = out_dir / kind.name(shard)
+        content = kind.read_index(path, fingerprint)
         if content is None:
             problems.append(f"{path.name}: {'missing' if not path.exists() else 'incomplete, unreadable or from another job'}")
             continue
@@ -420,13 +435,17 @@ def verify_store(out_dir: Path) -> dict:
         problems += [f"{path.name}: {src} stored {found.count(src)} times" for src in sorted(set(found)) if found.count(src) > 1]
         problems += [f"{path.name}: {src} does not belong here" for src in sorted(set(found) - set(expected))]
         problems += [f"{path.name}: {src} is missing" for src in expected if src not in found]
-        with h5py.File(path, "r") as f:
-            for key, source in content["images"]:
-                ds = f["features"][key]
-                if ds.ndim != 3 or tuple(ds.shape[1:]) != tuple(ds.attrs["size"]):
-                    problems.append(f"{path.name}/{key}: shape {ds.shape} does not match its size attribute")
+        if kind is FEATURE_SHARDS:  # image shards: read_index has checked that each PNG is there
+            with h5py.File(path, "r") as f:
+                for key, source in content["images"]:
+                    ds = f["features"][key]
+                    if ds.ndim != 3 or tuple(ds.shape[1:]) != tuple(ds.attrs["size"]):
+                        problems.append(f"{path.name}/{key}: shape {ds.shape} does not match its size attribute")
         stored += len(content["images"])
         failed += len(content["failures"])
-    write_index(out_dir, list(range(record["num_shards"])), record["fingerprint"])
-    return {"inputs": len(inputs), "stored": stored, "failed": failed, "shards": record["num_shards"],
+    try:
+        write_index(out_dir, list(range(num_shards)), fingerprint, kind)
+    except OSError as e:
+        problems.append(f"manifest.jsonl not rebuilt: {e.strerror or e}")
+    return {"inputs": len(inputs), "stored": stored, "failed": failed, "shards": num_shards,
             "complete_shards": complete, "problems": problems}

@@ -138,8 +138,8 @@ def super_resolve_images(
     zssr.check()
     _check_choices(shard_size=shard_size, preview=preview)
     split = resolve_split(num_shards, shard_index)
-    root, inputs = inputs_of(Path(images))
-    _check_unique_outputs(inputs)
+    root, inputs = inputs_of(Path(images), Path(out))
+    _check_outputs(inputs, Path(out))
     device = resolve_device(device)
     options = {"zssr": {"config": zssr}, "mzsr": {"steps": 10 if steps is None else steps}}.get(name, {})
     method = create_sr_method(name, init=init, device=device, **options)
@@ -160,10 +160,13 @@ def super_resolve_images(
     )
 
 
-def _check_unique_outputs(inputs: list[ImageRef]) -> None:
+def _check_outputs(inputs: list[ImageRef], out: Path) -> None:
+    """Each result gets its own PNG, and none of them replaces an input image."""
     seen: dict[str, str] = {}
     for ref in inputs:
         key = image_key(ref.rel)
         if key in seen:
             raise UsageError(f"{seen[key]} and {ref.rel} would both be written to {key}; rename one of them")
         seen[key] = ref.rel
+        if (out / key).resolve() == Path(ref.path).resolve():
+            raise UsageError(f"--out {out} would overwrite the input {ref.rel}; choose another output folder")
