@@ -12,7 +12,7 @@ from PIL import Image
 
 from upcli.backbones import create_backbone
 from upcli.cli import app
-from upcli.errors import UsageError
+from upcli.errors import StoreError, UsageError
 from upcli.fit_image import fit_images
 from upcli.io import FeatureStore
 from upcli.io.images import load_rgb
@@ -131,6 +131,8 @@ def test_store_sizes_scale_and_save_field_rerender(tmp_path):
     rerendered = FeatureStore(again)
     for key in store.keys():
         assert torch.equal(torch.as_tensor(np.asarray(store[key])), torch.as_tensor(np.asarray(rerendered[key])))
+    with pytest.raises(StoreError, match="save_fields True vs None"):  # a re-run must not skip saving the fields
+        fit_images(images, out, scale=1.5, fit=TINY, workers=0, quiet=True)
     larger = fit_images(images, tmp_path / "big", size=77, from_fields=out / "fields", workers=0, quiet=True)
     assert larger.exit_code == 0 and min(FeatureStore(tmp_path / "big")["img0.png"].shape[1:]) == 77
     from upcli.upsample import upsample_folder

@@ -174,6 +174,7 @@ def fit_images(
         "backbone": backbone, "weights": _weights_identity(weights), "layer": str(model.layer),
         "size": size or "original", "scale": scale, "dtype": dtype, "compression": compression,
         **({"from_fields": str(Path(from_fields).resolve())} if from_fields is not None else {"fit": asdict(fit)}),
+        **({"save_fields": True} if save_fields else {}),  # only when set: stores made without it still resume
     }
     out = Path(out)
     job = Job(out, root, "fit-image", inputs, settings, shard_size)

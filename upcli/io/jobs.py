@@ -147,8 +147,8 @@ def prepare_out_dir(job: Job, overwrite: bool) -> None:
 def _difference(old: dict, new: dict) -> str:
     if old.get("command") != new["command"]:
         return f"command {old.get('command')} vs {new['command']}"
-    for key, value in new["settings"].items():
-        before = old.get("settings", {}).get(key)
+    for key in {**old.get("settings", {}), **new["settings"]}:
+        before, value = old.get("settings", {}).get(key), new["settings"].get(key)
         if before != value:
             if isinstance(before, dict) and isinstance(value, dict):  # e.g. fit-image's fit options: the keys that differ
                 return ", ".join(f"{key}.{k} {before.get(k)!r} vs {value.get(k)!r}"
