@@ -162,6 +162,26 @@ def test_an_out_folder_inside_the_image_folder_is_not_scanned(tmp_path):
     assert len(FeatureStore(out)) == 2
 
 
+def test_a_retrained_checkpoint_is_another_job_not_a_resume(tmp_path):
+    from upcli.backbones import create_backbone
+    from upcli.upsamplers import create_upsampler
+    from upcli.upsamplers.jbu import save_upsampler
+
+    imgs = small_images(tmp_path / "imgs", 2)
+    backbone = create_backbone("efficientnet-lite0")
+    ckpt = tmp_path / "rc.safetensors"
+    args = ("upsample", imgs, "--out", tmp_path / "o", "--size", "32", "--upsampler", ckpt, "--workers", "0", "-q")
+    for seed, code in ((0, 0), (0, 0), (1, 1)):  # the same weights resume; other weights are refused
+        torch.manual_seed(0)
+        up = create_upsampler("resize-conv", backbone=backbone, pretrained=False)
+        with torch.no_grad():
+            next(up.parameters()).add_(seed)
+        save_upsampler(ckpt, up, backbone)
+        result = invoke(*args)
+        assert result.exit_code == code, result.stderr
+    assert "another job (upsampler_sha256" in result.stderr
+
+
 def read_store(out: Path) -> dict:
     result = {}
     for shard in sorted(out.glob("shard-*.h5")):

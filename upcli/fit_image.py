@@ -18,7 +18,8 @@ from .io.images import ImageRef, load_rgb, target_size
 from .io.jobs import Item, Job, JobResult, resolve_split, run_job
 from .io.store import to_storage
 from .progress import ProgressReporter, Timings
-from .upsample import DEFAULT_SIZE, _check_choices, _scan, _weights_identity, default_workers, parse_size, resolve_device
+from .upsample import (DEFAULT_SIZE, _check_choices, _scan, _weights_identity, checkpoint_digests, default_workers,
+                       parse_size, resolve_device)
 from .upsamplers.implicit import FitConfig
 
 MAX_OUTPUT_BYTES = 16 * 2**30  # float32 features of one image, before storage
@@ -175,6 +176,7 @@ def fit_images(
         "size": size or "original", "scale": scale, "dtype": dtype, "compression": compression,
         **({"from_fields": str(Path(from_fields).resolve())} if from_fields is not None else {"fit": asdict(fit)}),
         **({"save_fields": True} if save_fields else {}),  # only when set: stores made without it still resume
+        **checkpoint_digests(backbone=backbone, base=None if from_fields is not None else fit.base),
     }
     out = Path(out)
     job = Job(out, root, "fit-image", inputs, settings, shard_size)

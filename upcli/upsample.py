@@ -153,6 +153,7 @@ def upsample_folder(
     settings = {
         "backbone": backbone, "weights": _weights_identity(weights), "layer": str(model.layer), "upsampler": upsampler,
         "upsampler_args": upsampler_args or {}, "size": size or "original", "dtype": dtype, "compression": compression,
+        **checkpoint_digests(backbone=backbone, upsampler=upsampler),
     }
     job = Job(Path(out), root.resolve(), "upsample", inputs, settings, shard_size)
     step = UpsampleStep(model, up, device, dtype, Path(out) / "previews", preview)
@@ -205,6 +206,23 @@ def _scan(folder: Path, exclude=None) -> list[ImageRef]:
     if not inputs:
         raise UsageError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return inputs
+
+
+def checkpoint_digests(**specs) -> dict:
+    """``{"<name>_sha256": digest}`` for each spec that names a checkpoint file (``itpn:PATH`` too), so that a job
+    run with a retrained checkpoint is another job, not a resume of the old results."""
+    import hashlib
+
+    digests = {}
+    for name, spec in specs.items():
+        path = Path(str(spec).removeprefix("itpn:")) if spec is not None else None
+        if path is not None and path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digests[f"{name}_sha256"] = digest.hexdigest()
+    return digests
 
 
 def _weights_identity(weights) -> dict | None:

@@ -130,7 +130,7 @@ def super_resolve_images(
     import torch
 
     from ..fit_image import inputs_of
-    from ..upsample import _check_choices, _weights_identity, default_workers, resolve_device
+    from ..upsample import _check_choices, _weights_identity, checkpoint_digests, default_workers, resolve_device
     from .methods import create_sr_method
 
     degradation = degradation_of(scale, kernel, subsample)
@@ -147,6 +147,7 @@ def super_resolve_images(
         "method": name, "scale": scale, "kernel": kernel, "subsample": degradation.subsample,
         "init": _weights_identity(init) if init is not None else None,
         **({"zssr": asdict(zssr)} if name == "zssr" else {}), **({"steps": options["steps"]} if name == "mzsr" else {}),
+        **checkpoint_digests(init=init, kernel=kernel),
     }
     job = Job(Path(out), root, "sr", inputs, settings, shard_size)
     reporter = ProgressReporter("sr", quiet=quiet, log_every=log_every)
