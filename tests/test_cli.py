@@ -182,6 +182,15 @@ def test_a_retrained_checkpoint_is_another_job_not_a_resume(tmp_path):
     assert "another job (upsampler_sha256" in result.stderr
 
 
+def test_an_image_whose_features_would_not_fit_in_memory_is_recorded(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 1)
+    Image.fromarray(np.zeros((4, 3000, 3), np.uint8)).save(imgs / "strip.png")  # 448 x 336000 at --size 448
+    result = invoke("upsample", imgs, "--out", tmp_path / "o", "--workers", "0", "-q")
+    assert result.exit_code == 3, result.stderr
+    failures = [json.loads(line) for line in (tmp_path / "o" / "failures.jsonl").read_text().splitlines()]
+    assert [f["source"] for f in failures] == ["strip.png"] and "GiB; lower --size" in failures[0]["reason"]
+
+
 def read_store(out: Path) -> dict:
     result = {}
     for shard in sorted(out.glob("shard-*.h5")):

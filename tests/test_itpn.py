@@ -135,6 +135,9 @@ def test_streaming_pool_draws_the_same_crops_and_workers_the_same_batches(tmp_pa
         a = memory.resized_crop(torch.Generator().manual_seed(seed), 32)
         b = stream.resized_crop(torch.Generator().manual_seed(seed), 32)
         assert a.shape == (3, 32, 32) and torch.equal(a, b)
+        # `upcli train` draws plain crops, and streams sets of more than STREAM_OVER images
+        assert torch.equal(memory.crop(torch.Generator().manual_seed(seed), (40, 56)),
+                           stream.crop(torch.Generator().manual_seed(seed), (40, 56)))
     cfg = small_cfg(tmp_path, batch_size=3)
     here = list(itpn_pretrain.crop_batches(stream, cfg, range(2, 5), range(3)))
     cfg.workers = 2

@@ -18,11 +18,9 @@ from .io.images import ImageRef, load_rgb, target_size
 from .io.jobs import Item, Job, JobResult, resolve_split, run_job
 from .io.store import to_storage
 from .progress import ProgressReporter, Timings
-from .upsample import (DEFAULT_SIZE, _check_choices, _scan, _weights_identity, checkpoint_digests, default_workers,
-                       parse_size, resolve_device)
+from .upsample import (DEFAULT_SIZE, _check_choices, _scan, _weights_identity, check_output_bytes, checkpoint_digests,
+                       default_workers, parse_size, resolve_device)
 from .upsamplers.implicit import FitConfig
-
-MAX_OUTPUT_BYTES = 16 * 2**30  # float32 features of one image, before storage
 
 
 def output_size(orig: tuple[int, int], size: int | None, scale: float | None) -> tuple[int, int]:
@@ -59,9 +57,7 @@ def load_for_fit(ref: ImageRef, size: int | None, scale: float | None, stride: i
         raise BadImageError(ref.path, f"image is {orig[1]}x{orig[0]} px, smaller than one cell of the backbone's "
                                       f"grid ({stride} px)")
     out = output_size(orig, size, scale)
-    if dim * out[0] * out[1] * 4 > MAX_OUTPUT_BYTES:
-        raise BadImageError(ref.path, f"output {out[1]}x{out[0]} x {dim} channels would take "
-                                      f"{dim * out[0] * out[1] * 4 / 2**30:.0f} GiB; lower --size or --scale")
+    check_output_bytes(ref, out, dim)
     return {"image": torch.from_numpy(rgb), "orig_size": tuple(orig), "size": out}
 
 

@@ -51,12 +51,23 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def load_resized(ref: ImageRef, size: int | None) -> dict:
+MAX_OUTPUT_BYTES = 16 * 2**30  # float32 features of one image, before storage
+
+
+def check_output_bytes(ref: ImageRef, size: tuple[int, int], dim: int) -> None:
+    """A ``BadImageError`` for an image whose features at ``size`` would not fit in memory (e.g. a long strip)."""
+    if dim * size[0] * size[1] * 4 > MAX_OUTPUT_BYTES:
+        raise BadImageError(ref.path, f"output {size[1]}x{size[0]} x {dim} channels would take "
+                                      f"{dim * size[0] * size[1] * 4 / 2**30:.0f} GiB; lower --size")
+
+
+def load_resized(ref: ImageRef, size: int | None, dim: int) -> dict:
     """Decode and resize one image (runs in DataLoader workers)."""
     import torch
 
     rgb = load_rgb(ref.path)
     orig = rgb.shape[:2]
+    check_output_bytes(ref, target_size(*orig, size), dim)
     rgb = resize_rgb(rgb, target_size(*orig, size))
     return {"image": torch.from_numpy(rgb), "orig_size": tuple(orig)}
 
@@ -160,7 +171,7 @@ def upsample_folder(
     reporter = ProgressReporter("upsample", quiet=quiet, log_every=log_every)
     timings = Timings(torch.cuda.synchronize if device.type == "cuda" else None)
     return run_job(
-        job, functools.partial(load_resized, size=size), step, split=split,
+        job, functools.partial(load_resized, size=size, dim=model.dim), step, split=split,
         shard_attrs={"command": "upsample", "settings": json.dumps(settings, sort_keys=True)}, compression=compression,
         batch_size=batch_size, workers=default_workers() if workers is None else workers, strict=strict,
         overwrite=overwrite, reporter=reporter, timings=timings,

@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
 
     side = max(max(s) for s in cfg.image_sizes)
     reporter = ProgressReporter("train", quiet=quiet or not dist.is_main, unit="steps", log_every=10.0)
-    pool = ImagePool(cfg.images, side, reporter)
+    pool = ImagePool(cfg.images, side, reporter, stream=None)  # large sets are decoded at each draw, not held
     val_set = ValidationSet(ImagePool(cfg.val, side, reporter), backbone, cfg, device) if cfg.val else None
     best_val = _best_val_loss(best_path) if resume else math.inf
     local = cfg.batch_size // dist.world_size
