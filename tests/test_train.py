@@ -77,6 +77,12 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path):
     with pytest.raises(UsageError, match="not both"):
         train(cfg, resume=True, overwrite=True, quiet=True)
     assert train(cfg, resume=True, quiet=True)["start"] == 2  # done already: nothing to train
+    from upcli.training import load_checkpoint, save_checkpoint
+
+    tensors, saved = load_checkpoint(cfg.out)  # as if killed between writing the checkpoint and its state
+    save_checkpoint(cfg.out, tensors, {**saved, "training": {"step": 1}})
+    with pytest.raises(UsageError, match="at step 1 but jbu.train.safetensors at step 2; the run was killed while saving"):
+        train(cfg, resume=True, quiet=True)
     cfg.steps, cfg.lr = 4, 5e-4
     with pytest.raises(UsageError, match="other settings \\(lr\\)"):
         train(cfg, resume=True, quiet=True)
@@ -224,3 +230,20 @@ def test_learning_rate_decays_by_cosine(tmp_path):
     rates = [learning_rate(cfg, s) for s in range(101)]
     assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4) and rates[50] == pytest.approx(5.5e-4)
     assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_interrupts_are_held_while_a_checkpoint_pair_is_written():
+    import signal
+
+    from upcli.training import InterruptsDeferred
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        before = signal.getsignal(sig)
+        reached_the_end = False
+        with pytest.raises(KeyboardInterrupt):
+            with InterruptsDeferred():
+                os.kill(os.getpid(), sig)
+                reached_the_end = True
+        assert reached_the_end and signal.getsignal(sig) is before
+    with InterruptsDeferred():
+        pass  # no signal: nothing raised

@@ -14,7 +14,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,27 @@ def generator(seed: int, *stream: int) -> torch.Generator:
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
+
+class InterruptsDeferred:
+    """Ctrl-C or SIGTERM inside the block is held until the block ends, then raised as ``KeyboardInterrupt``: a
+    checkpoint and its training state are written as a pair, never one without the other."""
+
+    def __enter__(self):
+        self._pending, self._old = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self._pending = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        if self._pending and exc[0] is None:
+            raise KeyboardInterrupt
+
 
 def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], config: dict) -> None:
     """Write ``tensors`` and ``config`` to ``path`` (safetensors), atomically."""
@@ -173,6 +196,10 @@ def load_train_state(out: str | Path, state_path: Path, kind: str, identity: dic
     if saved != plain:
         diff = [k for k in {**plain, **saved} if plain.get(k) != saved.get(k)]
         raise UsageError(f"--resume: the checkpoint was made with other settings ({', '.join(diff)})")
+    out_step = read_config(out).get("training", {}).get("step")
+    if out_step is not None and int(out_step) != int(config["step"]):  # a kill between the two writes
+        raise UsageError(f"--resume: {out} is at step {out_step} but {Path(state_path).name} at step {config['step']}; "
+                         "the run was killed while saving, so the two do not belong together")
     return state, config
 
 

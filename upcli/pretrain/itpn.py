@@ -38,8 +38,9 @@ from ..errors import UsageError
 from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
-from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, load_train_state,
-                        optimizer_tensors, prepare_output, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
+from ..training import (InterruptsDeferred, generator, global_mean, load_checkpoint, load_optimizer_tensors,
+                        load_train_state, optimizer_tensors, prepare_output, save_checkpoint, setup_distributed,
+                        teardown_distributed, train_state_path)
 
 PYRAMID = {"p16": 1, "p8": 2, "p4": 4}  # level -> sub-tokens per patch side
 _CROP, _MASK, _PREVIEW = 1, 2, 3  # purposes of the random streams
@@ -393,14 +394,15 @@ def _loop(cfg, model, teacher, optimizer, pool, dist, device, reporter, start: i
             return
         tensors = model.state_dict()  # backbone.*, decoder.*, level_heads.*
         last = {name: values[-1] for name, values in history.items() if values}
-        save_checkpoint(out, tensors, {**config_dict(cfg.arch, model.backbone.cfg), "image_size": cfg.image_size,
-                                       "target_dims": model.decoder.target_dims, "pretrain": cfg.identity(),
-                                       "training": {"step": step, "steps": steps, **last, **info}})
         state, optim_json = optimizer_tensors(optimizer)
         if isinstance(teacher, EMATeacher):
             state.update({f"ema.{k}": v for k, v in teacher.model.state_dict().items()})
-        save_checkpoint(state_path, state, {"kind": STATE_KIND, "step": step, "optimizer": optim_json,
-                                            "train_config": cfg.identity()})
+        with InterruptsDeferred():
+            save_checkpoint(out, tensors, {**config_dict(cfg.arch, model.backbone.cfg), "image_size": cfg.image_size,
+                                           "target_dims": model.decoder.target_dims, "pretrain": cfg.identity(),
+                                           "training": {"step": step, "steps": steps, **last, **info}})
+            save_checkpoint(state_path, state, {"kind": STATE_KIND, "step": step, "optimizer": optim_json,
+                                                "train_config": cfg.identity()})
 
     reporter.start(steps - start)
     t0, done = time.perf_counter(), start

@@ -34,8 +34,9 @@ from ..errors import UsageError
 from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
-from ..training import (generator, global_mean, load_optimizer_tensors, load_train_state, optimizer_tensors,
-                        prepare_output, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
+from ..training import (InterruptsDeferred, generator, global_mean, load_optimizer_tensors, load_train_state,
+                        optimizer_tensors, prepare_output, save_checkpoint, setup_distributed, teardown_distributed,
+                        train_state_path)
 from .degrade import SUBSAMPLINGS, Degradation, random_kernel, upscale
 from .net import SRNet, load_sr_net, mzsr_net, save_sr_net
 
@@ -212,11 +213,13 @@ def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False, ov
 
     def checkpoint(step: int, **info) -> None:
         if dist.is_main:
-            save_sr_net(out, net, {"scale": cfg.scale, "subsample": cfg.subsample, "pretrain_steps": min(step, cfg.pretrain_steps),
-                                   "meta_steps": max(step - cfg.pretrain_steps, 0), "training": {"step": step, **info}})
             tensors, optim_json = optimizer_tensors(optimizer)
-            save_checkpoint(state_path, tensors, {"kind": "mzsr-train-state", "step": step, "optimizer": optim_json,
-                                                  "stage": optimizer.stage, "train_config": cfg.identity()})
+            with InterruptsDeferred():
+                save_sr_net(out, net, {"scale": cfg.scale, "subsample": cfg.subsample,
+                                       "pretrain_steps": min(step, cfg.pretrain_steps),
+                                       "meta_steps": max(step - cfg.pretrain_steps, 0), "training": {"step": step, **info}})
+                save_checkpoint(state_path, tensors, {"kind": "mzsr-train-state", "step": step, "optimizer": optim_json,
+                                                      "stage": optimizer.stage, "train_config": cfg.identity()})
 
     history, t0, done = [], time.perf_counter(), start
     with TerminateAsInterrupt():

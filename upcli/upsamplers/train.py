@@ -36,8 +36,9 @@ from ..errors import UsageError
 from ..io.pool import ImagePool
 from ..io.jobs import TerminateAsInterrupt
 from ..progress import ProgressReporter
-from ..training import (generator, global_mean, load_checkpoint, load_optimizer_tensors, load_train_state,
-                        optimizer_tensors, prepare_output, save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
+from ..training import (InterruptsDeferred, generator, global_mean, load_checkpoint, load_optimizer_tensors,
+                        load_train_state, optimizer_tensors, prepare_output, save_checkpoint, setup_distributed,
+                        teardown_distributed, train_state_path)
 from . import guidance_at
 from .jbu import GUIDANCE_KINDS, MAX_RADIUS, stage_sizes
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
@@ -211,8 +212,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
 
     def checkpoint(step: int, **info) -> None:
         if dist.is_main:
-            save_upsampler(out, upsampler, backbone, extra={"training": {"step": step, **info}})
-            _save_state(state_path, cfg, objective, optimizer, step)
+            with InterruptsDeferred():
+                save_upsampler(out, upsampler, backbone, extra={"training": {"step": step, **info}})
+                _save_state(state_path, cfg, objective, optimizer, step)
 
     with TerminateAsInterrupt():
         history, t0, val_loss, done = [], time.perf_counter(), None, start
