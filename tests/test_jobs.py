@@ -252,3 +252,26 @@ def test_write_atomic_leaves_no_temporary_file_when_it_fails(tmp_path, monkeypat
     with pytest.raises(OSError, match="No space"):
         store.write_atomic(tmp_path / "x.json", "{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_image_that_runs_out_of_memory_is_recorded_and_the_job_goes_on(tmp_path):
+    root = make_images(tmp_path / "imgs", 5)
+
+    class TooBig(Step):
+        def __call__(self, items, timings):
+            if any(item.ref.rel == "d1/img01.png" for item in items):
+                raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                                   "you tried to allocate 51539607552 bytes")
+            return super().__call__(items, timings)
+
+    result = run(job_for(root, tmp_path / "out", shard_size=5), TooBig(), batch_size=2)
+    assert result.exit_code == 3 and result.processed == 4
+    assert [f["source"] for f in result.failures] == ["d1/img01.png"]
+    assert "out of memory" in result.failures[0]["reason"] and len(FeatureStore(tmp_path / "out")) == 4
+
+    class Broken(Step):
+        def __call__(self, items, timings):
+            raise RuntimeError("a real bug")
+
+    with pytest.raises(RuntimeError, match="a real bug"):
+        run(job_for(root, tmp_path / "out2", shard_size=5), Broken())

@@ -396,10 +396,33 @@ def _run_batch(items: list[Item], process, writer: _ShardWriterThread, reporter,
             raise BadImageError(item.ref.rel, f"{item.error} (--strict stops at the first bad input)")
         reporter.log(f"skipped {item.ref.rel}: {item.error}")
         writer.put(("failure", item.ref.rel, item.error))
-    results = process(good, timings) if good else []
-    for item, (array, attrs) in zip(good, results, strict=True):
+    try:
+        done = list(zip(good, process(good, timings), strict=True)) if good else []
+    except (RuntimeError, MemoryError) as err:
+        if strict or not _out_of_memory(err):
+            raise
+        done = []
+        for item in good:  # again one at a time: only an image that does not fit on its own fails
+            try:
+                done += zip([item], process([item], timings), strict=True)
+            except (RuntimeError, MemoryError) as single:
+                if not _out_of_memory(single):
+                    raise
+                reporter.log(f"skipped {item.ref.rel}: out of memory")
+                writer.put(("failure", item.ref.rel, "out of memory at this output size; lower --size or --batch-size"))
+    for item, (array, attrs) in done:
         writer.put(("image", item.ref.rel, array, attrs))
-    return len(good)
+    return len(done)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """A CPU or CUDA allocation failure (torch raises RuntimeError or its subclass OutOfMemoryError)."""
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return True
+    return isinstance(err, MemoryError) or "can't allocate memory" in str(err) or "out of memory" in str(err)
 
 
 def verify_store(out_dir: Path) -> dict:
