@@ -275,3 +275,14 @@ def test_an_image_that_runs_out_of_memory_is_recorded_and_the_job_goes_on(tmp_pa
 
     with pytest.raises(RuntimeError, match="a real bug"):
         run(job_for(root, tmp_path / "out2", shard_size=5), Broken())
+
+
+def test_a_full_disk_inside_the_model_step_is_a_one_line_store_error(tmp_path):
+    import errno
+
+    class PreviewOnFullDisk(Step):
+        def __call__(self, items, timings):
+            raise OSError(errno.ENOSPC, "No space left on device", "previews/x.png")
+
+    with pytest.raises(StoreError, match="disk full; finished shards are kept"):
+        run(job_for(make_images(tmp_path / "imgs", 2), tmp_path / "out"), PreviewOnFullDisk())

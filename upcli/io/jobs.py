@@ -398,6 +398,8 @@ def _run_batch(items: list[Item], process, writer: _ShardWriterThread, reporter,
         writer.put(("failure", item.ref.rel, item.error))
     try:
         done = list(zip(good, process(good, timings), strict=True)) if good else []
+    except OSError as err:  # a preview or a saved field that cannot be written: disk full, read-only
+        raise _store_error(err, None) from None
     except (RuntimeError, MemoryError) as err:
         if strict or not _out_of_memory(err):
             raise
