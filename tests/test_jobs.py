@@ -286,3 +286,20 @@ def test_a_full_disk_inside_the_model_step_is_a_one_line_store_error(tmp_path):
 
     with pytest.raises(StoreError, match="disk full; finished shards are kept"):
         run(job_for(make_images(tmp_path / "imgs", 2), tmp_path / "out"), PreviewOnFullDisk())
+
+
+def test_index_rebuilds_of_split_workers_take_turns(tmp_path):
+    """Two rebuilds cannot interleave: the second waits for the lock the first holds (one node's workers)."""
+    import threading
+
+    import upcli.io.store as store
+
+    (tmp_path / "out").mkdir()
+    order = []
+    with store._index_lock(tmp_path / "out"):
+        other = threading.Thread(target=lambda: (store.write_index(tmp_path / "out", []), order.append("second")))
+        other.start()
+        other.join(timeout=0.5)
+        order.append("first")
+    other.join()
+    assert order == ["first", "second"] and (tmp_path / "out" / "manifest.jsonl").read_text() == ""

@@ -32,7 +32,7 @@ from .images import ImageRef
 from .store import FEATURE_SHARDS, IMAGE_SHARDS, ShardKind, ShardWriter, read_shard_index, shard_name, write_atomic, write_index
 
 JOB_FORMAT = "upcli-job"
-STORE_FILES = ("job.json", "manifest.jsonl", "failures.jsonl")
+STORE_FILES = ("job.json", "manifest.jsonl", "failures.jsonl", ".index.lock")
 
 
 @dataclass

@@ -15,6 +15,7 @@ source's relative path (suffix ``.png``), and ``shard-00000.json`` lists a finis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -212,17 +213,39 @@ IMAGE_SHARDS = ShardKind(".json", ImageShardWriter, read_image_shard_index)
 
 def write_index(out_dir: Path, shard_indices: list[int], fingerprint: str | None = None,
                 kind: ShardKind = FEATURE_SHARDS) -> tuple[int, int]:
-    """Rebuild manifest.jsonl and failures.jsonl from the complete shards; returns (images, failures)."""
-    manifest, failures = [], []
-    for index in shard_indices:
-        content = kind.read_index(out_dir / kind.name(index), fingerprint)
-        if content is None:
-            continue
-        manifest += [{"source": src, "shard": kind.name(index), "key": key} for key, src in content["images"]]
-        failures += content["failures"]
-    write_atomic(out_dir / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in manifest))
-    write_atomic(out_dir / "failures.jsonl", "".join(json.dumps(r) + "\n" for r in failures))
+    """Rebuild manifest.jsonl and failures.jsonl from the complete shards; returns (images, failures).
+
+    The workers of a split job each rebuild them when they finish. A lock makes the reading and the writing one
+    step, so a slower worker cannot replace a newer index with its older view (where the filesystem has locks)."""
+    with _index_lock(out_dir):
+        manifest, failures = [], []
+        for index in shard_indices:
+            content = kind.read_index(out_dir / kind.name(index), fingerprint)
+            if content is None:
+                continue
+            manifest += [{"source": src, "shard": kind.name(index), "key": key} for key, src in content["images"]]
+            failures += content["failures"]
+        write_atomic(out_dir / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in manifest))
+        write_atomic(out_dir / "failures.jsonl", "".join(json.dumps(r) + "\n" for r in failures))
     return len(manifest), len(failures)
+
+
+@contextlib.contextmanager
+def _index_lock(out_dir: Path):
+    """An exclusive ``flock`` on ``out_dir/.index.lock``; no lock where the platform or filesystem has none."""
+    try:
+        import fcntl
+
+        handle = open(Path(out_dir) / ".index.lock", "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
 
 
 class FeatureStore:
