@@ -247,3 +247,20 @@ def test_interrupts_are_held_while_a_checkpoint_pair_is_written():
         assert reached_the_end and signal.getsignal(sig) is before
     with InterruptsDeferred():
         pass  # no signal: nothing raised
+
+
+def test_a_diverged_run_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from upcli.errors import UpcliError
+
+    cfg = config(tmp_path, steps=4, save_every=2)
+    real_make_batch = train_module.make_batch
+
+    def nan_from_step_2(pool, cfg, step, *args, **kw):
+        images = real_make_batch(pool, cfg, step, *args, **kw)
+        return images * float("nan") if step >= 2 else images
+
+    monkeypatch.setattr(train_module, "make_batch", nan_from_step_2)
+    with pytest.raises(UpcliError, match="the loss became nan at step 3; stopped before saving"):
+        train(cfg, quiet=True)
+    assert read_config(cfg.out)["training"]["step"] == 2
+    assert all(torch.isfinite(t).all() for t in load_file(cfg.out).values())

@@ -69,6 +69,19 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def ensure_finite(loss: float, step: int, out) -> float:
+    """``loss``, or a one-line ``UpcliError`` if it is NaN or infinite: a diverged run stops before its next save,
+    so the checkpoint on disk is the last good one."""
+    import math
+
+    from .errors import UpcliError
+
+    if not math.isfinite(loss):
+        raise UpcliError(f"the loss became {loss} at step {step + 1}; stopped before saving, so {out} keeps its last "
+                         "good checkpoint (try a lower --lr)")
+    return loss
+
+
 def global_mean(value: Tensor, world: int) -> float:
     """The mean of a scalar over all processes (the value itself in one process)."""
     if world > 1:

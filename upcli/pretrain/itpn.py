@@ -38,9 +38,9 @@ from ..errors import UsageError
 from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
-from ..training import (InterruptsDeferred, generator, global_mean, load_checkpoint, load_optimizer_tensors,
-                        load_train_state, optimizer_tensors, prepare_output, save_checkpoint, setup_distributed,
-                        teardown_distributed, train_state_path)
+from ..training import (InterruptsDeferred, ensure_finite, generator, global_mean, load_checkpoint,
+                        load_optimizer_tensors, load_train_state, optimizer_tensors, prepare_output,
+                        save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
 
 PYRAMID = {"p16": 1, "p8": 2, "p4": 4}  # level -> sub-tokens per patch side
 _CROP, _MASK, _PREVIEW = 1, 2, 3  # purposes of the random streams
@@ -422,7 +422,7 @@ def _loop(cfg, model, teacher, optimizer, pool, dist, device, reporter, start: i
                 if teacher is not None:
                     teacher.update(model.backbone)
                 for name in [name for name in history if name in losses]:  # one order on every process
-                    history[name].append(global_mean(losses[name].detach(), dist.world_size))
+                    history[name].append(ensure_finite(global_mean(losses[name].detach(), dist.world_size), step, out))
                 done = step + 1
                 status = ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.items() if values)
                 reporter.advance(1, status=status)

@@ -34,9 +34,9 @@ from ..errors import UsageError
 from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
-from ..training import (InterruptsDeferred, generator, global_mean, load_optimizer_tensors, load_train_state,
-                        optimizer_tensors, prepare_output, save_checkpoint, setup_distributed, teardown_distributed,
-                        train_state_path)
+from ..training import (InterruptsDeferred, ensure_finite, generator, global_mean, load_optimizer_tensors,
+                        load_train_state, optimizer_tensors, prepare_output, save_checkpoint, setup_distributed,
+                        teardown_distributed, train_state_path)
 from .degrade import SUBSAMPLINGS, Degradation, random_kernel, upscale
 from .net import SRNet, load_sr_net, mzsr_net, save_sr_net
 
@@ -249,7 +249,7 @@ def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False, ov
                             torch.distributed.all_reduce(p.grad)
                         loss = loss * dist.world_size  # global_mean below divides by it
                 optimizer.step()
-                value = global_mean(loss.detach(), dist.world_size)
+                value = ensure_finite(global_mean(loss.detach(), dist.world_size), step, out)
                 history.append(value)
                 done = step + 1
                 reporter.advance(1, status=f"stage {stage}, loss {value:.4f}")

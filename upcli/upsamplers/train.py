@@ -36,9 +36,9 @@ from ..errors import UsageError
 from ..io.pool import ImagePool
 from ..io.jobs import TerminateAsInterrupt
 from ..progress import ProgressReporter
-from ..training import (InterruptsDeferred, generator, global_mean, load_checkpoint, load_optimizer_tensors,
-                        load_train_state, optimizer_tensors, prepare_output, save_checkpoint, setup_distributed,
-                        teardown_distributed, train_state_path)
+from ..training import (InterruptsDeferred, ensure_finite, generator, global_mean, load_checkpoint,
+                        load_optimizer_tensors, load_train_state, optimizer_tensors, prepare_output,
+                        save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
 from . import guidance_at
 from .jbu import GUIDANCE_KINDS, MAX_RADIUS, stage_sizes
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
@@ -230,7 +230,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                value = global_mean(loss.detach(), dist.world_size)
+                value = ensure_finite(global_mean(loss.detach(), dist.world_size), step, out)
                 history.append(value)
                 reporter.advance(1, status=f"loss {value:.4f}")
                 done = step + 1
