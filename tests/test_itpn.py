@@ -145,6 +145,20 @@ def test_streaming_pool_draws_the_same_crops_and_workers_the_same_batches(tmp_pa
     assert len(here) == len(there) == 3 and all(torch.equal(a, b) for a, b in zip(here, there))
 
 
+def test_images_skipped_inside_loader_workers_are_counted_in_the_main_process(tmp_path):
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(EXAMPLES, root)
+    for i in range(4):
+        (root / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    stream = ImagePool(str(root), 64, stream=True)
+    cfg = small_cfg(tmp_path, batch_size=3, workers=2)
+    batches = list(itpn_pretrain.crop_batches(stream, cfg, range(3), range(3)))
+    assert len(batches) == 3 and all(b.shape == (3, 3, cfg.image_size, cfg.image_size) for b in batches)
+    assert stream.skipped and all("broken" in reason for reason in stream.skipped)
+
+
 def test_learning_rate_warms_up_then_decays():
     cfg = ITPNPretrainConfig(images=[], out="", lr=1e-3, min_lr=1e-5, warmup=0.1)
     lrs = [learning_rate(cfg, s, 100) for s in range(100)]

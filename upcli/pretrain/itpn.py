@@ -285,17 +285,23 @@ class _StepCrops(torch.utils.data.Dataset):
     def __init__(self, pool: ImagePool, cfg: ITPNPretrainConfig, samples: range):
         self.pool, self.cfg, self.samples = pool, cfg, samples
 
-    def __getitem__(self, step: int) -> Tensor:
-        return crop_batch(self.pool, self.cfg, step, self.samples)
+    def __getitem__(self, step: int) -> tuple[Tensor, list[str]]:
+        """The crops, and the images skipped as unreadable while drawing them (in a worker's copy of the pool)."""
+        before = len(self.pool.skipped)
+        return crop_batch(self.pool, self.cfg, step, self.samples), self.pool.skipped[before:]
 
 
 def crop_batches(pool: ImagePool, cfg: ITPNPretrainConfig, steps: range, samples: range):
     """The crops of each step in ``steps``, decoded ahead by ``cfg.workers`` processes (none: in this one)."""
     workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if pool.stream else 0)
     if workers == 0:
-        return (crop_batch(pool, cfg, step, samples) for step in steps)
-    return iter(torch.utils.data.DataLoader(_StepCrops(pool, cfg, samples), sampler=steps, batch_size=None,
-                                            num_workers=workers, prefetch_factor=2))
+        yield from (crop_batch(pool, cfg, step, samples) for step in steps)
+        return
+    loader = torch.utils.data.DataLoader(_StepCrops(pool, cfg, samples), sampler=steps, batch_size=None,
+                                         num_workers=workers, prefetch_factor=2)
+    for crops, skipped in loader:
+        pool.skipped += skipped  # counted here, where the command reports them
+        yield crops
 
 
 def mask_batch(cfg: ITPNPretrainConfig, step: int, samples: range, patches: int) -> Tensor:
