@@ -228,3 +228,22 @@ def test_resize_rgb():
     assert out.shape == (15, 21, 3) and out.dtype == np.uint8
     flat = np.full((30, 40, 3), 77, np.uint8)
     assert (resize_rgb(flat, (11, 13)) == 77).all()
+
+
+def test_an_unreadable_subfolder_is_a_warning_and_the_scan_goes_on(tmp_path, monkeypatch):
+    import os
+
+    for sub in ("ok", "locked"):
+        (tmp_path / sub).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / sub / "a.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.warns(RuntimeWarning, match="cannot read folder .*locked \\(Permission denied\\); its images are left out"):
+        refs = scan_images(tmp_path)
+    assert [ref.rel for ref in refs] == ["ok/a.png"]

@@ -438,7 +438,14 @@ def pretrain_itpn(
     _finish_training("pretrain itpn", result, quiet)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"upcli: warning: {message}\n"
+
+
 def main() -> None:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     app()
 
 

@@ -52,7 +52,11 @@ def scan_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
 
     refs = []
     seen_dirs = {os.path.realpath(exclude)} - {os.path.realpath(root)} if exclude is not None else set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    def unreadable(err: OSError) -> None:  # e.g. a root-only lost+found: warn, do not stop the scan
+        warnings.warn(f"cannot read folder {err.filename} ({err.strerror}); its images are left out", RuntimeWarning,
+                      stacklevel=3)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
             dirnames.clear()
