@@ -247,3 +247,13 @@ def test_an_unreadable_subfolder_is_a_warning_and_the_scan_goes_on(tmp_path, mon
     with pytest.warns(RuntimeWarning, match="cannot read folder .*locked \\(Permission denied\\); its images are left out"):
         refs = scan_images(tmp_path)
     assert [ref.rel for ref in refs] == ["ok/a.png"]
+
+
+def test_float_tiffs_keep_their_contrast(tmp_path):
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")
+    Image.fromarray(ramp * 4000 - 1000, mode="F").save(tmp_path / "wide.tif")
+    for name in ("unit.tif", "wide.tif"):
+        rgb = load_rgb(tmp_path / name)
+        assert rgb.shape == (8, 8, 3) and rgb.min() == 0 and rgb.max() == 255, name
+        assert np.all(np.diff(rgb[..., 0].ravel().astype(int)) >= 0), name  # the ramp stays a ramp

@@ -73,7 +73,8 @@ def scan_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """Decode ``path`` fully to ``uint8 (H, W, 3)`` RGB, upright per EXIF, first frame only.
 
-    Transparency is composited over white; 16-bit data is scaled (not clipped) to 8 bits.
+    Transparency is composited over white; 16-bit data is scaled (not clipped) to 8 bits; 32-bit float data in
+    [0, 1] is scaled, any other float range stretched.
     """
     with _decoding(path), Image.open(path) as img:
         img.load()  # full decode now, so truncation shows up here
@@ -111,6 +112,11 @@ def resize_rgb(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    if img.mode == "F":  # 32-bit float (scientific TIFFs): [0, 1] as is, any other range stretched to 0..255
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        low, high = (0.0, 1.0) if values.min() >= 0 and values.max() <= 1 else (values.min(), values.max())
+        gray = np.rint((values - low) * (255 / max(high - low, 1e-12))).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode in _SIXTEEN_BIT_MODES:
         # Pillow's convert("RGB") clips 16-bit values at 255; scale 0..65535 to 0..255 instead.
         values = np.asarray(img).astype(np.float64)
