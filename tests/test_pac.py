@@ -69,6 +69,33 @@ def test_normalised_pac_pool_equals_avg_pool_when_k_is_one(kernel_size, stride, 
                                atol=1e-5)
 
 
+def test_device_dtype_and_reset_parameters():
+    makers = [lambda **kw: PacConv2d(3, 4, 3, kernel_type="inv_0.5_-1", smooth_kernel="full_3", kernel_gain=0.5, **kw),
+              lambda **kw: PacConvTranspose2d(3, 3, 5, stride=2, shared_filters=True, **kw),
+              lambda **kw: PacPool2d(3, kernel_type="inv_0.5_-1", smooth_kernel="full_3", **kw)]
+    for make in makers:
+        state = make(dtype=torch.float64).state_dict()
+        assert state and all(t.dtype == torch.float64 for t in state.values())
+        assert all(t.is_meta for t in make(device="meta").state_dict().values())
+        torch.manual_seed(0)
+        layer = make()
+        initial = {k: v.clone() for k, v in layer.state_dict().items()}
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(1.0)
+        torch.manual_seed(0)
+        layer.reset_parameters()
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, initial[key]), key
+    # the filter is drawn as torch's layer draws its own
+    for ours, theirs in [(PacConv2d, nn.Conv2d), (PacConvTranspose2d, nn.ConvTranspose2d)]:
+        torch.manual_seed(1)
+        a = ours(3, 5, 3)
+        torch.manual_seed(1)
+        b = theirs(3, 5, 3)
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
 # ---- kernel formulas on a hand-computed 3x3 example -----------------------------------------------------------
 GUIDE = torch.tensor([[0.0, 1.0, 2.0], [1.0, 2.0, 0.5], [3.0, 0.0, 1.0]])  # one channel; centre value 2.0
 

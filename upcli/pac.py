@@ -22,6 +22,7 @@ run per tap in ``upcli.kernels``; the guidance distances per tap, recomputed in 
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -29,8 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .kernels import adaptive_conv, pac_conv
-from .kernels.pac import tap_view, zero_insert
+from .kernels import pac_conv, pac_pool, pac_squared_distance, pac_tap_mask
 
 __all__ = ["PacConv2d", "PacConvTranspose2d", "PacPool2d", "hot_swap", "parse_kernel_type"]
 
@@ -51,61 +51,14 @@ def parse_kernel_type(kernel_type: str) -> dict:
             "fixed": "_fixed" in flags}
 
 
-class _SquaredDistance(torch.autograd.Function):
-    """``D[b, h, w, i, j] = sum_c d^2`` with ``d = gpad[b, c, tap (i, j) of (h, w)] - centre[b, c, h, w]``
-    (``relu(d)`` when ``asym``). One tap at a time; backward recomputes ``d``, so nothing is kept per tap."""
-
-    @staticmethod
-    def forward(ctx, gpad, centre, k, stride, dilation, asym):
-        B, _, Ho, Wo = centre.shape
-        out = centre.new_empty(B, Ho, Wo, k, k)
-        for i in range(k):
-            for j in range(k):
-                d = tap_view(gpad, i, j, (Ho, Wo), stride, dilation) - centre
-                if asym:
-                    d = d.clamp_min(0)
-                out[..., i, j] = (d * d).sum(1)
-        ctx.save_for_backward(gpad, centre)
-        ctx.k, ctx.stride, ctx.dilation, ctx.asym = k, stride, dilation, asym
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        gpad, centre = ctx.saved_tensors
-        B, _, Ho, Wo = centre.shape
-        grad_gpad = torch.zeros_like(gpad) if ctx.needs_input_grad[0] else None
-        grad_centre = torch.zeros_like(centre)
-        for i in range(ctx.k):
-            for j in range(ctx.k):
-                d = tap_view(gpad, i, j, (Ho, Wo), ctx.stride, ctx.dilation) - centre
-                if ctx.asym:
-                    d = d.clamp_min(0)
-                g = 2 * grad[:, None, :, :, i, j] * d
-                grad_centre -= g
-                if grad_gpad is not None:
-                    tap_view(grad_gpad, i, j, (Ho, Wo), ctx.stride, ctx.dilation).add_(g)
-        return grad_gpad, grad_centre if ctx.needs_input_grad[1] else None, None, None, None, None
-
-
-def _depthwise(xpad: Tensor, weights: Tensor, stride, dilation) -> Tensor:
-    """``out[b, c, p] = sum_q weights[b, p, q] * xpad[b, c, tap q of p]``: every channel alike, per-pixel weights."""
-    B, Ho, Wo, k, _ = weights.shape
-    if stride == (1, 1) and dilation == (1, 1) and k % 2:
-        return adaptive_conv(xpad, weights.to(xpad.dtype), padding="valid")  # the fused op
-    out = 0
-    for i in range(k):
-        for j in range(k):
-            out = out + tap_view(xpad, i, j, (Ho, Wo), stride, dilation) * weights[:, None, :, :, i, j]
-    return out
-
-
 class _PacBase(nn.Module):
     """The adapting kernel: its type, smoothing, normalisation, guidance branch and optional learned gain."""
 
     def __init__(self, kernel_size, stride, padding, dilation, kernel_type: str = "gaussian",
                  smooth_kernel: str = "none", normalize_kernel: bool = False,
-                 guidance_branch: nn.Module | None = None, kernel_gain: float | None = None):
+                 guidance_branch: nn.Module | None = None, kernel_gain: float | None = None, device=None, dtype=None):
         super().__init__()
+        factory = {"device": device, "dtype": dtype}
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         if self.kernel_size[0] != self.kernel_size[1] or self.kernel_size[0] % 2 == 0:
@@ -113,8 +66,9 @@ class _PacBase(nn.Module):
         self.kernel_type, self.normalize_kernel = kernel_type, normalize_kernel
         spec = parse_kernel_type(kernel_type)
         self.kind, self.asym = spec["kind"], spec["asym"]
+        self._inv_init = (spec["alpha"], spec["lam"])
         if self.kind == "inv":
-            alpha, lam = torch.tensor(spec["alpha"]), torch.tensor(spec["lam"])
+            alpha, lam = torch.tensor(spec["alpha"], **factory), torch.tensor(spec["lam"], **factory)
             if spec["fixed"]:
                 self.register_buffer("inv_alpha", alpha)
                 self.register_buffer("inv_lambda", lam)
@@ -127,42 +81,71 @@ class _PacBase(nn.Module):
         if smooth_kernel == "none":
             self.smooth = None
         elif smooth_kernel == "gaussian":
-            g = torch.tensor([0.25, 0.5, 0.25])
+            g = torch.tensor([0.25, 0.5, 0.25], **factory)
             self.register_buffer("smooth", (g[:, None] * g[None, :])[None, None])
         elif match["avg"] or match["full"]:
             size = int(match["avg"] or match["full"])
-            box = torch.full((1, 1, size, size), 1.0 / size**2)
+            box = torch.full((1, 1, size, size), 1.0 / size**2, **factory)
             if match["full"]:
                 self.smooth = nn.Parameter(box)
             else:
                 self.register_buffer("smooth", box)
         self.guidance_branch = guidance_branch
-        self.kernel_gain = None if kernel_gain is None else nn.Parameter(torch.tensor(float(kernel_gain)))
+        self._kernel_gain_init = kernel_gain
+        self.kernel_gain = None if kernel_gain is None else nn.Parameter(torch.tensor(float(kernel_gain), **factory))
 
-    def _init_filter(self, torch_layer: type, in_channels: int, out_channels: int, bias: bool,
-                     shared_filters: bool) -> None:
-        """``weight`` and ``bias``, initialised as ``torch_layer`` would be; ``shared_filters``: one k x k filter for
-        every channel, initialised as a one-channel layer."""
+    def _init_filter(self, transposed: bool, in_channels: int, out_channels: int, bias: bool, shared_filters: bool,
+                     device=None, dtype=None) -> None:
+        """``weight`` (torch's layout: ``(out, in, k, k)``, ``(in, out, k, k)`` when ``transposed``; ``(1, 1, k, k)``
+        with ``shared_filters``, one k x k filter for every channel) and ``bias``, then ``reset_parameters``."""
         if shared_filters and in_channels != out_channels:
             raise ValueError("shared_filters needs in_channels == out_channels")
         self.in_channels, self.out_channels, self.shared_filters = in_channels, out_channels, shared_filters
-        layer = torch_layer(in_channels, out_channels, self.kernel_size, bias=bias)
-        weight = torch_layer(1, 1, self.kernel_size, bias=False).weight if shared_filters else layer.weight
-        self.weight = nn.Parameter(weight.detach().clone())
-        self.bias = nn.Parameter(layer.bias.detach().clone()) if bias else None
+        self.transposed = transposed
+        shape = (in_channels, out_channels) if transposed else (out_channels, in_channels)
+        self._full_shape = (*shape, *self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(*((1, 1) if shared_filters else shape), *self.kernel_size,
+                                               device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The kernel's own parameters back to their initial values; ``weight`` and ``bias`` drawn as
+        ``nn.Conv2d`` / ``nn.ConvTranspose2d`` draw theirs. A shared filter is drawn as a one-channel layer's, its
+        bias as the full layer's, in the order used since shared filters exist (full weight, bias, shared weight),
+        so a seeded model keeps its initial values and random stream."""
+        with torch.no_grad():
+            if self.kind == "inv":
+                self.inv_alpha.fill_(self._inv_init[0])
+                self.inv_lambda.fill_(self._inv_init[1])
+            if isinstance(self.smooth, nn.Parameter):
+                self.smooth.fill_(1.0 / self.smooth.shape[-1] ** 2)
+            if self.kernel_gain is not None:
+                self.kernel_gain.fill_(self._kernel_gain_init)
+        if getattr(self, "weight", None) is None:
+            return
+        full = self.weight
+        if self.shared_filters:  # drawn and dropped: only the random stream needs it
+            full = torch.empty(self._full_shape, device=self.weight.device, dtype=self.weight.dtype)
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(full)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self.shared_filters:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def output_size(self, H: int, W: int) -> tuple[int, int]:
         k = self.kernel_size[0]
         return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
                      for n, p, d, s in zip((H, W), self.padding, self.dilation, self.stride))
 
-    def input_kernel(self, x: Tensor, guidance: Tensor | None) -> tuple[Tensor, Tensor]:
-        """For guidance at the input's resolution (conv, pool): ``K`` at the output pixels and the padded input."""
+    def input_kernel(self, x: Tensor, guidance: Tensor | None) -> Tensor:
+        """For guidance at the input's resolution (conv, pool): ``K`` at the output pixels."""
         f = self.guidance_features(x, guidance)
         if f.shape[0] != x.shape[0] or f.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"guidance {tuple(f.shape)} must match the input {tuple(x.shape)} in B, H and W")
-        K = self.compute_kernel(f, self.output_size(*x.shape[-2:]), self.stride, self.padding, self.dilation)
-        return K, F.pad(x, (self.padding[1], self.padding[1], self.padding[0], self.padding[0]))
+        return self.compute_kernel(f, self.output_size(*x.shape[-2:]), self.stride, self.padding, self.dilation)
 
     def guidance_features(self, x: Tensor, guidance: Tensor | None) -> Tensor:
         f = x if guidance is None else guidance
@@ -171,14 +154,14 @@ class _PacBase(nn.Module):
     def compute_kernel(self, f: Tensor, out_size, stride, padding, dilation) -> Tensor:
         """``K (B, H_out, W_out, k, k)`` from guidance ``f`` laid over the taps (zero padding, as PAC)."""
         k = self.kernel_size[0]
-        pad = (padding[1], padding[1], padding[0], padding[0])
-        centre = f
+        centre = None
         if self.smooth is not None:
             size = self.smooth.shape[-1]
             B, C, H, W = f.shape
             centre = F.conv2d(f.reshape(B * C, 1, H, W), self.smooth.to(f.dtype), padding=size // 2).view(B, C, H, W)
-        centre = tap_view(F.pad(centre, pad), k // 2, k // 2, out_size, stride, dilation)
-        D = _SquaredDistance.apply(F.pad(f, pad), centre, k, stride, dilation, self.asym)
+        D = pac_squared_distance(f, k, stride, padding, dilation, centre=centre, asym=self.asym)
+        if tuple(D.shape[1:3]) != tuple(out_size):
+            raise ValueError(f"out_size {tuple(out_size)} does not match the guidance: {tuple(D.shape[1:3])}")
         if self.kernel_gain is not None:  # kept >= 0, with a straight-through gradient so it can leave 0
             gain = self.kernel_gain
             D = D * (gain + (gain.clamp_min(0) - gain).detach())
@@ -187,31 +170,28 @@ class _PacBase(nn.Module):
         else:
             K = self.inv_alpha + (D + 1e-4) ** (self.inv_lambda / 2)
         if self.normalize_kernel:  # over the taps inside the image only
-            ones = F.pad(f.new_ones(1, 1, *f.shape[-2:]), pad)
-            inside = torch.stack([tap_view(ones, i, j, out_size, stride, dilation)[0, 0]
-                                  for i in range(k) for j in range(k)], -1).view(*out_size, k, k)
-            K = K * inside
+            K = K * pac_tap_mask(f.shape[-2:], k, stride, padding, dilation, device=f.device, dtype=f.dtype)
             K = K / K.sum((-2, -1), keepdim=True).clamp_min(1e-12)
         return K
 
 
 class PacConv2d(_PacBase):
     """``nn.Conv2d`` with a pixel-adaptive kernel. ``shared_filters``: one k x k filter for every channel
-    (``in_channels == out_channels``), run by the fused ``adaptive_conv`` at stride 1."""
+    (``in_channels == out_channels``), run by ``pac_pool`` (the fused ``adaptive_conv`` at stride 1)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, kernel_type: str = "gaussian", smooth_kernel: str = "none",
                  normalize_kernel: bool = False, shared_filters: bool = False,
-                 guidance_branch: nn.Module | None = None, kernel_gain: float | None = None):
+                 guidance_branch: nn.Module | None = None, kernel_gain: float | None = None, device=None, dtype=None):
         super().__init__(kernel_size, stride, padding, dilation, kernel_type, smooth_kernel, normalize_kernel,
-                         guidance_branch, kernel_gain)
-        self._init_filter(nn.Conv2d, in_channels, out_channels, bias, shared_filters)
+                         guidance_branch, kernel_gain, device, dtype)
+        self._init_filter(False, in_channels, out_channels, bias, shared_filters, device, dtype)
 
     def forward(self, x: Tensor, guidance: Tensor | None = None) -> Tensor:
-        K, xpad = self.input_kernel(x, guidance)
+        K = self.input_kernel(x, guidance)
         if not self.shared_filters:
             return pac_conv(x, K.to(x.dtype), self.weight, self.bias, self.stride, self.padding, self.dilation)
-        out = _depthwise(xpad, K * self.weight[0, 0], self.stride, self.dilation)
+        out = pac_pool(x, K * self.weight[0, 0], self.stride, self.padding, self.dilation)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
@@ -228,11 +208,11 @@ class PacConvTranspose2d(_PacBase):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
                  dilation=1, bias: bool = True, kernel_type: str = "gaussian", smooth_kernel: str = "none",
                  normalize_kernel: bool = False, shared_filters: bool = False,
-                 guidance_branch: nn.Module | None = None, kernel_gain: float | None = None):
+                 guidance_branch: nn.Module | None = None, kernel_gain: float | None = None, device=None, dtype=None):
         super().__init__(kernel_size, stride, padding, dilation, kernel_type, smooth_kernel, normalize_kernel,
-                         guidance_branch, kernel_gain)
+                         guidance_branch, kernel_gain, device, dtype)
         self.output_padding = _pair(output_padding)
-        self._init_filter(nn.ConvTranspose2d, in_channels, out_channels, bias, shared_filters)
+        self._init_filter(True, in_channels, out_channels, bias, shared_filters, device, dtype)
 
     def output_size(self, H: int, W: int) -> tuple[int, int]:
         k = self.kernel_size[0]
@@ -247,29 +227,31 @@ class PacConvTranspose2d(_PacBase):
         k, d = self.kernel_size[0], self.dilation
         same = tuple(di * (k - 1) // 2 for di in d)  # K at stride 1 on the output grid
         K = self.compute_kernel(f, out_size, (1, 1), same, d)
+        geometry = dict(stride=self.stride, padding=self.padding, dilation=d, transposed=True,
+                        output_padding=self.output_padding)
         if not self.shared_filters:
-            return pac_conv(x, K.to(x.dtype), self.weight, self.bias, self.stride, self.padding, d, transposed=True,
-                            output_padding=self.output_padding)
-        pads = [d[a] * (k - 1) - self.padding[a] for a in (0, 1)]
-        xpad = F.pad(zero_insert(x, self.stride), (pads[1], pads[1] + self.output_padding[1],
-                                                    pads[0], pads[0] + self.output_padding[0]))
-        out = _depthwise(xpad, K * self.weight[0, 0].flip(-1, -2), (1, 1), d)
+            return pac_conv(x, K.to(x.dtype), self.weight, self.bias, **geometry)
+        out = pac_pool(x, K * self.weight[0, 0].flip(-1, -2), **geometry)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
 class PacPool2d(_PacBase):
     """``sum_q K * v[q]`` over each window (a K-weighted sum; with ``normalize_kernel`` a K-weighted average, which
-    is ``nn.AvgPool2d(count_include_pad=False)`` at ``K == 1``)."""
+    is ``nn.AvgPool2d(count_include_pad=False)`` at ``K == 1``).
+
+    ``stride`` defaults to ``kernel_size``, as in ``nn.AvgPool2d`` / ``nn.MaxPool2d``, so ``PacPool2d(k)`` drops in
+    for them as a downsampling pool. PAC's ``PacPool2d`` defaults to ``stride=1`` (a same-size filter, as its CRF
+    and DPP uses need): pass ``stride=1`` for that.
+    """
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, kernel_type: str = "gaussian",
                  smooth_kernel: str = "none", normalize_kernel: bool = False,
-                 guidance_branch: nn.Module | None = None, kernel_gain: float | None = None):
+                 guidance_branch: nn.Module | None = None, kernel_gain: float | None = None, device=None, dtype=None):
         super().__init__(kernel_size, kernel_size if stride is None else stride, padding, dilation, kernel_type,
-                         smooth_kernel, normalize_kernel, guidance_branch, kernel_gain)
+                         smooth_kernel, normalize_kernel, guidance_branch, kernel_gain, device, dtype)
 
     def forward(self, x: Tensor, guidance: Tensor | None = None) -> Tensor:
-        K, xpad = self.input_kernel(x, guidance)
-        return _depthwise(xpad, K, self.stride, self.dilation)
+        return pac_pool(x, self.input_kernel(x, guidance), self.stride, self.padding, self.dilation)
 
 
 # ---- hot-swapping ---------------------------------------------------------------------------------------------
