@@ -57,6 +57,73 @@ def test_pac_conv_transpose2d_equals_conv_transpose2d_when_k_is_one(stride, padd
                                atol=1e-5)
 
 
+def pac_transposed_reference(x, g, weight, bias, stride, padding, output_padding, dilation, normalize):
+    """PAC's transposed layer with the Gaussian kernel, by loops over the real input samples (float64).
+
+    Input sample n reaches output pixel p = n * s - padding + m * d through filter tap m (torch's ConvTranspose2d
+    convention for W, which upcli keeps; PAC's release does not flip W). The adapting kernel compares the guidance
+    at p with the guidance at n's place on the output grid, q = p + (k // 2 - m) * d (zero outside it). With
+    ``normalize``, each output pixel is divided by Z[p], the sum of K over the (n, m) pairs that reach it: real
+    samples only, neither the inserted zeros nor the padding (PAC's ``nd2col(..., transposed=True)`` mask).
+    """
+    B, C, H, W = x.shape
+    k = weight.shape[-1]
+    Ho, Wo = g.shape[-2:]
+    num = torch.zeros(B, weight.shape[1], Ho, Wo, dtype=torch.float64)
+    Z = torch.zeros(B, Ho, Wo, dtype=torch.float64)
+    for a in range(H):
+        for b in range(W):
+            for mi in range(k):
+                for mj in range(k):
+                    p = (a * stride[0] - padding[0] + mi * dilation[0], b * stride[1] - padding[1] + mj * dilation[1])
+                    if not (0 <= p[0] < Ho and 0 <= p[1] < Wo):
+                        continue
+                    q = (p[0] + (k // 2 - mi) * dilation[0], p[1] + (k // 2 - mj) * dilation[1])
+                    gq = g[:, :, q[0], q[1]] if 0 <= q[0] < Ho and 0 <= q[1] < Wo else torch.zeros_like(g[:, :, 0, 0])
+                    K = torch.exp(-0.5 * ((gq - g[:, :, p[0], p[1]]) ** 2).sum(1))
+                    num[:, :, p[0], p[1]] += K[:, None] * (x[:, :, a, b] @ weight[:, :, mi, mj])
+                    Z[:, p[0], p[1]] += K
+    out = num / torch.where(Z > 0, Z, 1.0)[:, None] if normalize else num
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding,output_padding,dilation",
+                         [(5, 2, 2, 1, 1), (3, 2, 1, 1, 1), (3, 3, 0, 2, 1), (5, 2, 3, 1, 1), (3, 2, 2, 1, 2),
+                          (5, 1, 1, 0, 1), (3, (2, 3), (1, 0), (0, 2), (1, 2))])
+@pytest.mark.parametrize("shared_filters", [False, True])
+def test_pac_conv_transpose2d_matches_pac_formula_and_its_normalisation(kernel_size, stride, padding, output_padding,
+                                                                         dilation, shared_filters):
+    torch.manual_seed(0)
+    C = 3
+    x = torch.randn(2, C, 4, 5, dtype=torch.float64)
+    for normalize in (False, True):
+        layer = PacConvTranspose2d(C, C, kernel_size, stride=stride, padding=padding, output_padding=output_padding,
+                                   dilation=dilation, normalize_kernel=normalize, shared_filters=shared_filters,
+                                   dtype=torch.float64)
+        with torch.no_grad():
+            layer.bias.normal_()
+        g = torch.randn(2, 2, *layer.output_size(*x.shape[-2:]), dtype=torch.float64)
+        weight = torch.eye(C, dtype=torch.float64)[:, :, None, None] * layer.weight if shared_filters else layer.weight
+        expected = pac_transposed_reference(x, g, weight, layer.bias, layer.stride, layer.padding,
+                                            layer.output_padding, layer.dilation, normalize)
+        torch.testing.assert_close(layer(x, g), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_normalised_pac_conv_transpose2d_averages_real_samples_only():
+    """The reproduction of the normalisation bug: K == 1 and W == 1 average the real samples, so ones stay ones
+    (normalising over the inserted zeros too gave 0.36, 0.24 and 0.16 here)."""
+    x, g = torch.ones(1, 1, 8, 8), torch.zeros(1, 1, 16, 16)
+    layer = PacConvTranspose2d(1, 1, 5, stride=2, padding=2, output_padding=1, normalize_kernel=True, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    torch.testing.assert_close(layer(x, g), torch.ones(1, 1, 16, 16))
+    up = PacConvTranspose2d(2, 2, 3, stride=2, padding=1, output_padding=1, normalize_kernel=True, smooth_kernel="full_3",
+                            dtype=torch.float64)
+    x, g = torch.randn(1, 2, 3, 4, dtype=torch.float64), torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, g, *ps: up(x, g), (x.requires_grad_(), g.requires_grad_(),
+                                                                 *up.parameters()), fast_mode=True)
+
+
 @pytest.mark.parametrize("kernel_size,stride,padding", [(3, 2, 1), (3, 1, 1), (5, 2, 2), (3, 3, 0)])
 def test_normalised_pac_pool_equals_avg_pool_when_k_is_one(kernel_size, stride, padding):
     x = torch.randn(2, 3, 10, 13)

@@ -14,6 +14,9 @@ smoothed by ``smooth_kernel``):
 * ``"inv_{a}_{l}"``: ``K = a + (D + 1e-4) ** (l / 2)`` (detail-preserving pooling); ``_asym`` squares
   ``relu(f[q] - f~[p])`` instead; ``a`` and ``l`` are learned unless ``_fixed``.
 
+``normalize_kernel`` divides K by its sum over the taps that land on real input samples (not the padding, and for
+the transposed layer not the inserted zeros either), as PAC does.
+
 Differences from PAC's release, on purpose: the transposed layer flips ``W`` as ``nn.ConvTranspose2d`` does (PAC's
 does not), so it equals torch's layer at ``K == 1``; nothing k*k times the size of the input is made (the sums
 run per tap in ``upcli.kernels``; the guidance distances per tap, recomputed in backward); ``kernel_gain``
@@ -151,8 +154,12 @@ class _PacBase(nn.Module):
         f = x if guidance is None else guidance
         return f if self.guidance_branch is None else self.guidance_branch(f)
 
-    def compute_kernel(self, f: Tensor, out_size, stride, padding, dilation) -> Tensor:
-        """``K (B, H_out, W_out, k, k)`` from guidance ``f`` laid over the taps (zero padding, as PAC)."""
+    def compute_kernel(self, f: Tensor, out_size, stride, padding, dilation, real_taps: Tensor | None = None) -> Tensor:
+        """``K (B, H_out, W_out, k, k)`` from guidance ``f`` laid over the taps (zero padding, as PAC).
+
+        With ``normalize_kernel``, K is divided by its sum over the taps that land on real input samples:
+        ``real_taps`` (``pac_tap_mask``), by default those of a conv over ``f``'s grid (the padding left out).
+        """
         k = self.kernel_size[0]
         centre = None
         if self.smooth is not None:
@@ -169,8 +176,10 @@ class _PacBase(nn.Module):
             K = torch.exp(-0.5 * D)
         else:
             K = self.inv_alpha + (D + 1e-4) ** (self.inv_lambda / 2)
-        if self.normalize_kernel:  # over the taps inside the image only
-            K = K * pac_tap_mask(f.shape[-2:], k, stride, padding, dilation, device=f.device, dtype=f.dtype)
+        if self.normalize_kernel:  # over the taps on real input samples only
+            if real_taps is None:
+                real_taps = pac_tap_mask(f.shape[-2:], k, stride, padding, dilation, device=f.device, dtype=f.dtype)
+            K = K * real_taps
             K = K / K.sum((-2, -1), keepdim=True).clamp_min(1e-12)
         return K
 
@@ -203,7 +212,12 @@ class PacConv2d(_PacBase):
 
 class PacConvTranspose2d(_PacBase):
     """``nn.ConvTranspose2d`` with a pixel-adaptive kernel; the guidance is at the *output* resolution. ``W`` is
-    flipped as torch's layer does, so ``K == 1`` gives ``nn.ConvTranspose2d`` with the same weight."""
+    flipped as torch's layer does, so ``K == 1`` gives ``nn.ConvTranspose2d`` with the same weight.
+
+    ``normalize_kernel``: at each output pixel K is divided by its sum over the taps that land on real input
+    samples, leaving out the inserted zeros and the padding, as PAC's layer does (its transposed ``nd2col`` mask);
+    with ``K == 1`` and ``W == 1`` the layer averages the input samples that reach each pixel.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
                  dilation=1, bias: bool = True, kernel_type: str = "gaussian", smooth_kernel: str = "none",
@@ -226,9 +240,12 @@ class PacConvTranspose2d(_PacBase):
             raise ValueError(f"guidance {tuple(f.shape)} must be at the output size {out_size} (batch {x.shape[0]})")
         k, d = self.kernel_size[0], self.dilation
         same = tuple(di * (k - 1) // 2 for di in d)  # K at stride 1 on the output grid
-        K = self.compute_kernel(f, out_size, (1, 1), same, d)
         geometry = dict(stride=self.stride, padding=self.padding, dilation=d, transposed=True,
                         output_padding=self.output_padding)
+        real_taps = None
+        if self.normalize_kernel:  # the input's samples, not the output grid: no inserted zeros, no padding
+            real_taps = pac_tap_mask(x.shape[-2:], k, **geometry, device=f.device, dtype=f.dtype)
+        K = self.compute_kernel(f, out_size, (1, 1), same, d, real_taps)
         if not self.shared_filters:
             return pac_conv(x, K.to(x.dtype), self.weight, self.bias, **geometry)
         out = pac_pool(x, K * self.weight[0, 0].flip(-1, -2), **geometry)
