@@ -14,7 +14,7 @@ from PIL import Image
 
 from upcli.backbones import (Backbone, BackboneCfg, create_backbone, get_backbone_cfg, list_backbones,
                              parse_backbone_name)
-from upcli.backbones.weights import clean_state_dict
+from upcli.checkpoints import clean_state_dict
 from upcli.errors import UsageError, WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,14 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from upcli.checkpoints import read_config, read_state_dict
 from upcli.errors import WeightsError
 from upcli.upsamplers import create_upsampler
-from upcli.upsamplers.featup import (
-    convert_featup_checkpoint,
-    convert_featup_jbu,
-    load_featup_state_dict,
-    main,
-)
+from upcli.upsamplers.featup import convert_featup_checkpoint, convert_featup_jbu
 
 D = 16
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -105,7 +101,7 @@ def featup_stack_ref(lr_feats, image, sd, pool):
 
 def test_every_parameter_is_the_mapped_featup_tensor(tmp_path):
     sd = featup_state_dict()
-    stack = convert_featup_jbu(load_featup_state_dict(lightning_file(tmp_path, sd)))
+    stack = convert_featup_jbu(read_state_dict(lightning_file(tmp_path, sd)))
     assert not stack.training
     cfg = stack.config
     assert (cfg["dim"], cfg["layers"], cfg["key_dim"], cfg["radius"]) == (D, 4, 32, 3)
@@ -167,18 +163,18 @@ def test_converted_stack_matches_featup_reference():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    sd = featup_state_dict(seed=5)
+    sd = featup_state_dict(dim=384, seed=5)
     src = lightning_file(tmp_path, sd)
-    out = convert_featup_checkpoint(src, tmp_path / "featup-test.safetensors", "featup-test", "-1")
+    out = convert_featup_checkpoint(src, tmp_path / "featup-dinov2.safetensors", "dinov2", "-1").out
     assert out.is_file()
-    backbone = SimpleNamespace(name="featup-test", layer="-1", dim=D)
+    backbone = SimpleNamespace(name="dinov2", layer="-1", dim=384)
     loaded = create_upsampler(str(out), backbone=backbone).eval()
     stack = convert_featup_jbu(sd)
-    lr, image = torch.randn(1, D, 4, 6), torch.rand(1, 3, 64, 96)
+    lr, image = torch.randn(1, 384, 4, 6), torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(loaded(lr, image, (64, 96)), stack(lr, image, (64, 96)), rtol=0, atol=0)
     with pytest.raises(WeightsError, match="dim"):  # the checkpoint is tied to that backbone's dim
-        create_upsampler(str(out), backbone=SimpleNamespace(name="featup-test", layer="-1", dim=2 * D))
+        create_upsampler(str(out), backbone=SimpleNamespace(name="dinov2", layer="-1", dim=768))
 
 
 def test_bare_and_safetensors_inputs(tmp_path):
@@ -188,8 +184,8 @@ def test_bare_and_safetensors_inputs(tmp_path):
     bare = {k.removeprefix("upsampler."): v for k, v in sd.items()}
     torch.save(bare, tmp_path / "bare.pth")
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "sd.safetensors"))
-    a = convert_featup_jbu(load_featup_state_dict(tmp_path / "bare.pth"))
-    b = convert_featup_jbu(load_featup_state_dict(tmp_path / "sd.safetensors"), dim=D)
+    a = convert_featup_jbu(read_state_dict(tmp_path / "bare.pth"))
+    b = convert_featup_jbu(read_state_dict(tmp_path / "sd.safetensors"), dim=D)
     assert not a.config["channel_norm"] and a.channel_norm is None and not b.config["channel_norm"]
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
@@ -202,9 +198,9 @@ def test_bare_and_safetensors_inputs(tmp_path):
 
 def test_unsafe_pickle_is_refused_without_unpickling(tmp_path):
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": featup_state_dict(), "hyper_parameters": Trap()}, path)
+    torch.save({"state_dict": featup_state_dict(dim=384), "hyper_parameters": Trap()}, path)
     with pytest.raises(WeightsError) as err:
-        load_featup_state_dict(path)
+        convert_featup_checkpoint(path, tmp_path / "out.safetensors", "dinov2")
     message = str(err.value)
     assert "\n" not in message and "weights_only=False" in message and "['state_dict']" in message
     assert "evil-state.pth" in message and "Trap" in message
@@ -221,26 +217,25 @@ def test_missing_key_wrong_dim_and_missing_file(tmp_path):
     extra = {**featup_state_dict(), "upsampler.up5.range_temp": torch.tensor(0.0)}
     with pytest.raises(WeightsError, match="up5"):
         convert_featup_jbu(extra)
-    with pytest.raises(WeightsError, match="does not exist"):
-        load_featup_state_dict(tmp_path / "nope.ckpt")
+    with pytest.raises(WeightsError, match="nope.ckpt: no such file"):
+        read_state_dict(tmp_path / "nope.ckpt")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
-        load_featup_state_dict(tmp_path / "junk.pth")
+    with pytest.raises(WeightsError, match="junk.pth: cannot read checkpoint"):
+        read_state_dict(tmp_path / "junk.pth")
 
 
-def test_command_line(tmp_path, capsys):
+def test_conversion_for_a_named_backbone(tmp_path):
     src = lightning_file(tmp_path, featup_state_dict(dim=384, seed=7))
     out = tmp_path / "featup-dinov2.safetensors"
-    assert main([str(src), str(out), "--backbone", "dinov2"]) == 0
-    line = capsys.readouterr().out.strip()
+    line = convert_featup_checkpoint(src, out, "dinov2").summary()
     assert "\n" not in line and str(out) in line and "dim 384" in line and "channel norm on" in line
-    from upcli.training import read_config
-
+    assert "--layer" not in line and "--layer 2" in convert_featup_checkpoint(src, out, "dinov2", layer=2).summary()
     config = read_config(out)
-    assert (config["upsampler"], config["backbone"], config["layer"], config["dim"]) == ("jbu", "dinov2", "-1", 384)
+    assert (config["upsampler"], config["backbone"], config["layer"], config["dim"]) == ("jbu", "dinov2", "2", 384)
     # a backbone whose features have another dim is refused before anything is written
-    assert main([str(src), str(tmp_path / "x.safetensors"), "--backbone", "resnet50"]) == 1
-    assert "384-channel" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(WeightsError, match="384-channel"):
+        convert_featup_checkpoint(src, tmp_path / "x.safetensors", "resnet50")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 TRAPPED: list[str] = []

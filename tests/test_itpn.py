@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 from upcli.backbones import create_backbone, get_backbone_cfg
 from upcli.backbones.itpn import (ITPN, LEVEL_STRIDES, LEVELS, arch_config, random_ids_keep, sincos_embedding,
                                   to_map, to_tokens)
+from upcli.checkpoints import read_config
 from upcli.errors import UsageError
 from upcli.io import FeatureStore
 from upcli.io.pool import ImagePool
 from upcli.pretrain import itpn as itpn_pretrain
 from upcli.pretrain.itpn import ITPNPretrainConfig, build_pretrainer, learning_rate, patch_pixels, pretrain_itpn
-from upcli.training import read_config, train_state_path
+from upcli.training import train_state_path
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "images"

@@ -208,7 +208,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
         create_upsampler(str(path), backbone=FakeBackbone(dim=16, name="fake-a"))
     with pytest.raises(WeightsError, match="not resize-conv"):
         create_upsampler("resize-conv", backbone=bb, checkpoint=str(path))
-    from upcli.training import save_checkpoint
+    from upcli.checkpoints import save_checkpoint
 
     save_checkpoint(tmp_path / "sr.safetensors", {"w": torch.zeros(1)}, {"kind": "sr-net"})
     with pytest.raises(WeightsError, match="is a sr-net checkpoint, not an upsampler"):
@@ -257,7 +257,7 @@ def test_not_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("kind", ["jbu", "pac"])
 def test_shipped_efficientnet_lite0_checkpoint(kind):
     from upcli.backbones import create_backbone
-    from upcli.training import read_config
+    from upcli.checkpoints import read_config
 
     bb = create_backbone("efficientnet-lite0").eval()
     up = create_upsampler(kind, bb).eval()

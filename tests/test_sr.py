@@ -305,7 +305,7 @@ def test_meta_step_gradients_reach_every_weight(tmp_path):
 
 
 def test_load_sr_net_refuses_other_checkpoints(tmp_path):
-    from upcli.training import save_checkpoint
+    from upcli.checkpoints import save_checkpoint
 
     save_checkpoint(tmp_path / "other.safetensors", {"w": torch.zeros(1)}, {"kind": "upsampler"})
     with pytest.raises(WeightsError, match="not an SR network"):

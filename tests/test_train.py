@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from upcli.checkpoints import read_config
 from upcli.errors import UsageError
-from upcli.training import read_config
 import upcli.upsamplers.train as train_module
 from upcli.upsamplers.train import (TrainConfig, learning_rate, parse_image_sizes, parse_input_scales, parse_radius,
                                     shrink, train, train_state_path)
@@ -77,7 +77,7 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path):
     with pytest.raises(UsageError, match="not both"):
         train(cfg, resume=True, overwrite=True, quiet=True)
     assert train(cfg, resume=True, quiet=True)["start"] == 2  # done already: nothing to train
-    from upcli.training import load_checkpoint, save_checkpoint
+    from upcli.checkpoints import load_checkpoint, save_checkpoint
 
     tensors, saved = load_checkpoint(cfg.out)  # as if killed between writing the checkpoint and its state
     save_checkpoint(cfg.out, tensors, {**saved, "training": {"step": 1}})

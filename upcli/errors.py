@@ -12,6 +12,12 @@ EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (at most 200 characters), or its type's name: for one-line errors."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
 class UpcliError(Exception):
     """Base class: ``str(err)`` is the one line shown to the user."""
 

@@ -1,11 +1,7 @@
 """Helpers shared by every training loop: process groups, checkpoints, seeded randomness.
 
-Checkpoints are ``.safetensors`` files: tensors plus one JSON config in the metadata under ``"upcli"``
-(``format``, ``version``, ``kind``, ``backbone``, ``layer``, ``dim``, ...). :func:`read_config` reads the config
-without touching a weight, so mismatches are refused before anything is loaded. Files are written to a
-temporary name, fsynced and renamed: a crash leaves the previous checkpoint intact.
-
-Optimiser state goes through the same format: :func:`optimizer_tensors` flattens ``optimizer.state_dict()``
+The checkpoint format is :mod:`upcli.checkpoints`; the training state that ``--resume`` needs is written beside
+each checkpoint, in the same format. Optimiser state: :func:`optimizer_tensors` flattens ``optimizer.state_dict()``
 into tensors plus a JSON part, :func:`load_optimizer_tensors` rebuilds it. Nothing is ever unpickled.
 """
 
@@ -24,11 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import WeightsError
-from .io.store import write_atomic
-
-CHECKPOINT_FORMAT = "upcli-checkpoint"
-CHECKPOINT_VERSION = 1
+from .checkpoints import load_checkpoint, read_config
 
 
 # ---- processes ---------------------------------------------------------------------------------------------
@@ -100,7 +92,7 @@ def generator(seed: int, *stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
-# ---- checkpoints -------------------------------------------------------------------------------------------
+# ---- training state ----------------------------------------------------------------------------------------
 
 class InterruptsDeferred:
     """Ctrl-C or SIGTERM inside the block is held until the block ends, then raised as ``KeyboardInterrupt``: a
@@ -121,15 +113,6 @@ class InterruptsDeferred:
             signal.signal(sig, handler)
         if self._pending and exc[0] is None:
             raise KeyboardInterrupt
-
-
-def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], config: dict) -> None:
-    """Write ``tensors`` and ``config`` to ``path`` (safetensors), atomically."""
-    from safetensors.torch import save
-
-    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **config}
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"upcli": json.dumps(meta)})
-    write_atomic(Path(path), data)
 
 
 def train_state_path(out: str | Path) -> Path:
@@ -163,35 +146,6 @@ def prepare_output(out: str | Path, resume: bool, overwrite: bool) -> None:
     if existing and not resume and not overwrite:
         raise UsageError(f"--out {out} already exists; add --resume to continue that run, or --overwrite to "
                          "start a new one in its place")
-
-
-def read_config(path: str | Path) -> dict:
-    """The JSON config of a checkpoint, without loading a weight. Raises ``WeightsError`` for anything else."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not our checkpoint"
-        raise WeightsError(f"{path} is not a safetensors checkpoint ({type(exc).__name__})") from None
-    try:
-        config = json.loads(meta["upcli"])
-    except (KeyError, ValueError):
-        raise WeightsError(f"{path} has no upcli config in its metadata (not made by upcli?)") from None
-    if config.get("format") != CHECKPOINT_FORMAT or int(config.get("version", 0)) > CHECKPOINT_VERSION:
-        raise WeightsError(f"{path}: unsupported checkpoint format {config.get('format')} v{config.get('version')}")
-    return config
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
-    """``(tensors, config)``, after :func:`read_config` has checked the file."""
-    from safetensors.torch import load_file
-
-    config = read_config(path)
-    return load_file(str(path)), config
 
 
 def load_train_state(out: str | Path, state_path: Path, kind: str, identity: dict) -> tuple[dict[str, Tensor], dict]:

@@ -157,7 +157,7 @@ def upsample_folder(
     model = create_backbone(backbone, weights=weights, layer=layer).to(device).eval()
     up = create_upsampler(upsampler, backbone=model, **(upsampler_args or {})).to(device).eval()
     if up.name == "implicit-field":  # fitted to one image: it would paint that image's features on every other
-        from .training import read_config
+        from .checkpoints import read_config
 
         raise UsageError(f"--upsampler {upsampler} is the field fitted to the single image "
                          f"{read_config(upsampler).get('source')!r}; render it with `upcli fit-image IMAGE --from-fields DIR`")

@@ -13,6 +13,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Sequence, Union
 
 from .._registry import Registry
+from ..checkpoints import names_checkpoint_file
 from ..errors import UsageError
 from .cfg import CLIP_NORM, TF_EDGE_NORM, BackboneCfg, Feature
 
@@ -24,7 +25,6 @@ __all__ = ["Backbone", "BackboneCfg", "DEFAULT_BACKBONE", "create_backbone", "ge
 
 DEFAULT_BACKBONE = "efficientnet-lite0"
 PREFIXES = ("timm", "itpn")  # "timm:<name>" wraps any timm model; "itpn:tiny|small|base|CKPT" is upcli's iTPN
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
 
 _registry: Registry[BackboneCfg] = Registry("backbone")
 
@@ -80,7 +80,7 @@ def parse_backbone_name(name: str) -> tuple[str, str]:
     """``"dinov2"`` -> ``("", "dinov2")``, ``"timm:convnext_tiny"`` -> ``("timm", "convnext_tiny")``."""
     prefix, sep, rest = name.partition(":")
     if not sep:
-        if name.endswith(_CHECKPOINT_SUFFIXES) or "/" in name or "\\" in name:
+        if names_checkpoint_file(name, _registry):
             raise UsageError(f"backbone {name!r} looks like a file: give a backbone name and --weights {name}")
         if name not in _registry:
             raise UsageError(f"unknown backbone {name!r}: use one of {', '.join(list_backbones())}, "

@@ -261,11 +261,9 @@ def resolve_spec(spec: str) -> tuple[str, ITPNConfig, Path | None]:
     path = Path(spec)
     if not path.is_file():
         raise UsageError(f"backbone itpn:{spec}: not an arch ({', '.join(ITPN_ARCHS)}) and no such checkpoint file")
-    from ..training import read_config
+    from ..checkpoints import read_config
 
-    config = read_config(path)
-    if config.get("kind") != CHECKPOINT_KIND:
-        raise WeightsError(f"{path} is a {config.get('kind')!r} checkpoint, not one of `upcli pretrain itpn`")
+    config = read_config(path, CHECKPOINT_KIND)
     return config["arch"], ITPNConfig(**config["itpn"]), path
 
 
@@ -289,11 +287,9 @@ def create_itpn_model(spec: str, weights=None) -> ITPN:
 
 def load_itpn_weights(model: ITPN, path) -> None:
     """Load the network from a ``upcli pretrain itpn`` checkpoint (its ``backbone.*`` tensors)."""
-    from ..training import load_checkpoint
+    from ..checkpoints import load_checkpoint
 
-    tensors, config = load_checkpoint(path)
-    if config.get("kind") != CHECKPOINT_KIND:
-        raise WeightsError(f"{path} is not a checkpoint of `upcli pretrain itpn`")
+    tensors, config = load_checkpoint(path, CHECKPOINT_KIND)
     if ITPNConfig(**config["itpn"]) != model.cfg:
         raise WeightsError(f"{path} holds an iTPN of another shape ({config['arch']})")
     state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}

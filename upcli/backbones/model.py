@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .cfg import IMAGENET_NORM, BackboneCfg, make_cfg
-from .weights import BUNDLED_WEIGHTS, create_pretrained, load_weights
+from .weights import BUNDLED_WEIGHTS, create_pretrained, load_backbone_weights
 
 
 def _layer_names(feature_info: Sequence[dict], vit: bool) -> tuple[str, ...]:
@@ -56,7 +56,7 @@ def create_timm_model(cfg: BackboneCfg, weights=None, pretrained: bool = True, *
         return create_pretrained(cfg, **kwargs)
     model = timm.create_model(cfg.timm_name, pretrained=False, **kwargs)
     if weights is not None:
-        load_weights(model, weights, cfg)
+        load_backbone_weights(model, weights, cfg)
     return model
 
 

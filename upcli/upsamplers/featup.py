@@ -6,7 +6,7 @@ maps its weights onto :class:`~upcli.upsamplers.jbu.JBUStack` built as
 ``JBUStack(dim=D, layers=4, key_dim=32, radius=3, guidance="rgb", fixup=True, residual="output",
 channel_norm=<norm keys present>, guidance_resize="area")`` and writes an ordinary upcli checkpoint::
 
-    python -m upcli.upsamplers.featup dinov2_jbu_stack_cocostuff.ckpt featup-dinov2.safetensors --backbone dinov2
+    upcli convert featup dinov2_jbu_stack_cocostuff.ckpt featup-dinov2.safetensors --backbone dinov2
     upcli upsample IMAGES --backbone dinov2 --upsampler featup-dinov2.safetensors ...
 
 Key mapping (FeatUp keys may carry the ``upsampler.`` prefix or not; k = 1..4)::
@@ -28,8 +28,9 @@ Whether the channel norm (a LayerNorm over channels of the backbone features, ap
 is read from the ``model.1.norm.*`` keys. A state dict holding only the upsampler (no ``model.*`` key at all)
 does not say; pass ``channel_norm=`` (``--channel-norm`` / ``--no-channel-norm``) for it.
 
-Safety: a ``.ckpt``/``.pth`` is a pickle, and unpickling runs code. Files are read only with
-``torch.load(weights_only=True)`` (or as ``.safetensors``), never with a full unpickler. Lightning checkpoints
+Safety: a ``.ckpt``/``.pth`` is a pickle, and unpickling runs code. Files are read by
+:func:`upcli.checkpoints.read_state_dict`: ``torch.load(weights_only=True)`` (or as ``.safetensors``), never with a
+full unpickler. Lightning checkpoints
 may hold objects that the safe loader refuses (e.g. OmegaConf configs in ``hyper_parameters``); then the error
 says how to extract the bare state dict yourself, from a file you trust, and convert that file instead.
 
@@ -56,16 +57,13 @@ guidance(3)])``, then the per-pixel 7x7 correlation of the bicubic-upsampled, re
 
 from __future__ import annotations
 
-import argparse
-import re
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import torch
 from torch import Tensor
 
-from ..errors import UpcliError, WeightsError
+from ..checkpoints import read_state_dict
+from ..errors import WeightsError
 from .jbu import JBUStack, save_upsampler
 
 FEATUP_STAGES = 4
@@ -73,49 +71,6 @@ NORM_KEYS = ("model.1.norm.weight", "model.1.norm.bias")
 _IGNORED = ("downsampler", "scale_net")
 # FeatUp's Sequential index -> ours (FeatUp: Conv, GELU, Dropout2d, Conv; ours: Conv, GELU, Conv)
 _MLP_INDEX = {0: 0, 3: 2}
-
-
-def load_featup_state_dict(path) -> dict[str, Tensor]:
-    """The tensors of a FeatUp ``.ckpt``/``.pth`` (Lightning-wrapped or bare) or ``.safetensors`` file.
-
-    Pickles are read with ``torch.load(weights_only=True)`` only; anything that loader refuses is a one-line
-    ``WeightsError`` telling how to extract the state dict from a trusted file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"FeatUp checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - any parse failure is "not a safetensors file"
-            raise WeightsError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - refused globals, truncated or foreign files
-        raise WeightsError(_load_error(path, exc)) from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
-    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)}
-    if not tensors:
-        raise WeightsError(f"{path} holds no tensors (not a FeatUp checkpoint?)")
-    return tensors
-
-
-def _load_error(path: Path, exc: Exception) -> str:
-    text = str(exc)
-    if "weights only" not in text.lower() or "Unsupported operand" in text:  # truncated, foreign or junk bytes
-        first = (text.strip().splitlines() or [""])[0].split(". ")[0]
-        reason = "bad pickle data" if "Unsupported operand" in text else first
-        return f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}{': ' + reason if reason else ''})"
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    what = f" ({refused.group(1)})" if refused else ""
-    extracted = path.with_name(f"{path.stem}-state.pth")
-    return (f"{path} holds objects that upcli will not unpickle{what}; if you trust the file, extract its weights with "
-            f"`python -c \"import torch; torch.save(torch.load('{path}', weights_only=False)['state_dict'], "
-            f"'{extracted}')\"` and convert {extracted} instead")
 
 
 def _upsampler_prefix(state_dict: dict[str, Tensor]) -> str:
@@ -208,46 +163,35 @@ def _is_upsampler_key(key: str, prefix: str) -> bool:
     return not key.startswith("model.") and not any(part in key for part in _IGNORED)
 
 
-def convert_featup_checkpoint(src, out, backbone_name: str, layer: str, dim: int | None = None,
-                              channel_norm: bool | None = None) -> Path:
-    """Convert FeatUp file ``src`` and write it to ``out`` as an upcli ``jbu`` checkpoint for that backbone/layer."""
+@dataclass(frozen=True)
+class FeatUpConversion:
+    """What :func:`convert_featup_checkpoint` wrote; :meth:`summary` says it in one line."""
+
+    out: Path
+    backbone: str
+    layer: str
+    dim: int
+    channel_norm: bool
+    layer_given: bool = False  # the user named the layer: the suggested command names it too
+
+    def summary(self) -> str:
+        layer = f" --layer {self.layer}" if self.layer_given else ""
+        return (f"wrote {self.out}: FeatUp JBU stack for {self.backbone} layer {self.layer} (dim {self.dim}, channel "
+                f"norm {'on' if self.channel_norm else 'off'}); use it with `upcli upsample ... --backbone "
+                f"{self.backbone}{layer} --upsampler {self.out}`")
+
+
+def convert_featup_checkpoint(src, out, backbone: str, layer: str | int | None = None,
+                              channel_norm: bool | None = None) -> FeatUpConversion:
+    """Convert the FeatUp file ``src`` into the upcli ``jbu`` checkpoint ``out`` for upcli backbone ``backbone``
+    (its ``layer``, default the backbone's default layer). The stack's feature dim is checked against that
+    layer's before anything is written. ``channel_norm``: see :func:`convert_featup_jbu`."""
+    from ..backbones import get_backbone_cfg
+
+    cfg = get_backbone_cfg(backbone, layer)
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise WeightsError(f"refusing to overwrite the FeatUp checkpoint {src}: pick another output path")
-    stack = convert_featup_jbu(load_featup_state_dict(src), dim=dim, channel_norm=channel_norm)
-    backbone = SimpleNamespace(name=backbone_name, layer=str(layer), dim=stack.config["dim"])
-    save_upsampler(out, stack, backbone, extra={"converted_from": f"featup:{src.name}"})
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m upcli.upsamplers.featup",
-        description="Convert a FeatUp JBU-stack checkpoint (.ckpt/.pth/.safetensors) into an upcli checkpoint "
-                    "for `upcli upsample --upsampler OUT`. Pickles are read with weights_only=True only.")
-    parser.add_argument("src", help="FeatUp checkpoint, e.g. dinov2_jbu_stack_cocostuff.ckpt")
-    parser.add_argument("out", help="upcli checkpoint to write, e.g. featup-dinov2.safetensors")
-    parser.add_argument("--backbone", required=True, help="upcli backbone name the stack was trained for")
-    parser.add_argument("--layer", default=None, help="backbone layer (default: the backbone's default layer)")
-    parser.add_argument("--channel-norm", action=argparse.BooleanOptionalAction, default=None,
-                        help="force FeatUp's channel norm on/off (default: read from the checkpoint)")
-    args = parser.parse_args(argv)
-    try:
-        from ..backbones import get_backbone_cfg
-        from ..training import read_config
-
-        cfg = get_backbone_cfg(args.backbone, args.layer)
-        out = convert_featup_checkpoint(args.src, args.out, cfg.name, cfg.layer, dim=cfg.dim,
-                                        channel_norm=args.channel_norm)
-        norm = "on" if read_config(out).get("channel_norm") else "off"
-    except UpcliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    layer = f" --layer {cfg.layer}" if args.layer is not None else ""
-    print(f"wrote {out}: FeatUp JBU stack for {cfg.name} layer {cfg.layer} (dim {cfg.dim}, channel norm {norm}); "
-          f"use it with `upcli upsample ... --backbone {args.backbone}{layer} --upsampler {out}`")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    stack = convert_featup_jbu(read_state_dict(src, container="state_dict"), dim=cfg.dim, channel_norm=channel_norm)
+    save_upsampler(out, stack, cfg, extra={"converted_from": f"featup:{src.name}"})
+    return FeatUpConversion(out, cfg.name, cfg.layer, cfg.dim, bool(stack.config["channel_norm"]), layer is not None)

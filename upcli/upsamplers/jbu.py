@@ -279,7 +279,7 @@ def shipped_checkpoint(kind: str, backbone) -> str:
 
 def check_checkpoint(path: str, kind: str | None, backbone) -> dict:
     """The checkpoint's config, after refusing a wrong kind, backbone, layer or dim (no weight is read)."""
-    from ..training import read_config
+    from ..checkpoints import read_config
 
     config = read_config(path)
     if config.get("kind") != "upsampler":
@@ -303,13 +303,13 @@ def upsampler_config(upsampler: Upsampler, backbone) -> dict:
 
 
 def save_upsampler(path, upsampler: Upsampler, backbone, extra: dict | None = None) -> None:
-    from ..training import save_checkpoint
+    from ..checkpoints import save_checkpoint
 
     save_checkpoint(path, upsampler.state_dict(), {**upsampler_config(upsampler, backbone), **(extra or {})})
 
 
 def load_weights(upsampler: nn.Module, path: str) -> None:
-    from ..training import load_checkpoint
+    from ..checkpoints import load_checkpoint
 
     tensors, _ = load_checkpoint(path)
     missing, unexpected = upsampler.load_state_dict(tensors, strict=False)

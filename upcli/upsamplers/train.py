@@ -36,9 +36,10 @@ from ..errors import UsageError
 from ..io.pool import ImagePool
 from ..io.jobs import TerminateAsInterrupt
 from ..progress import ProgressReporter
-from ..training import (InterruptsDeferred, ensure_finite, generator, global_mean, load_checkpoint,
-                        load_optimizer_tensors, load_train_state, optimizer_tensors, prepare_output,
-                        save_checkpoint, setup_distributed, teardown_distributed, train_state_path)
+from ..checkpoints import load_checkpoint, save_checkpoint
+from ..training import (InterruptsDeferred, ensure_finite, generator, global_mean, load_optimizer_tensors,
+                        load_train_state, optimizer_tensors, prepare_output, setup_distributed, teardown_distributed,
+                        train_state_path)
 from . import guidance_at
 from .jbu import GUIDANCE_KINDS, MAX_RADIUS, stage_sizes
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
@@ -263,7 +264,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def _best_val_loss(path: Path) -> float:
-    from ..training import read_config
+    from ..checkpoints import read_config
 
     if not path.is_file():
         return math.inf
