@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from upcli.io import scan_images
+from upcli.configs import FeatureOptions, JobOptions
 from upcli.upsample import upsample_folder
 
 HERE = Path(__file__).resolve().parent
@@ -32,9 +33,11 @@ def subset(folder: Path, n: int, into: Path) -> Path:
     return into
 
 
-def run(images: Path, out: Path, **kwargs) -> dict:
+def run(images: Path, out: Path, workers: int = 0, shard_size: int = 16, backbone: str = "efficientnet-lite0",
+        dtype: str = "float16", compression: str = "none", **kwargs) -> dict:
     os.sync()  # start each run with no dirty pages of the previous one left to write back
-    result = upsample_folder(images, out, quiet=True, overwrite=True, **kwargs)
+    options = JobOptions(out, quiet=True, overwrite=True, workers=workers, shard_size=shard_size)
+    result = upsample_folder(images, options, FeatureOptions(backbone, dtype=dtype, compression=compression), **kwargs)
     files = list(out.glob("shard-*.h5"))
     return {
         "images_per_s": result.processed / result.seconds,

@@ -165,7 +165,7 @@ def test_an_out_folder_inside_the_image_folder_is_not_scanned(tmp_path):
 def test_a_retrained_checkpoint_is_another_job_not_a_resume(tmp_path):
     from upcli.backbones import create_backbone
     from upcli.upsamplers import create_upsampler
-    from upcli.upsamplers.jbu import save_upsampler
+    from upcli.upsamplers.checkpoints import save_upsampler
 
     imgs = small_images(tmp_path / "imgs", 2)
     backbone = create_backbone("efficientnet-lite0")

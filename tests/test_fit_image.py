@@ -1,6 +1,5 @@
 """``upcli fit-image``: the per-image implicit field, its store output, resume, saved fields and bad input."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from upcli.errors import StoreError, UsageError
 from upcli.fit_image import fit_images
 from upcli.io import FeatureStore
 from upcli.io.images import load_rgb
+from upcli.configs import JobOptions
 from upcli.upsamplers import create_upsampler, guidance_at
 from upcli.upsamplers.implicit import FieldUpsampler, FitConfig, cell_points, fit_field, reflect
 from upcli.upsamplers.multiview import apply_jitter, view_error
@@ -96,7 +96,7 @@ def test_field_renders_any_size_and_is_deterministic(backbone):
 
 
 def test_saved_field_with_a_learned_base_renders_the_same(backbone, tmp_path):
-    from upcli.upsamplers.jbu import save_upsampler
+    from upcli.upsamplers.checkpoints import save_upsampler
 
     image = photo()
     field = fit_field(backbone, image, FitConfig(**{**TINY.__dict__, "base": "jbu", "colour": True})).upsampler
@@ -118,7 +118,7 @@ def test_implicit_upsampler_interface(backbone):
 def test_store_sizes_scale_and_save_field_rerender(tmp_path):
     images = folder(tmp_path / "imgs")
     out = tmp_path / "out"
-    result = fit_images(images, out, scale=1.5, fit=TINY, save_fields=True, workers=0, quiet=True)
+    result = fit_images(images, JobOptions(out, workers=0, quiet=True), scale=1.5, fit=TINY, save_fields=True)
     assert result.exit_code == 0 and result.processed == 3
     store = FeatureStore(out)
     for i in range(3):
@@ -126,19 +126,19 @@ def test_store_sizes_scale_and_save_field_rerender(tmp_path):
         assert store[f"img{i}.png"].shape == (320, round(h * 1.5), round(w * 1.5))
         assert (out / "fields" / f"img{i}.png.safetensors").is_file()
     again = tmp_path / "again"
-    result = fit_images(images, again, scale=1.5, from_fields=out / "fields", workers=0, quiet=True)
+    result = fit_images(images, JobOptions(again, workers=0, quiet=True), scale=1.5, from_fields=out / "fields")
     assert result.exit_code == 0
     rerendered = FeatureStore(again)
     for key in store.keys():
         assert torch.equal(torch.as_tensor(np.asarray(store[key])), torch.as_tensor(np.asarray(rerendered[key])))
     with pytest.raises(StoreError, match="save_fields True vs None"):  # a re-run must not skip saving the fields
-        fit_images(images, out, scale=1.5, fit=TINY, workers=0, quiet=True)
-    larger = fit_images(images, tmp_path / "big", size=77, from_fields=out / "fields", workers=0, quiet=True)
+        fit_images(images, JobOptions(out, workers=0, quiet=True), scale=1.5, fit=TINY)
+    larger = fit_images(images, JobOptions(tmp_path / "big", workers=0, quiet=True), size=77, from_fields=out / "fields")
     assert larger.exit_code == 0 and min(FeatureStore(tmp_path / "big")["img0.png"].shape[1:]) == 77
     from upcli.upsample import upsample_folder
 
     with pytest.raises(UsageError, match="field fitted to the single image 'img0.png'.*--from-fields"):
-        upsample_folder(images, tmp_path / "up", upsampler=str(out / "fields" / "img0.png.safetensors"), workers=0)
+        upsample_folder(images, JobOptions(tmp_path / "up", workers=0), upsampler=str(out / "fields" / "img0.png.safetensors"))
     assert not (tmp_path / "up").exists()
 
 
@@ -146,6 +146,7 @@ KILL_AT_SECOND_IMAGE = """
 import os, signal, sys, time
 from pathlib import Path
 import upcli.fit_image as m
+from upcli.configs import JobOptions
 from upcli.upsamplers.implicit import FitConfig
 
 real = m.FitStep.__call__
@@ -158,7 +159,7 @@ def call(self, items, timings):
     return real(self, items, timings)
 m.FitStep.__call__ = call
 cfg = FitConfig(steps=4, views=4, views_per_step=2, points_per_cell=2, fit_size=64, proj_dim=16, width=16)
-m.fit_images(sys.argv[1], sys.argv[2], size=40, fit=cfg, workers=0, quiet=True)
+m.fit_images(sys.argv[1], JobOptions(sys.argv[2], workers=0, quiet=True), size=40, fit=cfg)
 """
 
 
@@ -170,10 +171,10 @@ def test_folder_resumes_after_sigkill_losing_only_the_image_in_flight(tmp_path):
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     assert (out / "shard-00000.h5").exists() and not (out / "shard-00001.h5").exists()
     first_bytes = (out / "shard-00000.h5").read_bytes()
-    result = fit_images(images, out, size=40, fit=TINY, workers=0, quiet=True)
+    result = fit_images(images, JobOptions(out, workers=0, quiet=True), size=40, fit=TINY)
     assert result.skipped_shards == 1 and result.processed == 2 and result.exit_code == 0
     assert (out / "shard-00000.h5").read_bytes() == first_bytes
-    straight = fit_images(images, tmp_path / "straight", size=40, fit=TINY, workers=0, quiet=True)
+    straight = fit_images(images, JobOptions(tmp_path / "straight", workers=0, quiet=True), size=40, fit=TINY)
     assert straight.processed == 3
     a, b = FeatureStore(out), FeatureStore(tmp_path / "straight")
     assert sorted(a.keys()) == sorted(b.keys())
@@ -185,7 +186,7 @@ def test_bad_inputs_are_recorded_and_the_folder_goes_on(tmp_path):
     images = folder(tmp_path / "imgs", n=1)
     Image.fromarray(np.zeros((12, 40, 3), np.uint8)).save(images / "tiny.png")  # smaller than one 32-px cell
     (images / "text.jpg").write_bytes(b"this is not a JPEG")
-    result = fit_images(images, tmp_path / "out", size=40, fit=TINY, workers=0, quiet=True)
+    result = fit_images(images, JobOptions(tmp_path / "out", workers=0, quiet=True), size=40, fit=TINY)
     assert result.exit_code == 3 and result.processed == 1 and result.failed == 2
     reasons = {f["source"]: f["reason"] for f in result.failures}
     assert "smaller than one cell" in reasons["tiny.png"]
@@ -200,12 +201,12 @@ def test_bad_inputs_are_recorded_and_the_folder_goes_on(tmp_path):
     ({"fit": FitConfig(steps=0)}, "steps must be at least 1"),
     ({"fit": FitConfig(base="nosuch")}, "unknown upsampler 'nosuch'"),
     ({"fit": FitConfig(base="implicit")}, "--base implicit: the field corrects a feed-forward upsampler"),
-    ({"workers": -1}, "--workers must be 0 or more"),
+    ({"job": {"workers": -1}}, "--workers must be 0 or more"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, kwargs, message):
     images = folder(tmp_path / "imgs", n=1)
     with pytest.raises(UsageError, match=message):
-        fit_images(images, tmp_path / "out", **kwargs)
+        fit_images(images, JobOptions(tmp_path / "out", **kwargs.pop("job", {})), **kwargs)
     assert not (tmp_path / "out").exists()
 
 
@@ -219,14 +220,3 @@ def test_cli_on_one_image(tmp_path):
     assert (tmp_path / "o" / "previews" / "coffee.png").is_file()
     result = CliRunner().invoke(app, ["fit-image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "does not exist" in result.output
-
-
-def test_cli_help_states_the_library_defaults():
-    from typer.testing import CliRunner
-
-    import re
-
-    output = CliRunner().invoke(app, ["fit-image", "--help"], env={"COLUMNS": "240"}).output
-    text = " ".join(re.sub("[│╭╮╰╯─]", " ", output).split())
-    for value in (FitConfig.steps, FitConfig.views, FitConfig.fit_size, FitConfig.base):
-        assert f"(default: {value})" in text, value

@@ -232,7 +232,7 @@ def test_resume_after_an_interrupt_matches_an_uninterrupted_run(tmp_path, monkey
     assert training["step"] == 2 and training["steps"] == 4 and training["interrupted"]
     monkeypatch.setattr(itpn_pretrain, "crop_batch", real)
     result = pretrain_itpn(cfg, resume=True, quiet=True)
-    assert result["start"] == 2 and len(result["losses"]["pixel"]) == 2
+    assert result.start == 2 and len(result.losses["pixel"]) == 2
     a, b = load_file(straight.out), load_file(cfg.out)
     assert a.keys() == b.keys()
     for key in a:
@@ -252,7 +252,7 @@ def test_ddp_on_two_processes_matches_one(tmp_path, torchrun):
         f"cfg = ITPNPretrainConfig(images=[{str(EXAMPLES)!r}], out=sys.argv[1], image_size=32, batch_size=4, steps=3,\n"
         f"                         arch_overrides={SMALL!r}, device='cpu', lr=1e-3, warmup=0)\n"
         "result = pretrain_itpn(cfg, quiet=True)\n"
-        "open(sys.argv[1] + '.json', 'w').write(json.dumps(result['losses']))\n")
+        "open(sys.argv[1] + '.json', 'w').write(json.dumps(result.losses))\n")
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], env=ENV,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]

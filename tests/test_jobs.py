@@ -13,8 +13,9 @@ from PIL import Image
 from upcli.errors import BadImageError, StoreError, UsageError
 from upcli.io import FeatureStore
 from upcli.io.images import load_rgb, scan_images
-from upcli.io.jobs import Job, resolve_split, run_job, verify_store
-from upcli.io.store import ShardWriter
+from upcli.io.jobs import Job, Output, run_job
+from upcli.io.store import ShardWriter, verify_store
+from upcli.runtime import resolve_split
 from upcli.progress import ProgressReporter
 
 
@@ -45,7 +46,7 @@ class Step:
         self.calls += 1
         if self.calls == self.interrupt_at:
             raise KeyboardInterrupt
-        return [(item.data.transpose(2, 0, 1).astype(np.float16) / 255, {"size": item.data.shape[:2], "dtype": "float16"})
+        return [Output(item.data.transpose(2, 0, 1).astype(np.float16) / 255, {"size": item.data.shape[:2], "dtype": "float16"})
                 for item in items]
 
 
@@ -226,7 +227,7 @@ def test_a_job_mismatch_names_only_the_options_that_differ():
 
 def test_an_unwritable_out_and_a_foreign_job_json_are_one_line_errors(tmp_path, monkeypatch):
     import upcli.io.jobs as jobs
-    from upcli.io.jobs import verify_store
+    from upcli.io.store import verify_store
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "job.json").write_text('{"tool": "something else"}')
@@ -277,12 +278,18 @@ def test_an_image_that_runs_out_of_memory_is_recorded_and_the_job_goes_on(tmp_pa
         run(job_for(root, tmp_path / "out2", shard_size=5), Broken())
 
 
-def test_a_full_disk_inside_the_model_step_is_a_one_line_store_error(tmp_path):
+def test_a_preview_on_a_full_disk_is_a_one_line_store_error(tmp_path):
     import errno
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     class PreviewOnFullDisk(Step):
         def __call__(self, items, timings):
-            raise OSError(errno.ENOSPC, "No space left on device", "previews/x.png")
+            outputs = super().__call__(items, timings)
+            for output in outputs:
+                output.files["previews/x.png"] = full_disk
+            return outputs
 
     with pytest.raises(StoreError, match="disk full; finished shards are kept"):
         run(job_for(make_images(tmp_path / "imgs", 2), tmp_path / "out"), PreviewOnFullDisk())

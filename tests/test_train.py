@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from upcli.checkpoints import read_config
 from upcli.errors import UsageError
 import upcli.upsamplers.train as train_module
-from upcli.upsamplers.train import (TrainConfig, learning_rate, parse_image_sizes, parse_input_scales, parse_radius,
+from upcli.configs import parse_image_sizes, parse_input_scales, parse_radius
+from upcli.upsamplers.train import (TrainConfig, learning_rate,
                                     shrink, train, train_state_path)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
@@ -28,16 +29,16 @@ def config(tmp_path, name="jbu.safetensors", **kw):
 def test_short_run_lowers_the_held_out_loss(tmp_path):
     sizes = [(96, 96), (64, 96)]
     cfg = config(tmp_path, steps=1, save_every=1, val=str(EXAMPLES), val_images=4, image_sizes=sizes)
-    first = train(cfg, quiet=True)["val_loss"]
+    first = train(cfg, quiet=True).val_loss
     cfg = config(tmp_path, name="long.safetensors", steps=25, save_every=25, val=str(EXAMPLES), val_images=4,
                  image_sizes=sizes)
     result = train(cfg, quiet=True)
-    assert result["val_loss"] < first - 0.05, (first, result["val_loss"])
+    assert result.val_loss < first - 0.05, (first, result.val_loss)
     config_ = read_config(cfg.out)
     assert config_["upsampler"] == "jbu" and config_["backbone"] == "efficientnet-lite0" and config_["dim"] == 320
     assert config_["training"]["step"] == 25
     best = read_config(tmp_path / "long.best.safetensors")["training"]
-    assert best["val_loss"] <= result["val_loss"] + 1e-12
+    assert best["val_loss"] <= result.val_loss + 1e-12
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -57,7 +58,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
     assert read_config(split.out)["training"] == {"step": 2, "interrupted": True}
     monkeypatch.setattr(train_module, "make_batch", real_make_batch)
     result = train(split, resume=True, quiet=True)
-    assert result["start"] == 2 and len(result["losses"]) == 2
+    assert result.start == 2 and len(result.losses) == 2
     a, b = load_file(straight.out), load_file(split.out)
     assert a.keys() == b.keys()
     for key in a:
@@ -76,7 +77,7 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path):
         train(cfg, quiet=True)
     with pytest.raises(UsageError, match="not both"):
         train(cfg, resume=True, overwrite=True, quiet=True)
-    assert train(cfg, resume=True, quiet=True)["start"] == 2  # done already: nothing to train
+    assert train(cfg, resume=True, quiet=True).start == 2  # done already: nothing to train
     from upcli.checkpoints import load_checkpoint, save_checkpoint
 
     tensors, saved = load_checkpoint(cfg.out)  # as if killed between writing the checkpoint and its state
@@ -86,7 +87,7 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path):
     cfg.steps, cfg.lr = 4, 5e-4
     with pytest.raises(UsageError, match="other settings \\(lr\\)"):
         train(cfg, resume=True, quiet=True)
-    assert train(cfg, overwrite=True, quiet=True)["start"] == 0
+    assert train(cfg, overwrite=True, quiet=True).start == 0
 
 
 def test_out_is_checked_before_training(tmp_path):
@@ -143,7 +144,7 @@ def test_input_scale_feeds_the_upsampler_a_smaller_image(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "shrink", spy)
     cfg = config(tmp_path, steps=2, save_every=2, image_sizes=[(96, 96)], input_scales=[2.0])
     result = train(cfg, quiet=True)
-    assert seen == [((96, 96), 2.0)] * 2 and all(math.isfinite(v) for v in result["losses"])
+    assert seen == [((96, 96), 2.0)] * 2 and all(math.isfinite(v) for v in result.losses)
     plain = config(tmp_path, steps=3, save_every=3, image_sizes=[(96, 96)])
     with pytest.raises(UsageError, match="other settings \\(input_scales\\)"):
         train(plain, resume=True, quiet=True)
@@ -235,17 +236,17 @@ def test_learning_rate_decays_by_cosine(tmp_path):
 def test_interrupts_are_held_while_a_checkpoint_pair_is_written():
     import signal
 
-    from upcli.training import InterruptsDeferred
+    from upcli.runtime import SignalGuard
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         before = signal.getsignal(sig)
         reached_the_end = False
         with pytest.raises(KeyboardInterrupt):
-            with InterruptsDeferred():
+            with SignalGuard(defer=True):
                 os.kill(os.getpid(), sig)
                 reached_the_end = True
         assert reached_the_end and signal.getsignal(sig) is before
-    with InterruptsDeferred():
+    with SignalGuard(defer=True):
         pass  # no signal: nothing raised
 
 

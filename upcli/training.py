@@ -1,4 +1,4 @@
-"""Helpers shared by every training loop: process groups, checkpoints, seeded randomness.
+"""Helpers shared by every training loop: checkpoints, seeded randomness, the loop's tail.
 
 The checkpoint format is :mod:`upcli.checkpoints`; the training state that ``--resume`` needs is written beside
 each checkpoint, in the same format. Optimiser state: :func:`optimizer_tensors` flattens ``optimizer.state_dict()``
@@ -7,59 +7,22 @@ into tensors plus a JSON part, :func:`load_optimizer_tensors` rebuilds it. Nothi
 
 from __future__ import annotations
 
-import gc
 import json
-import os
-import signal
 import sys
-import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .checkpoints import load_checkpoint, read_config
+from .errors import EXIT_OK, EXIT_SOME_FAILED
+from .runtime import Distributed, SignalGuard, teardown_distributed
 
 
-# ---- processes ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: torch.device | None = None) -> Distributed:
-    """Join the torchrun process group if ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA); else one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return Distributed(rank=rank, world_size=world, local_rank=local)
-
-
-def teardown_distributed() -> None:
-    """Leave the process group. On a normal exit, first wait for every rank; after an error the peers may be gone.
-
-    Callers drop their DDP wrapper first. It sits in a reference cycle, so only ``gc.collect()`` frees it; left
-    to interpreter exit, its reducer tears gloo down there and the process aborts with "terminate called without
-    an active exception" (7 of 40 two-process runs of a minimal DDP script here; 0 of 64 with the collect)."""
-    if dist.is_initialized():
-        if sys.exc_info()[0] is None:
-            dist.barrier()
-        gc.collect()
-        dist.destroy_process_group()
-
+# ---- the loop ------------------------------------------------------------------------------------------------
 
 def ensure_finite(loss: float, step: int, out) -> float:
     """``loss``, or a one-line ``UpcliError`` if it is NaN or infinite: a diverged run stops before its next save,
@@ -74,13 +37,104 @@ def ensure_finite(loss: float, step: int, out) -> float:
     return loss
 
 
-def global_mean(value: Tensor, world: int) -> float:
-    """The mean of a scalar over all processes (the value itself in one process)."""
-    if world > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= world
-    return float(value)
+@dataclass
+class TrainResult:
+    """What a training command did: the steps it ran, their losses, and the training images it had to skip."""
+
+    command: str
+    out: str
+    start: int
+    steps: int
+    seconds: float = 0.0
+    losses: list[float] | dict[str, list[float]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    val_loss: float | None = None
+    images_per_second: float | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 3 when unreadable training images were skipped."""
+        return EXIT_SOME_FAILED if self.skipped else EXIT_OK
+
+    def summary(self) -> str:
+        """One line: the steps, their speed and last losses, and the file written."""
+        if self.start >= self.steps:
+            return (f"{self.command}: already at step {self.start} of {self.steps}; nothing to do (raise the step "
+                    "count to train further)")
+        losses = self.losses if isinstance(self.losses, dict) else {"loss": self.losses}
+        last = ", ".join(f"{name} {values[-1]:.4f}" for name, values in losses.items() if values)
+        rate = f" ({self.images_per_second:.2f} images/s)" if self.images_per_second is not None else ""
+        val = f", val loss {self.val_loss:.4f}" if self.val_loss is not None else ""
+        return (f"{self.command}: steps {self.start}..{self.steps} in {self.seconds:.0f} s{rate}, "
+                f"last {last}{val}; wrote {self.out}")
+
+
+class TrainingRun:
+    """What every training loop does around its steps::
+
+        run = TrainingRun("train", dist, reporter, save, start, steps)
+        run.parallel(module)                       # DDP over the processes; the module itself in one
+        with run:
+            for step in range(start, steps):
+                loss = run.model(batch) ...
+                run.step_done(step + 1, f"loss {value:.4f}")
+                if it is time: run.checkpoint(step + 1, loss=value)
+        return run.result(losses=..., skipped=...)
+
+    Inside the block SIGTERM is handled like Ctrl-C; on either, the steps finished since the last checkpoint are
+    saved before the interrupt goes on. However the block ends, the progress bar is closed and the process group
+    left. ``save(step, **info)`` writes the checkpoint and its training state; it runs on the main process only,
+    with Ctrl-C held until both files are written.
+    """
+
+    def __init__(self, command: str, dist: Distributed, reporter, save: Callable[..., None], start: int, steps: int,
+                 out):
+        self.command, self.dist, self.reporter, self.save = command, dist, reporter, save
+        self.start, self.steps, self.out = start, steps, str(out)
+        self.done = self.saved = start
+        self.model = None
+
+    def parallel(self, module, **ddp_options):
+        """Wrap ``module`` in DDP when there are several processes; call it as ``run.model`` (the run holds the
+        only reference, so the wrapper is freed before the process group is left)."""
+        self.model = torch.nn.parallel.DistributedDataParallel(module, **ddp_options) if self.dist.world_size > 1 else module
+
+    def __enter__(self):
+        self._signals = SignalGuard().__enter__()
+        self.reporter.start(self.steps - self.start)
+        self._t0 = time.perf_counter()
+        return self
+
+    def step_done(self, done: int, status: str) -> None:
+        self.done = done
+        self.reporter.advance(1, status=status)
+
+    def checkpoint(self, step: int, **info) -> None:
+        if self.dist.is_main:
+            with SignalGuard(defer=True):
+                self.save(step, **info)
+        self.saved = step
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and self.done > self.saved:
+                self.checkpoint(self.done, interrupted=True)
+        finally:
+            self.seconds = time.perf_counter() - self._t0
+            self.reporter.close()
+            self.model = None  # the DDP reducer holds the process group: free it first, not at interpreter exit
+            teardown_distributed()
+            self._signals.__exit__(exc_type, exc, tb)
+
+    def result(self, **fields) -> TrainResult:
+        """The run's ``TrainResult``; its summary (and any skipped images) is printed by the main process."""
+        result = TrainResult(self.command, self.out, self.start, self.steps, self.seconds, **fields)
+        if self.dist.is_main:
+            self.reporter.log(result.summary())
+            if result.skipped:
+                print(f"{self.command}: {len(result.skipped)} unreadable images were skipped (first: "
+                      f"{result.skipped[0]})", file=sys.stderr)
+        return result
 
 
 def generator(seed: int, *stream: int) -> torch.Generator:
@@ -93,27 +147,6 @@ def generator(seed: int, *stream: int) -> torch.Generator:
 
 
 # ---- training state ----------------------------------------------------------------------------------------
-
-class InterruptsDeferred:
-    """Ctrl-C or SIGTERM inside the block is held until the block ends, then raised as ``KeyboardInterrupt``: a
-    checkpoint and its training state are written as a pair, never one without the other."""
-
-    def __enter__(self):
-        self._pending, self._old = False, {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._hold)
-        return self
-
-    def _hold(self, signum, frame):
-        self._pending = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        if self._pending and exc[0] is None:
-            raise KeyboardInterrupt
-
 
 def train_state_path(out: str | Path) -> Path:
     """Where a training loop keeps what ``--resume`` needs beside the checkpoint ``out`` (optimiser, step)."""

@@ -1,4 +1,4 @@
-"""Pictures of features: one PCA shared by several maps, and the preview PNGs of a store."""
+"""Pictures: one PCA shared by several feature maps, and the one writer of preview PNGs (every command's)."""
 
 from __future__ import annotations
 
@@ -55,10 +55,15 @@ def save_preview(path: str | Path, image: np.ndarray, lr_feats: Tensor, hr_feats
     lr_rgb, hr_rgb = pca_rgb([lr_feats, hr_feats])
     panels = [image] + [_nearest(rgb, (height, width)) for rgb in (lr_rgb, hr_rgb)]
 
+    save_png(path, np.concatenate(panels, axis=1))
+
+
+def save_png(path: str | Path, rgb: np.ndarray) -> None:
+    """Write a uint8 (H, W, 3) array as a PNG that appears atomically (its folder is created): every preview."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     png = io.BytesIO()
-    Image.fromarray(np.concatenate(panels, axis=1)).save(png, format="PNG")
+    Image.fromarray(rgb).save(png, format="PNG")
     write_atomic(path, png.getvalue())
 
 

@@ -158,3 +158,19 @@ def _decoding(path: str | os.PathLike) -> Iterator[None]:
         raise BadImageError(path, "truncated" if truncated else f"cannot decode: {err}") from None
     except Exception as err:  # noqa: BLE001 -- Pillow's plugins raise SyntaxError, ValueError, struct.error, ... on bad data
         raise BadImageError(path, f"cannot decode: {type(err).__name__}: {err}") from None
+
+
+DEFAULT_SIZE = 448  # --size: the output's shorter side
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """``--size``: a positive int (shorter side) or "original"."""
+    if value is None or value == "original":
+        return None
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--size must be a positive integer or 'original', got {value!r}") from None
+    if size < 1:
+        raise UsageError(f"--size must be a positive integer or 'original', got {value!r}")
+    return size

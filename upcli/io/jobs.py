@@ -3,10 +3,15 @@
 A job is a sorted input list cut into shards of ``shard_size`` images. Shard ``s`` belongs to part
 ``s % parts`` of a split (``--num-shards/--shard-index``, torchrun or SLURM), so workers share an output
 folder without talking to each other. A shard is written under a temporary name and renamed when complete;
-a re-run skips complete shards and rebuilds the rest. Commands give the engine two callables:
+a re-run skips complete shards and rebuilds the rest.
+
+A command (``upsample``, ``fit-image``, ``sr``) takes a :class:`JobOptions`, calls :func:`prepare_job` (scan,
+option checks, split, checkpoint digests: the same call for a run and for ``--dry-run``), builds its model,
+and hands :func:`run_job` two callables:
 
 - ``load(ref) -> data``: runs in DataLoader workers (decode, resize); raise ``BadImageError`` for a bad file.
-- ``process(items, timings) -> [(array, attrs), ...]``: the model step, one result per item.
+- ``process(items, timings) -> [Output, ...]``: the model step, one result per item. It only computes: the
+  writer thread stores each ``Output``'s array and writes its side files (previews, saved fields).
 """
 
 from __future__ import annotations
@@ -15,9 +20,7 @@ import errno
 import functools
 import hashlib
 import json
-import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -26,13 +29,122 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
+from ..configs import JobOptions
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, BadImageError, StoreError, UsageError
 from ..progress import ProgressReporter, Timings
-from .images import ImageRef
-from .store import FEATURE_SHARDS, IMAGE_SHARDS, ShardKind, ShardWriter, read_shard_index, shard_name, write_atomic, write_index
+from ..runtime import SignalGuard, default_workers, resolve_split
+from .images import IMAGE_EXTENSIONS, ImageRef, scan_images
+from .store import FEATURE_SHARDS, JOB_FORMAT, ShardKind, ShardWriter, clear_store, write_atomic, write_index
 
-JOB_FORMAT = "upcli-job"
-STORE_FILES = ("job.json", "manifest.jsonl", "failures.jsonl", ".index.lock")
+
+@dataclass
+class JobPlan:
+    """What :func:`prepare_job` found: the inputs, their root, this worker's part, and the checkpoint digests."""
+
+    command: str
+    options: JobOptions
+    root: Path
+    inputs: list[ImageRef]
+    shard_size: int
+    split: tuple[int, int]
+    digests: dict
+
+    def job(self, settings: dict, kind: ShardKind = FEATURE_SHARDS) -> "Job":
+        """The job with these settings (the digests added), stored as ``kind``."""
+        settings = {**settings, **self.digests}
+        return Job(Path(self.options.out), self.root, self.command, self.inputs, settings, self.shard_size, kind)
+
+    @functools.cached_property
+    def reporter(self) -> ProgressReporter:
+        return ProgressReporter(self.command, quiet=self.options.quiet, log_every=self.options.log_every)
+
+    def run(self, job: "Job", load: Callable[[ImageRef], Any], process: Callable, device=None,
+            compression: str = "none") -> "JobResult":
+        """:func:`run_job` with this plan's options; prints the summary (unless quiet)."""
+        o = self.options
+        sync = None
+        if device is not None and device.type == "cuda":
+            import torch
+
+            sync = torch.cuda.synchronize
+        result = run_job(job, load, process, split=self.split, compression=compression, batch_size=o.batch_size,
+                         workers=default_workers() if o.workers is None else o.workers, strict=o.strict,
+                         overwrite=o.overwrite, reporter=self.reporter, timings=Timings(sync), preview=o.preview)
+        for line in result.summary(self.command, job.out_dir):
+            self.reporter.log(line)
+        return result
+
+
+def prepare_job(command: str, source, options: JobOptions, default_shard_size: int = 1,
+                checkpoints: dict | None = None, dry_run: bool = False) -> JobPlan:
+    """Check the shared options, scan ``source`` (an image, or a folder scanned recursively, leaving out
+    ``options.out``), take this worker's part of the split, and hash the checkpoint files named in ``checkpoints``
+    (``{"upsampler": spec, ...}``; specs that are not files are left out). Writes nothing; a ``dry_run`` needs no
+    ``out``."""
+    if source is None or options.out is None and not dry_run:
+        raise UsageError("give an image FOLDER (or one image) and --out DIR")
+    shard_size = default_shard_size if options.shard_size is None else options.shard_size
+    for flag, value in (("--shard-size", shard_size), ("--batch-size", options.batch_size)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if options.preview < 0:
+        raise UsageError(f"--preview must be 0 or more, got {options.preview}")
+    if options.workers is not None and options.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {options.workers}")
+    split = resolve_split(options.num_shards, options.shard_index)
+    if options.overwrite and split[1] > 1:
+        raise UsageError("--overwrite cannot be combined with a split of the work: clear --out once, then start the workers")
+    root, inputs = scan_inputs(Path(source), options.out)
+    return JobPlan(command, options, root, inputs, shard_size, split, checkpoint_digests(**(checkpoints or {})))
+
+
+def scan_inputs(path: Path, exclude=None) -> tuple[Path, list[ImageRef]]:
+    """The root and image list of IMAGE_OR_FOLDER: one file, or every image under a folder (leaving out ``exclude``)."""
+    if path.is_file():
+        return path.parent.resolve(), [ImageRef(path=path.resolve(), rel=path.name)]
+    inputs = scan_images(path, exclude)
+    if not inputs:
+        raise UsageError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return path.resolve(), inputs
+
+
+def checkpoint_digests(**specs) -> dict:
+    """``{"<name>_sha256": digest}`` for each spec that names a checkpoint file (``itpn:PATH`` too), so that a job
+    run with a retrained checkpoint is another job, not a resume of the old results."""
+    digests = {}
+    for name, spec in specs.items():
+        path = Path(str(spec).removeprefix("itpn:")) if spec is not None else None
+        if path is not None and path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digests[f"{name}_sha256"] = digest.hexdigest()
+    return digests
+
+
+def file_identity(path) -> dict | None:
+    """How job settings name a file given by path (``--weights``, ``--init``): its resolved path and size."""
+    if path is None:
+        return None
+    path = Path(path)
+    stat = path.stat() if path.exists() else None
+    return {"path": str(path.resolve()), "bytes": stat.st_size if stat else None}
+
+
+@dataclass
+class Output:
+    """What ``process`` gives for one input: the array to store, its attributes, and side files that the writer
+    thread writes: ``{path relative to the output folder: write(path)}`` (previews, saved fields)."""
+
+    array: Any
+    attrs: dict
+    files: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+
+
+def preview_name(rel: str) -> str:
+    """``previews/<source path with / as __, extension .png>``."""
+    return "previews/" + rel.replace("/", "__").rsplit(".", 1)[0] + ".png"
 
 
 @dataclass
@@ -45,6 +157,7 @@ class Job:
     inputs: list[ImageRef]
     settings: dict
     shard_size: int
+    kind: ShardKind = FEATURE_SHARDS  # feature shards (HDF5) or image shards (PNG files): not part of the fingerprint
 
     @property
     def num_shards(self) -> int:
@@ -76,6 +189,7 @@ class Item:
     data: Any = None
     error: str | None = None
     decode_seconds: float = 0.0
+    preview: bool = False  # among the first ``--preview`` inputs: ``process`` adds its preview to the Output
 
 
 @dataclass
@@ -88,33 +202,23 @@ class JobResult:
     timings: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
 
+    def summary(self, command: str, out_dir: Path) -> list[str]:
+        """The lines a command ends with: counts and speed, where the time went, where the failures are listed."""
+        lines = [f"{command}: {self.processed} images written to {out_dir} ({self.processed / max(self.seconds, 1e-9):.2f} "
+                 f"img/s, {self.seconds / max(self.processed, 1):.2f} s per image), {self.failed} failed, "
+                 f"{self.skipped_shards} shards already done"]
+        if self.timings:
+            lines.append(f"time: {', '.join(f'{k} {v:.2f}s' for k, v in self.timings.items())}")
+        if self.failed:
+            lines.append(f"failed inputs are listed in {Path(out_dir) / 'failures.jsonl'}")
+        return lines
+
 
 def _file_size(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError:
         return -1
-
-
-def resolve_split(count: int | None = None, index: int | None = None, env=os.environ) -> tuple[int, int]:
-    """(part index, part count): from the flags, else torchrun, else SLURM tasks or a SLURM array, else (0, 1)."""
-    if count is None and index is None:
-        if "WORLD_SIZE" in env and "RANK" in env:
-            count, index = int(env["WORLD_SIZE"]), int(env["RANK"])
-        elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-            count, index = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
-        elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-            count = int(env["SLURM_ARRAY_TASK_COUNT"])
-            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        else:
-            count, index = 1, 0
-    if count is not None and count < 1:
-        raise UsageError(f"--num-shards must be at least 1, got {count}")
-    if count is None or index is None:
-        raise UsageError("--num-shards and --shard-index go together")
-    if not 0 <= index < count:
-        raise UsageError(f"--shard-index must be in [0, {count}) for --num-shards {count}, got {index}")
-    return index, count
 
 
 def prepare_out_dir(job: Job, overwrite: bool) -> None:
@@ -161,22 +265,6 @@ def _difference(old: dict, new: dict) -> str:
     return "input files changed"
 
 
-def clear_store(out: Path) -> None:
-    """Delete upcli's own files in ``out`` (never anything else)."""
-    for record in out.glob("shard-*.json"):
-        content = IMAGE_SHARDS.read_index(record)
-        for key, _ in content["images"] if content else []:
-            (out / key).unlink(missing_ok=True)
-    for path in out.iterdir():
-        name = path.name
-        if name.startswith("shard-") and (".h5" in name or ".json" in name) or name.split(".tmp-")[0] in STORE_FILES:
-            path.unlink()
-    previews = out / "previews"
-    if previews.is_dir():
-        for path in previews.glob("*.png"):
-            path.unlink()
-
-
 class _Planned:
     """A map-style dataset over the inputs; ``load`` runs in DataLoader workers and never raises."""
 
@@ -213,7 +301,7 @@ class _ShardWriterThread(threading.Thread):
     """Writes shards in the background so that HDF5 I/O overlaps the model."""
 
     def __init__(self, out_dir: Path, attrs: dict, compression: str, reporter: ProgressReporter, timings: Timings,
-                 kind: ShardKind = FEATURE_SHARDS):
+                 kind: ShardKind):
         super().__init__(daemon=True, name="upcli-writer")
         self.out_dir, self.attrs, self.compression, self.kind = out_dir, attrs, compression, kind
         self.reporter, self.timings = reporter, timings
@@ -251,7 +339,12 @@ class _ShardWriterThread(threading.Thread):
         if kind == "open":
             self._writer = self.kind.writer(self.out_dir, args[0], self.attrs, self.compression)
         elif kind == "image":
-            self._writer.add(*args)
+            source, output = args
+            for rel, write in output.files.items():  # previews, saved fields: before the shard can commit
+                path = self.out_dir / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write(path)
+            self._writer.add(source, output.array, output.attrs)
         elif kind == "failure":
             self._writer.add_failure(*args)
             self.failures.append({"source": args[0], "reason": args[1]})
@@ -275,31 +368,12 @@ def _store_error(error: BaseException, writer: ShardWriter | None) -> BaseExcept
     return error
 
 
-class TerminateAsInterrupt:
-    """SIGTERM (SLURM, kill) is handled like Ctrl-C, so files are closed cleanly."""
-
-    def __enter__(self):
-        self._old = None
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def run_job(
     job: Job,
     load: Callable[[ImageRef], Any],
     process: Callable[[list[Item], Timings], list[tuple[Any, dict]]],
     *,
     split: tuple[int, int] = (0, 1),
-    shard_attrs: dict | None = None,
     compression: str = "none",
     batch_size: int = 1,
     workers: int = 0,
@@ -307,11 +381,12 @@ def run_job(
     overwrite: bool = False,
     reporter: ProgressReporter | None = None,
     timings: Timings | None = None,
-    kind: ShardKind = FEATURE_SHARDS,
+    preview: int = 0,
 ) -> JobResult:
     """Run this part of ``job``; returns exit code 0, or 3 when some inputs failed. Ctrl-C/SIGTERM raise KeyboardInterrupt.
 
-    ``kind``: feature shards (``process`` returns arrays to store) or image shards (uint8 (H, W, 3) PNGs)."""
+    ``process`` returns an :class:`Output` per item: an array for feature shards, a uint8 (H, W, 3) image for image
+    shards. Items among the first ``preview`` inputs have ``item.preview`` set."""
     from torch.utils.data import DataLoader
 
     reporter = reporter or ProgressReporter(job.command)
@@ -321,6 +396,7 @@ def run_job(
         raise UsageError(f"--workers must be 0 or more, got {workers}")
     if overwrite and parts > 1:
         raise UsageError("--overwrite cannot be combined with a split of the work: clear --out once, then start the workers")
+    kind = job.kind
     prepare_out_dir(job, overwrite)
     fingerprint = job.fingerprint
     mine = [s for s in range(job.num_shards) if s % parts == part]
@@ -344,18 +420,21 @@ def run_job(
         _Planned(job.inputs, load), batch_sampler=batches, collate_fn=_collate, num_workers=workers,
         prefetch_factor=2 if workers else None,
     )
-    writer = _ShardWriterThread(job.out_dir, {**(shard_attrs or {}), "job_fingerprint": fingerprint}, compression, reporter,
-                                timings, kind)
+    shard_attrs = {"command": job.command, "settings": json.dumps(job.settings, sort_keys=True),
+                   "job_fingerprint": fingerprint}
+    writer = _ShardWriterThread(job.out_dir, shard_attrs, compression, reporter, timings, kind)
     writer.start()
     total = sum(len(b) for b in batches)
     reporter.start(total)
     start_time = time.perf_counter()
     processed = 0
     try:
-        with TerminateAsInterrupt():
+        with SignalGuard():
             current = None
             for position, items in enumerate(loader):
                 shard = batch_shards[position]
+                for item in items:
+                    item.preview = item.index < preview
                 if shard != current:
                     writer.put(("open", shard))
                     current = shard
@@ -398,8 +477,6 @@ def _run_batch(items: list[Item], process, writer: _ShardWriterThread, reporter,
         writer.put(("failure", item.ref.rel, item.error))
     try:
         done = list(zip(good, process(good, timings), strict=True)) if good else []
-    except OSError as err:  # a preview or a saved field that cannot be written: disk full, read-only
-        raise _store_error(err, None) from None
     except (RuntimeError, MemoryError) as err:
         if strict or not _out_of_memory(err):
             raise
@@ -412,8 +489,8 @@ def _run_batch(items: list[Item], process, writer: _ShardWriterThread, reporter,
                     raise
                 reporter.log(f"skipped {item.ref.rel}: out of memory")
                 writer.put(("failure", item.ref.rel, "out of memory at this output size; lower --size or --batch-size"))
-    for item, (array, attrs) in done:
-        writer.put(("image", item.ref.rel, array, attrs))
+    for item, output in done:
+        writer.put(("image", item.ref.rel, output))
     return len(done)
 
 
@@ -425,52 +502,3 @@ def _out_of_memory(err: BaseException) -> bool:
         torch.cuda.empty_cache()
         return True
     return isinstance(err, MemoryError) or "can't allocate memory" in str(err) or "out of memory" in str(err)
-
-
-def verify_store(out_dir: Path) -> dict:
-    """Check a store against its job.json: every shard complete and readable, every input there once.
-
-    Rebuilds manifest.jsonl and failures.jsonl. Returns counts and a list of one-line problems.
-    """
-    import h5py
-
-    out_dir = Path(out_dir)
-    try:
-        record = json.loads((out_dir / "job.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoreError(f"{out_dir}: no job.json; not an upcli output folder") from None
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{out_dir / 'job.json'}: unreadable ({e})") from None
-    try:
-        inputs, shard_size, num_shards, fingerprint = (record["inputs"], record["shard_size"], record["num_shards"],
-                                                       record["fingerprint"])
-    except (KeyError, TypeError):
-        raise StoreError(f"{out_dir / 'job.json'}: not an upcli job record") from None
-    kind = IMAGE_SHARDS if record.get("command") == "sr" else FEATURE_SHARDS
-    problems, stored, failed, complete = [], 0, 0, 0
-    for shard in range(num_shards):
-        path = out_dir / kind.name(shard)
-        content = kind.read_index(path, fingerprint)
-        if content is None:
-            problems.append(f"{path.name}: {'missing' if not path.exists() else 'incomplete, unreadable or from another job'}")
-            continue
-        complete += 1
-        expected = inputs[shard * shard_size:(shard + 1) * shard_size]
-        found = [source for _, source in content["images"]] + [f["source"] for f in content["failures"]]
-        problems += [f"{path.name}: {src} stored {found.count(src)} times" for src in sorted(set(found)) if found.count(src) > 1]
-        problems += [f"{path.name}: {src} does not belong here" for src in sorted(set(found) - set(expected))]
-        problems += [f"{path.name}: {src} is missing" for src in expected if src not in found]
-        if kind is FEATURE_SHARDS:  # image shards: read_index has checked that each PNG is there
-            with h5py.File(path, "r") as f:
-                for key, source in content["images"]:
-                    ds = f["features"][key]
-                    if ds.ndim != 3 or tuple(ds.shape[1:]) != tuple(ds.attrs["size"]):
-                        problems.append(f"{path.name}/{key}: shape {ds.shape} does not match its size attribute")
-        stored += len(content["images"])
-        failed += len(content["failures"])
-    try:
-        write_index(out_dir, list(range(num_shards)), fingerprint, kind)
-    except OSError as e:
-        problems.append(f"manifest.jsonl not rebuilt: {e.strerror or e}")
-    return {"inputs": len(inputs), "stored": stored, "failed": failed, "shards": num_shards,
-            "complete_shards": complete, "problems": problems}

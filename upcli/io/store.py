@@ -11,6 +11,8 @@ Layout of an output folder (documented in README.md, readable with plain h5py):
 
 Commands whose results are images (``upcli sr``) use image shards instead: each result is a PNG at its
 source's relative path (suffix ``.png``), and ``shard-00000.json`` lists a finished shard's images and failures.
+
+``verify_store`` checks a finished store against its job.json; ``clear_store`` deletes upcli's own files in one.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import BadImageError, StoreError, UsageError
 
 FORMAT = "upcli-features"
+JOB_FORMAT = "upcli-job"
+STORE_FILES = ("job.json", "manifest.jsonl", "failures.jsonl", ".index.lock")
 IMAGE_FORMAT = "upcli-images"
 FORMAT_VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32")
@@ -53,6 +57,23 @@ def from_storage(array: np.ndarray, dtype: str):
 
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def check_feature_format(dtype: str, compression: str) -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if compression not in COMPRESSIONS:
+        raise UsageError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+
+
+MAX_OUTPUT_BYTES = 16 * 2**30  # float32 features of one image, before storage
+
+
+def check_feature_bytes(ref, size: tuple[int, int], dim: int) -> None:
+    """A ``BadImageError`` for an image whose features at ``size`` would not fit in memory (e.g. a long strip)."""
+    if dim * size[0] * size[1] * 4 > MAX_OUTPUT_BYTES:
+        raise BadImageError(ref.path, f"output {size[1]}x{size[0]} x {dim} channels would take "
+                                      f"{dim * size[0] * size[1] * 4 / 2**30:.0f} GiB; lower --size")
 
 
 def fsync_path(path: Path) -> None:
@@ -228,6 +249,77 @@ def write_index(out_dir: Path, shard_indices: list[int], fingerprint: str | None
         write_atomic(out_dir / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in manifest))
         write_atomic(out_dir / "failures.jsonl", "".join(json.dumps(r) + "\n" for r in failures))
     return len(manifest), len(failures)
+
+
+def stored_kind(out_dir: Path, num_shards: int) -> ShardKind:
+    """Which kind of shards a store holds: image shards where their index files are there, else feature shards."""
+    found = any((Path(out_dir) / IMAGE_SHARDS.name(s)).exists() for s in range(num_shards))
+    return IMAGE_SHARDS if found else FEATURE_SHARDS
+
+
+def clear_store(out: Path) -> None:
+    """Delete upcli's own files in ``out`` (never anything else)."""
+    for record in out.glob("shard-*.json"):
+        content = IMAGE_SHARDS.read_index(record)
+        for key, _ in content["images"] if content else []:
+            (out / key).unlink(missing_ok=True)
+    for path in out.iterdir():
+        name = path.name
+        if name.startswith("shard-") and (".h5" in name or ".json" in name) or name.split(".tmp-")[0] in STORE_FILES:
+            path.unlink()
+    previews = out / "previews"
+    if previews.is_dir():
+        for path in previews.glob("*.png"):
+            path.unlink()
+
+
+def verify_store(out_dir: Path) -> dict:
+    """Check a store against its job.json: every shard complete and readable, every input there once.
+
+    Rebuilds manifest.jsonl and failures.jsonl. Returns counts and a list of one-line problems.
+    """
+    import h5py
+
+    out_dir = Path(out_dir)
+    try:
+        record = json.loads((out_dir / "job.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"{out_dir}: no job.json; not an upcli output folder") from None
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{out_dir / 'job.json'}: unreadable ({e})") from None
+    try:
+        inputs, shard_size, num_shards, fingerprint = (record["inputs"], record["shard_size"], record["num_shards"],
+                                                       record["fingerprint"])
+    except (KeyError, TypeError):
+        raise StoreError(f"{out_dir / 'job.json'}: not an upcli job record") from None
+    kind = stored_kind(out_dir, num_shards)
+    problems, stored, failed, complete = [], 0, 0, 0
+    for shard in range(num_shards):
+        path = out_dir / kind.name(shard)
+        content = kind.read_index(path, fingerprint)
+        if content is None:
+            problems.append(f"{path.name}: {'missing' if not path.exists() else 'incomplete, unreadable or from another job'}")
+            continue
+        complete += 1
+        expected = inputs[shard * shard_size:(shard + 1) * shard_size]
+        found = [source for _, source in content["images"]] + [f["source"] for f in content["failures"]]
+        problems += [f"{path.name}: {src} stored {found.count(src)} times" for src in sorted(set(found)) if found.count(src) > 1]
+        problems += [f"{path.name}: {src} does not belong here" for src in sorted(set(found) - set(expected))]
+        problems += [f"{path.name}: {src} is missing" for src in expected if src not in found]
+        if kind is FEATURE_SHARDS:  # image shards: read_index has checked that each PNG is there
+            with h5py.File(path, "r") as f:
+                for key, source in content["images"]:
+                    ds = f["features"][key]
+                    if ds.ndim != 3 or tuple(ds.shape[1:]) != tuple(ds.attrs["size"]):
+                        problems.append(f"{path.name}/{key}: shape {ds.shape} does not match its size attribute")
+        stored += len(content["images"])
+        failed += len(content["failures"])
+    try:
+        write_index(out_dir, list(range(num_shards)), fingerprint, kind)
+    except OSError as e:
+        problems.append(f"manifest.jsonl not rebuilt: {e.strerror or e}")
+    return {"inputs": len(inputs), "stored": stored, "failed": failed, "shards": num_shards,
+            "complete_shards": complete, "problems": problems}
 
 
 @contextlib.contextmanager

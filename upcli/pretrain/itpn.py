@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +32,13 @@ from torch import Tensor, nn
 from ..backbones.cfg import IMAGENET_NORM
 from ..backbones.itpn import (ITPN, PATCH, arch_config, config_dict, keep, random_ids_keep, sincos_embedding,
                               to_map, to_tokens)
-from ..errors import UsageError
-from ..io.jobs import TerminateAsInterrupt
+from ..configs import ITPNPretrainConfig
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
+from ..runtime import global_mean, resolve_device, setup_distributed, teardown_distributed
 from ..checkpoints import load_checkpoint, save_checkpoint
-from ..training import (InterruptsDeferred, ensure_finite, generator, global_mean, load_optimizer_tensors,
-                        load_train_state, optimizer_tensors, prepare_output, setup_distributed, teardown_distributed,
-                        train_state_path)
+from ..training import (TrainingRun, TrainResult, ensure_finite, generator, load_optimizer_tensors, load_train_state,
+                        optimizer_tensors, prepare_output, train_state_path)
 
 PYRAMID = {"p16": 1, "p8": 2, "p4": 4}  # level -> sub-tokens per patch side
 _CROP, _MASK, _PREVIEW = 1, 2, 3  # purposes of the random streams
@@ -49,65 +46,6 @@ _CROP, _MASK, _PREVIEW = 1, 2, 3  # purposes of the random streams
 DECODERS = {"tiny": (256, 4, 8), "small": (384, 4, 12), "base": (512, 8, 16)}
 STATE_KIND = "itpn-train-state"
 
-
-@dataclass
-class ITPNPretrainConfig:
-    images: list[str]
-    out: str
-    arch: str = "tiny"
-    image_size: int = 224
-    steps: int | None = None  # or epochs; default 1000 steps
-    epochs: float | None = None
-    batch_size: int = 32
-    lr: float = 1e-3  # peak, after warmup
-    min_lr: float = 1e-5
-    warmup: float = 0.05  # share of the steps
-    weight_decay: float = 0.05
-    mask_ratio: float = 0.75
-    pixel_weight: float = 1.0
-    feature_weight: float = 1.0  # 0: pixels only (no teacher)
-    feature_positions: str = "all"  # "masked": only the dropped patches (through the decoder); "all": also the visible
-    teacher: str = "ema"  # or a backbone name, e.g. efficientnet-lite0
-    teacher_layer: str | None = None
-    teacher_weights: str | None = None
-    ema_decay: float = 0.998
-    drop_path: float = 0.0
-    arch_overrides: dict = field(default_factory=dict)  # e.g. {"depth": 2}, for tests
-    workers: int | None = None  # data-loading processes; default 0 in memory, up to 8 when streaming
-    preview_every: int = 0
-    save_every: int = 200
-    seed: int = 0
-    device: str = "auto"
-
-    def check(self) -> None:
-        if self.image_size % PATCH or self.image_size < PATCH:
-            raise UsageError(f"--image-size must be a multiple of {PATCH}, got {self.image_size}")
-        if not 0 <= self.mask_ratio < 1:
-            raise UsageError(f"--mask-ratio must be in [0, 1), got {self.mask_ratio}")
-        if self.steps is not None and self.epochs is not None:
-            raise UsageError("give --steps or --epochs, not both")
-        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
-            raise UsageError("--steps and --epochs must be positive")
-        if self.save_every < 1 or self.preview_every < 0 or (self.workers is not None and self.workers < 0):
-            raise UsageError("--save-every must be at least 1, --preview-every and --workers 0 or more")
-        if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.warmup < 1:
-            raise UsageError("--batch-size and --lr must be positive and --warmup in [0, 1)")
-        if self.pixel_weight < 0 or self.feature_weight < 0 or self.pixel_weight + self.feature_weight == 0:
-            raise UsageError("--pixel-weight and --feature-weight must be >= 0, and not both 0")
-        if self.feature_positions not in ("masked", "all"):
-            raise UsageError(f"--feature-positions must be masked or all, got {self.feature_positions!r}")
-        if round((self.image_size // PATCH) ** 2 * self.mask_ratio) == 0 and (
-                self.pixel_weight > 0 or self.feature_positions == "masked"):
-            raise UsageError(f"--mask-ratio {self.mask_ratio} drops no patch of a {self.image_size}-px crop, so "
-                             "nothing is left to reconstruct: use --pixel-weight 0 --feature-positions all")
-        arch_config(self.arch, **self.arch_overrides)
-
-    def identity(self) -> dict:
-        """What a resumed run must share with the run it continues (the length may change)."""
-        keep_ = asdict(self)
-        for name in ("out", "images", "steps", "epochs", "workers", "preview_every", "save_every", "device"):
-            keep_.pop(name)
-        return keep_
 
 
 # ---- teachers -----------------------------------------------------------------------------------------------
@@ -330,7 +268,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def save_reconstruction(path: Path, model: ITPNPretrainer, image: Tensor, ids_keep: Tensor) -> None:
     """A PNG of [image | visible patches | reconstruction | reconstruction with the visible patches pasted in].
     Each predicted patch is un-normalised with the true patch's mean and variance, as MAE shows them."""
-    from PIL import Image
+    from ..viz import save_png
 
     was_training = model.training
     model.eval()
@@ -347,8 +285,7 @@ def save_reconstruction(path: Path, model: ITPNPretrainer, image: Tensor, ids_ke
     panels = [image, as_image(truth * shown + 0.5 * (1 - shown)), as_image(recon),
               as_image(truth * shown + recon * (1 - shown))]
     strip = torch.cat([p[0].clamp(0, 1) for p in panels], dim=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((strip.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+    save_png(path, (strip.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
 
 
 def preview_dir(out: str | Path) -> Path:
@@ -358,20 +295,17 @@ def preview_dir(out: str | Path) -> Path:
 
 # ---- the loop ---------------------------------------------------------------------------------------------
 
-def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
+def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> TrainResult:
     """Run (or continue) ``upcli pretrain itpn``; writes ``cfg.out`` (network + decoder) and its ``.train`` state."""
-    from ..upsample import resolve_device
-
     cfg.check()
     device = resolve_device(cfg.device)
     dist = setup_distributed(device)
     try:
-        if cfg.batch_size % dist.world_size:
-            raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the {dist.world_size} processes")
+        mine = dist.local_batch(cfg.batch_size, "--batch-size")
         prepare_output(cfg.out, resume, overwrite)
         reporter = ProgressReporter("pretrain itpn", quiet=quiet or not dist.is_main, unit="steps", log_every=30.0)
         pool = ImagePool(cfg.images, 2 * cfg.image_size, reporter, stream=None)
-        steps = cfg.steps or (math.ceil(cfg.epochs * len(pool) / cfg.batch_size) if cfg.epochs else 1000)
+        steps = cfg.steps or (math.ceil(cfg.epochs * len(pool) / cfg.batch_size) if cfg.epochs else cfg.default_steps)
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         model, teacher = build_pretrainer(cfg)
         model.to(device)
@@ -380,72 +314,57 @@ def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = F
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
         out, state_path = Path(cfg.out), train_state_path(cfg.out)
         start = _resume(cfg, model, teacher, optimizer, out, state_path) if resume else 0
-        return _loop(cfg, model, teacher, optimizer, pool, dist, device, reporter, start, steps)
+        return _loop(cfg, model, teacher, optimizer, pool, dist, mine, device, reporter, start, steps)
     finally:
         teardown_distributed()
 
 
-def _loop(cfg, model, teacher, optimizer, pool, dist, device, reporter, start: int, steps: int) -> dict:
+def _loop(cfg, model, teacher, optimizer, pool, dist, mine: range, device, reporter, start: int, steps: int) -> TrainResult:
     out, state_path = Path(cfg.out), train_state_path(cfg.out)
-    local = cfg.batch_size // dist.world_size
-    mine = range(dist.rank * local, (dist.rank + 1) * local)
     patches = (cfg.image_size // PATCH) ** 2
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model
     if cfg.preview_every:  # one fixed crop and mask, the same in every preview
         preview_image = crop_batch(pool, cfg, -1, range(1)).to(device)
         preview_mask = mask_batch(cfg, -1, range(1), patches).to(device)
     history = {"pixel": [], "feature": []}
 
-    def checkpoint(step: int, **info) -> None:
-        if not dist.is_main:
-            return
+    def save(step: int, **info) -> None:
         tensors = model.state_dict()  # backbone.*, decoder.*, level_heads.*
         last = {name: values[-1] for name, values in history.items() if values}
         state, optim_json = optimizer_tensors(optimizer)
         if isinstance(teacher, EMATeacher):
             state.update({f"ema.{k}": v for k, v in teacher.model.state_dict().items()})
-        with InterruptsDeferred():
-            save_checkpoint(out, tensors, {**config_dict(cfg.arch, model.backbone.cfg), "image_size": cfg.image_size,
-                                           "target_dims": model.decoder.target_dims, "pretrain": cfg.identity(),
-                                           "training": {"step": step, "steps": steps, **last, **info}})
-            save_checkpoint(state_path, state, {"kind": STATE_KIND, "step": step, "optimizer": optim_json,
-                                                "train_config": cfg.identity()})
+        save_checkpoint(out, tensors, {**config_dict(cfg.arch, model.backbone.cfg), "image_size": cfg.image_size,
+                                       "target_dims": model.decoder.target_dims, "pretrain": cfg.identity(),
+                                       "training": {"step": step, "steps": steps, **last, **info}})
+        save_checkpoint(state_path, state, {"kind": STATE_KIND, "step": step, "optimizer": optim_json,
+                                            "train_config": cfg.identity()})
 
-    reporter.start(steps - start)
-    t0, done = time.perf_counter(), start
+    run = TrainingRun("pretrain itpn", dist, reporter, save, start, steps, out)
+    run.parallel(model)
     model.train()
-    with TerminateAsInterrupt():
-        try:
-            for step, images in zip(range(start, steps), crop_batches(pool, cfg, range(start, steps), mine)):
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, step, steps)
-                images = images.to(device)
-                ids_keep = mask_batch(cfg, step, mine, patches).to(device)
-                targets = teacher.targets(images) if teacher is not None else None
-                losses, _ = ddp(images, ids_keep, targets)
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                optimizer.step()
-                if teacher is not None:
-                    teacher.update(model.backbone)
-                for name in [name for name in history if name in losses]:  # one order on every process
-                    history[name].append(ensure_finite(global_mean(losses[name].detach(), dist.world_size), step, out))
-                done = step + 1
-                status = ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.items() if values)
-                reporter.advance(1, status=status)
-                if dist.is_main and cfg.preview_every and done % cfg.preview_every == 0:
-                    save_reconstruction(preview_dir(out) / f"step_{done:06d}.png", model, preview_image, preview_mask)
-                if done % cfg.save_every == 0 or done == steps:
-                    checkpoint(done)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the finished steps, then stop
-            if done > start:
-                checkpoint(done, interrupted=True)
-            raise
-        finally:
-            reporter.close()
-    seconds = time.perf_counter() - t0
-    return {"steps": steps, "start": start, "seconds": seconds, "losses": history,
-            "images_per_second": (done - start) * cfg.batch_size / max(seconds, 1e-9), "skipped": pool.skipped}
+    with run:
+        for step, images in zip(range(start, steps), crop_batches(pool, cfg, range(start, steps), mine)):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step, steps)
+            images = images.to(device)
+            ids_keep = mask_batch(cfg, step, mine, patches).to(device)
+            targets = teacher.targets(images) if teacher is not None else None
+            losses, _ = run.model(images, ids_keep, targets)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            if teacher is not None:
+                teacher.update(model.backbone)
+            for name in [name for name in history if name in losses]:  # one order on every process
+                history[name].append(ensure_finite(global_mean(losses[name].detach(), dist.world_size), step, out))
+            done = step + 1
+            run.step_done(done, ", ".join(f"{name} {values[-1]:.4f}" for name, values in history.items() if values))
+            if dist.is_main and cfg.preview_every and done % cfg.preview_every == 0:
+                save_reconstruction(preview_dir(out) / f"step_{done:06d}.png", model, preview_image, preview_mask)
+            if done % cfg.save_every == 0 or done == steps:
+                run.checkpoint(done)
+    rate = (run.done - start) * cfg.batch_size / max(run.seconds, 1e-9)
+    return run.result(losses=history, images_per_second=rate, skipped=pool.skipped)
 
 
 def _resume(cfg, model: ITPNPretrainer, teacher, optimizer, out: Path, state_path: Path) -> int:

@@ -8,17 +8,18 @@ under ``--out`` (suffix ``.png``); ``manifest.jsonl`` and ``failures.jsonl`` are
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..configs import ADAPT_STEPS, JobOptions, ZSSRConfig
 from ..errors import BadImageError, UsageError
 from ..io.images import ImageRef, load_rgb
-from ..io.jobs import Item, Job, JobResult, resolve_split, run_job
+from ..io.jobs import Item, JobResult, Output, file_identity, prepare_job, preview_name
 from ..io.store import IMAGE_SHARDS, image_key
-from ..progress import ProgressReporter, Timings
-from .zssr import ZSSRConfig
+from ..runtime import resolve_device
+
+SHARD_SIZE = 1  # images per shard: an interruption loses one image at most
 
 MAX_OUTPUT_PIXELS = 80_000_000
 MIN_INPUT_SIDE = 8  # the son of a smaller image has almost nothing left to learn from
@@ -40,11 +41,12 @@ def load_for_sr(ref: ImageRef, scale: int) -> dict:
 class SRStep:
     """The model step: super-resolve each image, to uint8 (H, W, 3)."""
 
-    def __init__(self, method, name: str, degradation, device, preview_dir: Path, preview: int, reporter: ProgressReporter):
-        self.method, self.name, self.degradation, self.device = method, name, degradation, device
-        self.preview_dir, self.preview, self.reporter = preview_dir, preview, reporter
+    def __init__(self, method, name: str, degradation, device, reporter):
+        self.method, self.name, self.degradation, self.device, self.reporter = method, name, degradation, device, reporter
 
-    def __call__(self, items: list[Item], timings: Timings) -> list:
+    def __call__(self, items: list[Item], timings) -> list[Output]:
+        from ..viz import save_png
+
         results = []
         for item in items:
             lr = item.data["image"].to(self.device).permute(2, 0, 1)[None].float().div_(255)
@@ -55,29 +57,26 @@ class SRStep:
             pixels = sr[0].mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
             attrs = {"method": self.name, "scale": self.degradation.scale, "seconds": round(seconds, 3),
                      "size": list(pixels.shape[:2]), **{k: v for k, v in info.items() if v is not None}}
-            results.append((pixels, attrs))
-            if item.index < self.preview:
-                self._save_preview(item, lr, sr)
+            files = {preview_name(item.ref.rel): functools.partial(save_png, rgb=side_by_side(lr, sr))} if item.preview else {}
+            results.append(Output(pixels, attrs, files))
             if seconds > 5:
                 self.reporter.log(f"{item.ref.rel}: {self.name} in {seconds:.1f} s")
         return results
 
-    def _save_preview(self, item: Item, lr, sr) -> None:
-        """Bicubic and SR side by side: a centre crop of at most 256 px of the output."""
-        import numpy as np
-        from PIL import Image
 
-        from .degrade import upscale
+def side_by_side(lr, sr):
+    """Bicubic and SR side by side, uint8 (H, W, 3): a centre crop of at most 256 px of the output."""
+    import numpy as np
 
-        bicubic = upscale(lr, sr.shape[-2:]).clamp(0, 1)
-        h, w = sr.shape[-2:]
-        c = min(256, h, w)
-        top, left = (h - c) // 2, (w - c) // 2
-        crops = [x[0, :, top:top + c, left:left + c].mul(255).round().byte().permute(1, 2, 0).cpu().numpy() for x in (bicubic, sr)]
-        gap = np.full((c, 4, 3), 255, np.uint8)
-        self.preview_dir.mkdir(parents=True, exist_ok=True)
-        name = item.ref.rel.replace("/", "__").rsplit(".", 1)[0] + ".png"
-        Image.fromarray(np.concatenate([crops[0], gap, crops[1]], 1)).save(self.preview_dir / name)
+    from .degrade import upscale
+
+    bicubic = upscale(lr, sr.shape[-2:]).clamp(0, 1)
+    h, w = sr.shape[-2:]
+    c = min(256, h, w)
+    top, left = (h - c) // 2, (w - c) // 2
+    crops = [x[0, :, top:top + c, left:left + c].mul(255).round().byte().permute(1, 2, 0).cpu().numpy() for x in (bicubic, sr)]
+    gap = np.full((c, 4, 3), 255, np.uint8)
+    return np.concatenate([crops[0], gap, crops[1]], 1)
 
 
 def degradation_of(scale: int, kernel: str = "bicubic", subsample: str | None = None):
@@ -103,7 +102,7 @@ def method_of(zero_shot: bool, init: str | None, steps: int | None) -> str:
 
 def super_resolve_images(
     images,
-    out,
+    options: JobOptions,
     *,
     scale: int = 2,
     zero_shot: bool = False,
@@ -112,53 +111,28 @@ def super_resolve_images(
     kernel: str = "bicubic",
     subsample: str | None = None,
     zssr: ZSSRConfig = ZSSRConfig(),
-    shard_size: int = 1,
-    workers: int | None = None,
-    device: str = "auto",
-    num_shards: int | None = None,
-    shard_index: int | None = None,
-    strict: bool = False,
-    overwrite: bool = False,
-    preview: int = 0,
-    quiet: bool = False,
-    log_every: float = 30.0,
 ) -> JobResult:
-    """Super-resolve an image, or every image under a folder, by ``scale`` into PNGs under ``out``.
+    """Super-resolve an image, or every image under a folder, by ``scale`` into PNGs under ``options.out``.
 
     Without ``zero_shot``: one pass of the network ``init``. With it: ZSSR from scratch, or, given ``init``,
     MZSR's ``steps`` (default 10) adaptation steps. ``kernel``/``subsample`` say how the LR images were made."""
-    import torch
-
-    from ..fit_image import inputs_of
-    from ..upsample import _check_choices, _weights_identity, checkpoint_digests, default_workers, resolve_device
     from .methods import create_sr_method
 
     degradation = degradation_of(scale, kernel, subsample)
     name = method_of(zero_shot, init, steps)
     zssr.check()
-    _check_choices(shard_size=shard_size, preview=preview)
-    split = resolve_split(num_shards, shard_index)
-    root, inputs = inputs_of(Path(images), Path(out))
-    _check_outputs(inputs, Path(out))
-    device = resolve_device(device)
-    options = {"zssr": {"config": zssr}, "mzsr": {"steps": 10 if steps is None else steps}}.get(name, {})
-    method = create_sr_method(name, init=init, device=device, **options)
+    plan = prepare_job("sr", images, options, SHARD_SIZE, checkpoints={"init": init, "kernel": kernel})
+    _check_outputs(plan.inputs, Path(options.out))
+    device = resolve_device(options.device)
+    method_options = {"zssr": {"config": zssr}, "mzsr": {"steps": ADAPT_STEPS if steps is None else steps}}.get(name, {})
+    method = create_sr_method(name, init=init, device=device, **method_options)
     settings = {
         "method": name, "scale": scale, "kernel": kernel, "subsample": degradation.subsample,
-        "init": _weights_identity(init) if init is not None else None,
-        **({"zssr": asdict(zssr)} if name == "zssr" else {}), **({"steps": options["steps"]} if name == "mzsr" else {}),
-        **checkpoint_digests(init=init, kernel=kernel),
+        "init": file_identity(init) if init is not None else None,
+        **({"zssr": asdict(zssr)} if name == "zssr" else {}), **({"steps": method_options["steps"]} if name == "mzsr" else {}),
     }
-    job = Job(Path(out), root, "sr", inputs, settings, shard_size)
-    reporter = ProgressReporter("sr", quiet=quiet, log_every=log_every)
-    step = SRStep(method, name, degradation, device, Path(out) / "previews", preview, reporter)
-    timings = Timings(torch.cuda.synchronize if device.type == "cuda" else None)
-    return run_job(
-        job, functools.partial(load_for_sr, scale=scale), step, split=split,
-        shard_attrs={"command": "sr", "settings": json.dumps(settings, sort_keys=True)}, batch_size=1,
-        workers=default_workers() if workers is None else workers, strict=strict, overwrite=overwrite,
-        reporter=reporter, timings=timings, kind=IMAGE_SHARDS,
-    )
+    step = SRStep(method, name, degradation, device, plan.reporter)
+    return plan.run(plan.job(settings, IMAGE_SHARDS), functools.partial(load_for_sr, scale=scale), step, device)
 
 
 def _check_outputs(inputs: list[ImageRef], out: Path) -> None:

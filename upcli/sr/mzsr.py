@@ -22,23 +22,21 @@ torchrun processes, draws the same patches and kernels as one uninterrupted proc
 from __future__ import annotations
 
 import copy
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..configs import MZSRConfig
 from ..errors import UsageError
-from ..io.jobs import TerminateAsInterrupt
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
+from ..runtime import global_mean, resolve_device, setup_distributed
 from ..checkpoints import save_checkpoint
-from ..training import (InterruptsDeferred, ensure_finite, generator, global_mean, load_optimizer_tensors,
-                        load_train_state, optimizer_tensors, prepare_output, setup_distributed, teardown_distributed,
-                        train_state_path)
-from .degrade import SUBSAMPLINGS, Degradation, random_kernel, upscale
+from ..training import (TrainingRun, TrainResult, ensure_finite, generator, load_optimizer_tensors, load_train_state,
+                        optimizer_tensors, prepare_output, train_state_path)
+from .degrade import Degradation, random_kernel, upscale
 from .net import SRNet, load_sr_net, mzsr_net, save_sr_net
 
 _PATCH, _KERNEL = 1, 2  # purposes of the random streams
@@ -77,61 +75,6 @@ def adapt(net: SRNet, lr: torch.Tensor, degradation: Degradation, steps: int,
 
 
 # ---- meta-training -----------------------------------------------------------------------------------------
-
-@dataclass
-class MZSRConfig:
-    images: list[str]
-    out: str
-    scale: int = 2
-    subsample: str = "bicubic"     # how the task LR images are made after the blur: bicubic or direct
-    pretrain_steps: int = 5000     # stage 1 (paper: 800k)
-    pretrain_batch: int = 16       # paper: 32 patches of 96 px
-    pretrain_patch: int = 64
-    pretrain_lr: float = 4e-4      # halved at 1/2 and 3/4 of stage 1 (paper: every 100k, floor 1e-4)
-    meta_steps: int = 100          # stage 2 (paper: 100k)
-    tasks: int = 5
-    task_batch: int = 8            # support patches; as many query patches
-    task_patch: int = 64
-    inner_steps: int = 5
-    inner_lr: float = 1e-2
-    meta_lr: float = 1e-4
-    kernel_size: int = 15
-    plain_tasks: float = 0.2       # share of tasks without blur (the bicubic / plain subsampling test condition)
-    anneal_steps: int | None = None  # meta-steps over which the query weights move to the last inner step
-                                     # (None: equal weights, as MZSR's released code ran)
-    init: str | None = None        # start from this network (e.g. a finished stage 1) instead of random weights
-    seed: int = 0
-    save_every: int = 200
-    device: str = "auto"
-
-    @property
-    def steps(self) -> int:
-        return self.pretrain_steps + self.meta_steps
-
-    def check(self) -> None:
-        if self.subsample not in SUBSAMPLINGS:
-            raise UsageError(f"--subsample must be one of {', '.join(SUBSAMPLINGS)}, got {self.subsample!r}")
-        if self.scale not in (2, 3, 4):
-            raise UsageError(f"--scale must be 2, 3 or 4, got {self.scale}")
-        for name in ("pretrain_steps", "meta_steps"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be 0 or more")
-        for name in ("pretrain_batch", "pretrain_patch", "tasks", "task_batch", "task_patch", "inner_steps", "save_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0 <= self.plain_tasks <= 1:
-            raise UsageError(f"--plain-tasks is a share of the tasks, between 0 and 1, got {self.plain_tasks}")
-        if self.meta_lr <= 0 or self.pretrain_lr <= 0 or self.inner_lr <= 0:
-            raise UsageError("learning rates (--meta-lr) must be positive")
-        if self.steps == 0:
-            raise UsageError("nothing to train: --pretrain-steps and --meta-steps are both 0")
-
-    def identity(self) -> dict:
-        """What a resumed run must share with the run it continues."""
-        keep = asdict(self)
-        for name in ("out", "save_every", "device", "images", "meta_steps"):  # stage 2 may be extended
-            keep.pop(name)
-        return keep
 
 
 def loss_weights(cfg: MZSRConfig, meta_step: int) -> list[float]:
@@ -183,15 +126,12 @@ def task_loss(net: SRNet, support, query, cfg: MZSRConfig, weights: list[float])
     return total
 
 
-def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
+def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> TrainResult:
     """Run (or continue) ``upcli pretrain mzsr``; writes ``cfg.out`` (the network) and its ``.train`` state."""
-    from ..upsample import resolve_device
-
     cfg.check()
     device = resolve_device(cfg.device)
     dist = setup_distributed(device)
-    if cfg.pretrain_batch % dist.world_size:
-        raise UsageError(f"--pretrain-batch {cfg.pretrain_batch} must be a multiple of the {dist.world_size} processes")
+    mine = dist.local_batch(cfg.pretrain_batch, "MZSR's stage-1 batch size")
     out, state_path = Path(cfg.out), train_state_path(cfg.out)
     prepare_output(out, resume, overwrite)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
@@ -206,66 +146,51 @@ def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False, ov
         start, optimizer = _resume(cfg, net, out, state_path)
     reporter = ProgressReporter("pretrain mzsr", quiet=quiet or not dist.is_main, unit="steps", log_every=10.0)
     pool = ImagePool(cfg.images, None, reporter)
-    local = cfg.pretrain_batch // dist.world_size
-    mine = range(dist.rank * local, (dist.rank + 1) * local)
     my_tasks = range(dist.rank, cfg.tasks, dist.world_size)
-    ddp = torch.nn.parallel.DistributedDataParallel(net) if dist.world_size > 1 else net
-    reporter.start(cfg.steps - start)
 
-    def checkpoint(step: int, **info) -> None:
-        if dist.is_main:
-            tensors, optim_json = optimizer_tensors(optimizer)
-            with InterruptsDeferred():
-                save_sr_net(out, net, {"scale": cfg.scale, "subsample": cfg.subsample,
-                                       "pretrain_steps": min(step, cfg.pretrain_steps),
-                                       "meta_steps": max(step - cfg.pretrain_steps, 0), "training": {"step": step, **info}})
-                save_checkpoint(state_path, tensors, {"kind": "mzsr-train-state", "step": step, "optimizer": optim_json,
-                                                      "stage": optimizer.stage, "train_config": cfg.identity()})
+    def save(step: int, **info) -> None:
+        tensors, optim_json = optimizer_tensors(optimizer)
+        save_sr_net(out, net, {"scale": cfg.scale, "subsample": cfg.subsample, "pretrain_steps": min(step, cfg.pretrain_steps),
+                               "meta_steps": max(step - cfg.pretrain_steps, 0), "training": {"step": step, **info}})
+        save_checkpoint(state_path, tensors, {"kind": "mzsr-train-state", "step": step, "optimizer": optim_json,
+                                              "stage": optimizer.stage, "train_config": cfg.identity()})
 
-    history, t0, done = [], time.perf_counter(), start
-    with TerminateAsInterrupt():
-        try:
-            for step in range(start, cfg.steps):
-                stage = 1 if step < cfg.pretrain_steps else 2
-                if optimizer is None or optimizer.stage != stage:  # a fresh Adam for each stage
-                    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr if stage == 1 else cfg.meta_lr)
-                    optimizer.stage = stage
-                optimizer.zero_grad(set_to_none=True)
-                if stage == 1:
-                    for group in optimizer.param_groups:
-                        group["lr"] = pretrain_learning_rate(cfg, step)
-                    inputs, hr = bicubic_batch(pool, cfg, step, mine, device)
-                    loss = F.l1_loss(ddp(inputs), hr)
-                    loss.backward()
-                else:
-                    weights = loss_weights(cfg, step - cfg.pretrain_steps)
-                    loss = torch.zeros((), device=device)
-                    for task in my_tasks:  # one graph at a time
-                        support, query = task_batch(pool, cfg, step, task, device)
-                        task_value = task_loss(net, support, query, cfg, weights) / cfg.tasks
-                        task_value.backward()
-                        loss += task_value.detach()
-                    if dist.world_size > 1:
-                        for p in net.parameters():
-                            torch.distributed.all_reduce(p.grad)
-                        loss = loss * dist.world_size  # global_mean below divides by it
-                optimizer.step()
-                value = ensure_finite(global_mean(loss.detach(), dist.world_size), step, out)
-                history.append(value)
-                done = step + 1
-                reporter.advance(1, status=f"stage {stage}, loss {value:.4f}")
-                if done % cfg.save_every == 0 or done == cfg.steps or done == cfg.pretrain_steps:
-                    checkpoint(done, loss=value)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the finished steps, then stop
-            if done > start:
-                checkpoint(done, interrupted=True)
-            raise
-        finally:
-            reporter.close()
-            ddp = None  # the DDP reducer holds the process group: free it first, not at interpreter exit
-            teardown_distributed()
-    return {"steps": cfg.steps, "start": start, "seconds": time.perf_counter() - t0, "losses": history,
-            "skipped": pool.skipped}
+    run = TrainingRun("pretrain mzsr", dist, reporter, save, start, cfg.steps, out)
+    run.parallel(net)
+    history = []
+    with run:
+        for step in range(start, cfg.steps):
+            stage = 1 if step < cfg.pretrain_steps else 2
+            if optimizer is None or optimizer.stage != stage:  # a fresh Adam for each stage
+                optimizer = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr if stage == 1 else cfg.meta_lr)
+                optimizer.stage = stage
+            optimizer.zero_grad(set_to_none=True)
+            if stage == 1:
+                for group in optimizer.param_groups:
+                    group["lr"] = pretrain_learning_rate(cfg, step)
+                inputs, hr = bicubic_batch(pool, cfg, step, mine, device)
+                loss = F.l1_loss(run.model(inputs), hr)
+                loss.backward()
+            else:
+                weights = loss_weights(cfg, step - cfg.pretrain_steps)
+                loss = torch.zeros((), device=device)
+                for task in my_tasks:  # one graph at a time
+                    support, query = task_batch(pool, cfg, step, task, device)
+                    task_value = task_loss(net, support, query, cfg, weights) / cfg.tasks
+                    task_value.backward()
+                    loss += task_value.detach()
+                if dist.world_size > 1:
+                    for p in net.parameters():
+                        torch.distributed.all_reduce(p.grad)
+                    loss = loss * dist.world_size  # global_mean below divides by it
+            optimizer.step()
+            value = ensure_finite(global_mean(loss.detach(), dist.world_size), step, out)
+            history.append(value)
+            done = step + 1
+            run.step_done(done, f"stage {stage}, loss {value:.4f}")
+            if done % cfg.save_every == 0 or done == cfg.steps or done == cfg.pretrain_steps:
+                run.checkpoint(done, loss=value)
+    return run.result(losses=history, skipped=pool.skipped)
 
 
 def _resume(cfg: MZSRConfig, net: SRNet, out: Path, state_path: Path):

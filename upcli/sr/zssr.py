@@ -21,40 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
+from ..configs import ZSSRConfig
 from ..training import generator
 from .degrade import Degradation, upscale
 from .net import SRNet, zssr_net
 
-
-@dataclass
-class ZSSRConfig:
-    crop: int = 128
-    max_iters: int = 3000
-    min_iters: int = 256          # between learning-rate changes
-    learning_rate: float = 1e-3
-    min_learning_rate: float = 9e-6
-    test_every: int = 50          # reconstruction error of the whole image
-    policy_every: int = 60        # learning-rate check
-    change_ratio: float = 1.5
-    noise_std: float = 0.0
-    min_scale: float = 0.5        # fathers are the image downscaled by U[min_scale, 1]
-    ensemble: bool | None = None  # None: when the degradation commutes with rotations
-    back_projection: int | None = None  # None: 10, or 2 for an asymmetric degradation
-    seed: int = 0
-
-    def check(self) -> None:
-        """A one-line ``UsageError`` for a setting that cannot run (CLI names where the CLI sets them)."""
-        for name, flag in (("max_iters", "--max-iters"), ("crop", "crop"), ("min_iters", "min_iters"),
-                           ("test_every", "test_every"), ("policy_every", "policy_every")):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{flag} must be at least 1, got {getattr(self, name)}")
-        if self.noise_std < 0:
-            raise UsageError(f"--noise must be 0 or more, got {self.noise_std}")
-        if not 0 < self.min_learning_rate <= self.learning_rate:
-            raise UsageError("learning rates must be positive, the minimum no larger than the start")
-        if not 0 < self.min_scale <= 1:
-            raise UsageError(f"min_scale must be in (0, 1], got {self.min_scale}")
 
 
 @dataclass
