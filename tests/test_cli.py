@@ -21,8 +21,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 runner = CliRunner()
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
 
 
 def small_images(root: Path, n: int = 8) -> Path:
@@ -255,3 +255,36 @@ def test_every_subpackage_is_installed_by_a_plain_pip_install():
               for init in (root / "kernels").rglob("__init__.py")}
     assert found == listed, (found - listed, listed - found)
     assert config["package-dir"]["upcli.kernels"] == "kernels"
+
+
+def test_an_option_the_command_would_not_use_is_an_error(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 1)
+    cases = [
+        (["train", imgs, "--out", tmp_path / "t.safetensors", "--upsampler", "pac", "--guidance", "conv", "--steps", "1"],
+         "--guidance set the jbu upsampler, not pac"),
+        (["sr", imgs, "--out", tmp_path / "s", "--init", tmp_path / "none.safetensors", "--max-iters", "5"],
+         "--max-iters, --noise and --seed set ZSSR"),
+        (["fit-image", imgs, "--out", tmp_path / "f", "--from-fields", tmp_path, "--steps", "5"],
+         "the fit options (--steps, --views, ...) do not apply"),
+        (["pretrain", "itpn", imgs, "--out", tmp_path / "i.safetensors", "--teacher-layer", "blocks.4"],
+         "--teacher-layer and --teacher-weights set a backbone teacher"),
+    ]
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "t.safetensors").exists() and not (tmp_path / "s").exists() and not (tmp_path / "f").exists()
+
+
+def test_job_commands_share_their_flags_and_help_imports_no_torch():
+    import subprocess
+    import sys
+
+    from upcli.configs import JobOptions
+
+    for command in ("upsample", "fit-image", "sr"):
+        text = " ".join(invoke(command, "--help", env={"COLUMNS": "300"}).output.split())
+        for name in JobOptions.__dataclass_fields__:
+            assert f"--{name.replace('_', '-')}" in text, (command, name)
+    code = "import sys; from upcli.cli import app; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

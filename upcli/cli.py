@@ -207,14 +207,12 @@ def train(
     radius: Annotated[str, typer.Option(help="jbu: kernel radius of every stage (3: FeatUp's 7x7), or one per stage from the coarsest, e.g. 3,3,3,2,1 (as many as the stack's layers, log2 of the backbone's stride: 5 for efficientnet-lite0).")] = "3",
 ) -> None:
     """Train a learned upsampler (JBU, PAC or resize-conv) by FeatUp's multi-view reconstruction."""
-    from click.core import ParameterSource
-
     from .upsamplers.train import train as run
 
     common = TrainingOptions(**common)
     jbu_only = {"guidance": guidance, "fixup": fixup, "radius": radius}
     if settings["upsampler"] != "jbu":  # the library refuses those given for another upsampler
-        jbu_only = {k: v for k, v in jbu_only.items() if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
+        jbu_only = {k: v for k, v in jbu_only.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}  # typer vendors click
     with errors("train", RESUME_TRAINING):
         cfg = TrainConfig(**common.config(), **settings, image_sizes=image_size, input_scales=input_scale,
                           upsampler_args=jbu_only)

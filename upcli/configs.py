@@ -298,6 +298,10 @@ class ITPNPretrainConfig:
                 self.pixel_weight > 0 or self.feature_positions == "masked"):
             raise UsageError(f"--mask-ratio {self.mask_ratio} drops no patch of a {self.image_size}-px crop, so "
                              "nothing is left to reconstruct: use --pixel-weight 0 --feature-positions all")
+        if self.teacher == "ema" and (self.teacher_layer is not None or self.teacher_weights is not None):
+            raise UsageError("--teacher-layer and --teacher-weights set a backbone teacher, not --teacher ema")
+        if self.teacher != "ema" and self.ema_decay != ITPNPretrainConfig.ema_decay:
+            raise UsageError(f"--ema-decay sets the EMA teacher, not --teacher {self.teacher}")
         arch_config(self.arch, **self.arch_overrides)
 
     def identity(self) -> dict:

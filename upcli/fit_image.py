@@ -127,6 +127,8 @@ def fit_images(
     check_feature_format(f.dtype, f.compression)
     if from_fields is not None and save_fields:
         raise UsageError("--from-fields renders saved fields; it cannot be combined with --save-field")
+    if from_fields is not None and fit != FitConfig():
+        raise UsageError("--from-fields renders saved fields: the fit options (--steps, --views, ...) do not apply")
     if from_fields is not None and not Path(from_fields).is_dir():
         raise UsageError(f"--from-fields {str(from_fields)!r} is not a folder")
     plan = prepare_job("fit-image", images, options, SHARD_SIZE,

@@ -121,6 +121,8 @@ def super_resolve_images(
     degradation = degradation_of(scale, kernel, subsample)
     name = method_of(zero_shot, init, steps)
     zssr.check()
+    if name != "zssr" and zssr != ZSSRConfig():
+        raise UsageError("--max-iters, --noise and --seed set ZSSR (--zero-shot without --init), not " + name)
     plan = prepare_job("sr", images, options, SHARD_SIZE, checkpoints={"init": init, "kernel": kernel})
     _check_outputs(plan.inputs, Path(options.out))
     device = resolve_device(options.device)
