@@ -288,3 +288,27 @@ def test_job_commands_share_their_flags_and_help_imports_no_torch():
             assert f"--{name.replace('_', '-')}" in text, (command, name)
     code = "import sys; from upcli.cli import app; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_only_the_cli_imports_the_command_modules():
+    """The seams run one way: library parts never import a command (upsample, fit-image, sr jobs) or the CLI."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "upcli"
+    commands = {"upcli.upsample", "upcli.fit_image", "upcli.sr.job", "upcli.cli"}
+    offenders = []
+    for path in root.rglob("*.py"):
+        module = ".".join(("upcli", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                target = ".".join(p for p in (base, node.module) if p) if node.level else node.module
+                names = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if commands & set(names) and module not in ("upcli.cli", "upcli.__main__"):
+                offenders.append((module, names[0]))
+    assert offenders == []
