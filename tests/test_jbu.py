@@ -7,7 +7,9 @@ import torch
 
 from upcli.errors import UsageError, WeightsError
 from upcli.upsamplers import create_upsampler
-from upcli.upsamplers.jbu import JBULayer, JBUStack, save_upsampler, stage_sizes
+from upcli.upsamplers.base import stage_sizes
+from upcli.upsamplers.checkpoints import save_upsampler, shipped_checkpoint
+from upcli.upsamplers.jbu import JBULayer, JBUStack
 from upcli.upsamplers.multiview import (DOWNSAMPLERS, MultiViewObjective, apply_jitter, random_projection,
                                         sample_jitter)
 from upcli.training import generator
@@ -261,7 +263,7 @@ def test_shipped_efficientnet_lite0_checkpoint(kind):
 
     bb = create_backbone("efficientnet-lite0").eval()
     up = create_upsampler(kind, bb).eval()
-    config = read_config(up._checkpoint)
+    config = read_config(shipped_checkpoint(kind, bb))
     assert config["upsampler"] == kind and config["backbone"] == "efficientnet-lite0" and config["dim"] == 320
     assert config["training"]["step"] > 0
     image = torch.rand(1, 3, 64, 96)

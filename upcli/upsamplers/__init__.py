@@ -1,37 +1,18 @@
 """Upsamplers: ``(B, C, h, w)`` backbone features plus the image -> ``(B, C, H, W)`` features.
 
-One registry, timm style: ``@register_upsampler("name")`` on an ``Upsampler`` subclass, built by
-``create_upsampler(name, backbone=...)``, listed by ``list_upsamplers()``.
+One registry, timm style: ``@register_upsampler("name")`` on an ``Upsampler`` subclass (:mod:`.base`), built by
+``create_upsampler(name, backbone=...)``, listed by ``list_upsamplers()``. Checkpoints: :mod:`.checkpoints`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from .._registry import Registry
-
-
-class Upsampler(nn.Module):
-    """Base class. ``forward(lr_feats, image, size)`` returns features at ``size``.
-
-    Shapes: ``lr_feats: Tensor[B, C, h, w]``; ``image: Tensor[B, 3, H_img, W_img]``, float in [0, 1], the
-    guidance (any size: subclasses resize it with ``guidance_at``); ``size = (H, W)``;
-    returns ``Tensor[B, C, H, W]`` in the dtype of ``lr_feats``.
-    """
-
-    name: str = ""
-
-
-def guidance_at(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """``image`` resized to ``size`` (bilinear, antialiased when shrinking); unchanged if already that size."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    return F.interpolate(image, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-
+from ..checkpoints import names_checkpoint_file
+from .base import LearnedUpsampler, Upsampler, guidance_at
 
 _UPSAMPLERS: Registry[Upsampler] = Registry("upsampler")
 
@@ -46,18 +27,29 @@ def register_upsampler(name: str) -> Callable[[type[Upsampler]], type[Upsampler]
     return decorator
 
 
-def create_upsampler(name: str, backbone: nn.Module | None = None, **kwargs) -> Upsampler:
+def upsampler_class(name: str) -> type[Upsampler]:
+    """The class registered as ``name``; unknown names raise ``UsageError`` listing the choices."""
+    return _UPSAMPLERS.get(name)
+
+
+def create_upsampler(name: str, backbone: nn.Module | None = None, checkpoint: str | None = None,
+                     pretrained: bool = True, **kwargs) -> Upsampler:
     """Build upsampler ``name``; ``None`` kwargs are dropped so the entry's defaults apply.
 
-    ``backbone`` is handed to every entry (learned upsamplers check its ``dim``); it may be ``None``.
-    ``name`` may also be the path of a checkpoint written by ``upcli train`` (any learned upsampler).
-    Unknown names raise ``UsageError`` listing the choices.
+    ``backbone`` is handed to every entry (learned upsamplers take their dim from it and check checkpoints against
+    it); it may be ``None``. Learned upsamplers load ``checkpoint``, else the one shipped for the backbone;
+    ``pretrained=False`` gives fresh weights (for training). ``name`` may also be the path of a checkpoint
+    (``upcli train``, ``fit-image --save-fields``). Unknown names raise ``UsageError`` listing the choices.
     """
-    if name not in _UPSAMPLERS and (name.endswith(".safetensors") or os.path.sep in name or os.path.isfile(name)):
-        from .jbu import load_upsampler
-
-        return load_upsampler(name, backbone)
-    return _UPSAMPLERS.create(name, backbone=backbone, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if names_checkpoint_file(name, _UPSAMPLERS):
+        return load_upsampler(name, backbone, pretrained=pretrained, **kwargs)
+    cls = upsampler_class(name)
+    if checkpoint is None and pretrained and issubclass(cls, LearnedUpsampler):
+        checkpoint = shipped_checkpoint(name, backbone)
+    if checkpoint is not None:
+        return load_upsampler(checkpoint, backbone, name, **kwargs)
+    return cls.build(backbone, **kwargs)
 
 
 def list_upsamplers(pattern: str = "*") -> list[str]:
@@ -65,7 +57,9 @@ def list_upsamplers(pattern: str = "*") -> list[str]:
     return _UPSAMPLERS.names(pattern)
 
 
-# Entries register themselves on import; they need the names above.
-from . import bilateral, bilinear, implicit, jbu, pac, resize_conv  # noqa: F401
+# The checkpoint module and the entries need the names above; entries register themselves on import.
+from .checkpoints import load_upsampler, shipped_checkpoint  # noqa: E402
+from . import bilateral, bilinear, implicit, jbu, pac, resize_conv  # noqa: E402, F401
 
-__all__ = ["Upsampler", "create_upsampler", "guidance_at", "list_upsamplers", "register_upsampler"]
+__all__ = ["Upsampler", "create_upsampler", "guidance_at", "list_upsamplers", "register_upsampler",
+           "upsampler_class"]

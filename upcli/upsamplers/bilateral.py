@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from . import Upsampler, guidance_at, register_upsampler
+from . import register_upsampler
+from .base import Upsampler, guidance_at
 
 _CHUNK_ELEMENTS = 1 << 22  # float32 elements per channel chunk of the padded result: 16 MiB, cache-friendly
 

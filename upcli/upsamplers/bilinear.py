@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Upsampler, register_upsampler
+from . import register_upsampler
+from .base import Upsampler
 
 
 @register_upsampler("bilinear")

@@ -64,7 +64,8 @@ from torch import Tensor
 
 from ..checkpoints import read_state_dict
 from ..errors import WeightsError
-from .jbu import JBUStack, save_upsampler
+from .checkpoints import save_upsampler
+from .jbu import JBUStack
 
 FEATUP_STAGES = 4
 NORM_KEYS = ("model.1.norm.weight", "model.1.norm.bias")
@@ -116,9 +117,8 @@ def convert_featup_jbu(state_dict: dict[str, Tensor], dim: int | None = None,
     key_dim = int(get("up1.range_proj.0.weight").shape[0])
     taps = int(get("up1.fixup_proj.3.weight").shape[0])
     radius = (round(taps**0.5) - 1) // 2
-    stack = JBUStack(backbone=None, dim=feat_dim, layers=FEATUP_STAGES, key_dim=key_dim, radius=radius,
-                     guidance="rgb", fixup=True, residual="output", channel_norm=channel_norm,
-                     guidance_resize="area", pretrained=False)
+    stack = JBUStack(dim=feat_dim, layers=FEATUP_STAGES, key_dim=key_dim, radius=radius, guidance="rgb", fixup=True,
+                     residual="output", channel_norm=channel_norm, guidance_resize="area")
 
     mapped: dict[str, tuple[Tensor, str]] = {}  # our key -> (tensor, FeatUp key for messages)
     for k in range(1, FEATUP_STAGES + 1):

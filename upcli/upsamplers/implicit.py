@@ -45,7 +45,8 @@ from torch import Tensor, nn
 from ..errors import UsageError
 from ..io.images import target_size
 from ..training import generator
-from . import Upsampler, create_upsampler, guidance_at, register_upsampler
+from . import create_upsampler, register_upsampler
+from .base import Upsampler, guidance_at
 from .multiview import DOWNSAMPLERS, JitterConfig, gaussian_nll, render_views, sample_jitter, uncertainty_net
 
 _VIEWS, _STEP, _INIT = 11, 12, 13  # random streams
@@ -168,22 +169,17 @@ def cell_points(theta: Tensor, low: tuple[int, int], s: int, generator: torch.Ge
 class FieldUpsampler(Upsampler):
     """One image's fitted field plus its base upsampler and low-res features: renders features at any size.
 
-    Built by :func:`fit_field`, or from a file written by ``save_upsampler`` (``create_upsampler(PATH)``).
+    Built by :func:`fit_field`, or from a file written by ``save_upsampler`` (``create_upsampler(PATH)``, which
+    builds it from the file's config, then loads its weights).
     """
 
-    def __init__(self, backbone: nn.Module | None = None, checkpoint: str | None = None, *, dim: int | None = None,
+    def __init__(self, backbone: nn.Module | None = None, *, dim: int | None = None,
                  low: tuple[int, int] | None = None, proj_dim: int = 128, n_freqs: int = 8, width: int = 128,
                  max_freq: float = 5.0, colour: bool = True,
                  base: str = "bilinear", base_config: dict | None = None, base_upsampler: Upsampler | None = None):
         super().__init__()
-        if checkpoint is not None:
-            from .jbu import check_checkpoint
-
-            c = check_checkpoint(checkpoint, self.name, backbone)
-            dim, low, proj_dim, n_freqs, width = c["dim"], tuple(c["low"]), c["proj_dim"], c["n_freqs"], c["width"]
-            base, base_config, max_freq, colour = c["base"], c["base_config"], c["max_freq"], c["colour"]
         if dim is None or low is None:
-            raise ValueError("an implicit field needs dim and low (or checkpoint=)")
+            raise ValueError("an implicit field needs dim and low (or a checkpoint)")
         self.config = {"dim": dim, "low": list(low), "proj_dim": proj_dim, "n_freqs": n_freqs, "width": width,
                        "max_freq": max_freq, "colour": bool(colour), "base": base, "base_config": base_config}
         self.field = ImplicitField(dim, proj_dim, n_freqs, width, max_freq, bool(colour))
@@ -191,10 +187,6 @@ class FieldUpsampler(Upsampler):
             base_upsampler = create_upsampler(base, backbone=backbone, **({"pretrained": False, **base_config} if base_config else {}))
         self.base = base_upsampler
         self.register_buffer("lr_feats", torch.zeros(1, dim, *low))
-        if checkpoint is not None:
-            from .jbu import load_weights
-
-            load_weights(self, checkpoint)
 
     def forward(self, lr_feats: Tensor | None, image: Tensor, size: tuple[int, int]) -> Tensor:
         """Features of the fitted image at ``size``; ``image`` (1, 3, H, W) is that image at any resolution."""

@@ -1,4 +1,4 @@
-"""Learned joint bilateral upsampling (FeatUp's JBU stack, rebuilt on ``upcli.kernels``) and its checkpoints.
+"""Learned joint bilateral upsampling (FeatUp's JBU stack, rebuilt on ``upcli.kernels``).
 
 One stage maps features ``(B, C, h, w)`` to ``(B, C, H, W)`` guided by the image at ``(H, W)``:
 
@@ -36,28 +36,13 @@ a fraction of the cost). ``fixup`` adds FeatUp's unnormalised correction of the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import WeightsError
 from ..kernels import adaptive_conv_bicubic, neighbour_logits
-from . import Upsampler, guidance_at, register_upsampler
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def stage_sizes(low: tuple[int, int], high: tuple[int, int]) -> list[tuple[int, int]]:
-    """Output size of each ~2x stage from ``low`` to exactly ``high``."""
-    ratio = max(high[0] / low[0], high[1] / low[1])
-    n = max(1, round(math.log2(ratio)))
-    sizes = [(round(low[0] * (high[0] / low[0]) ** (s / n)), round(low[1] * (high[1] / low[1]) ** (s / n)))
-             for s in range(1, n)]
-    return sizes + [tuple(high)]
-
+from . import register_upsampler
+from .base import LearnedUpsampler, guidance_at, stage_sizes
 
 MAX_RADIUS = 7  # 15x15 windows, far past FeatUp's 7x7 (the kernels themselves take k up to 63)
 
@@ -152,47 +137,6 @@ class JBULayer(nn.Module):
         return adaptive_conv_bicubic(feats, kernel, padding=self.padding(size))  # = adaptive_conv(bicubic(feats))
 
 
-class LearnedUpsampler(Upsampler):
-    """What learned upsamplers share: where their architecture and weights come from, and image normalisation.
-
-    Subclasses call ``self.setup(backbone, checkpoint, pretrained, **arch)`` first: with ``checkpoint`` (or the
-    one shipped for the backbone when ``pretrained``) the architecture is the checkpoint's, after
-    :func:`check_checkpoint`; ``dim`` defaults to the backbone's, ``layers`` to ``round(log2(stride))``. Once the
-    modules exist, ``self.load_setup_weights()`` fills them from that checkpoint.
-    """
-
-    def setup(self, backbone, checkpoint: str | None, pretrained: bool, **arch) -> dict:
-        if checkpoint is None and pretrained:
-            checkpoint = shipped_checkpoint(self.name, backbone)
-        if checkpoint is not None:
-            config = check_checkpoint(checkpoint, self.name, backbone)
-            arch = {key: config.get(key, value) for key, value in arch.items()}
-        if arch.get("dim") is None:
-            arch["dim"] = _backbone_dim(backbone)
-        if arch.get("layers") is None:
-            arch["layers"] = max(1, round(math.log2(getattr(backbone, "stride", 16))))
-        self._checkpoint, self.config = checkpoint, arch
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        return arch
-
-    def load_setup_weights(self) -> None:
-        if self._checkpoint is not None:
-            load_weights(self, self._checkpoint)
-
-    def normalize(self, image: Tensor) -> Tensor:
-        """``[0, 1]`` RGB -> ImageNet-normalised, the guidance's scale."""
-        return (image.float() - self.mean) / self.std
-
-    @staticmethod
-    def residual_correction(dim: int) -> nn.Conv2d:
-        """A 1x1 conv that starts at zero: a learned correction of the features that starts as none."""
-        conv = nn.Conv2d(dim, dim, 1)
-        nn.init.zeros_(conv.weight)
-        nn.init.zeros_(conv.bias)
-        return conv
-
-
 @register_upsampler("jbu")
 class JBUStack(LearnedUpsampler):
     """Stages of learned JBU from the backbone grid to any output size, plus a 1x1 residual correction.
@@ -201,23 +145,18 @@ class JBUStack(LearnedUpsampler):
     ``pretrained=False`` gives fresh weights for training.
     """
 
-    def __init__(self, backbone: nn.Module | None = None, dim: int | None = None, layers: int | None = None,
-                 key_dim: int = 32, radius: int | list[int] = 3, guidance: str = "rgb", fixup: bool = False,
-                 residual: str = "input", channel_norm: bool = False, guidance_resize: str = "bilinear",
-                 checkpoint: str | None = None, pretrained: bool = True):
-        super().__init__()
-        c = self.setup(backbone, checkpoint, pretrained, dim=dim, layers=layers, key_dim=key_dim, radius=radius,
-                       guidance=guidance, fixup=fixup, residual=residual, channel_norm=channel_norm,
-                       guidance_resize=guidance_resize)
-        if c["residual"] not in ("input", "output") or c["guidance_resize"] not in ("bilinear", "area"):
+    def __init__(self, dim: int, layers: int, key_dim: int = 32, radius: int | list[int] = 3, guidance: str = "rgb",
+                 fixup: bool = False, residual: str = "input", channel_norm: bool = False,
+                 guidance_resize: str = "bilinear"):
+        super().__init__(dim=dim, layers=layers, key_dim=key_dim, radius=radius, guidance=guidance, fixup=fixup,
+                         residual=residual, channel_norm=channel_norm, guidance_resize=guidance_resize)
+        if residual not in ("input", "output") or guidance_resize not in ("bilinear", "area"):
             raise ValueError(f"residual must be input or output and guidance_resize bilinear or area, got "
-                             f"{c['residual']!r} and {c['guidance_resize']!r}")
+                             f"{residual!r} and {guidance_resize!r}")
         # FeatUp checkpoints (see featup.py) normalise the backbone features over channels first
-        self.channel_norm = nn.LayerNorm(c["dim"]) if c["channel_norm"] else None
-        self.stages = nn.ModuleList(JBULayer(c["key_dim"], r, c["guidance"], c["fixup"], c["dim"])
-                                    for r in stage_radii(c["radius"], c["layers"]))
-        self.residual = self.residual_correction(c["dim"])
-        self.load_setup_weights()
+        self.channel_norm = nn.LayerNorm(dim) if channel_norm else None
+        self.stages = nn.ModuleList(JBULayer(key_dim, r, guidance, fixup, dim) for r in stage_radii(radius, layers))
+        self.residual = self.residual_correction(dim)
 
     def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
         x = self.propagate(self.prepare(lr_feats), image, size)
@@ -254,72 +193,3 @@ class JBUStack(LearnedUpsampler):
         if self.config["guidance_resize"] == "area":
             return F.adaptive_avg_pool2d(image, size)
         return guidance_at(image, size)
-
-
-# ---- checkpoints of learned upsamplers ----------------------------------------------------------------------
-
-def _backbone_dim(backbone) -> int:
-    if backbone is None or not hasattr(backbone, "dim"):
-        raise ValueError("a learned upsampler needs the backbone (for its feature dim) or dim=")
-    return int(backbone.dim)
-
-
-def shipped_checkpoint(kind: str, backbone) -> str:
-    """The checkpoint shipped in the package for ``kind`` and this backbone, or a one-line ``WeightsError``."""
-    from importlib import resources
-
-    name = getattr(backbone, "name", None)
-    path = resources.files("upcli") / "weights" / f"{kind}-{name}.safetensors"
-    if name is None or not path.is_file():
-        raise WeightsError(f"no {kind} checkpoint ships for backbone {name!r}; train one with "
-                           f"`upcli train IMAGES --backbone {name} --upsampler {kind} --out CKPT` and pass "
-                           f"--upsampler CKPT")
-    return str(path)
-
-
-def check_checkpoint(path: str, kind: str | None, backbone) -> dict:
-    """The checkpoint's config, after refusing a wrong kind, backbone, layer or dim (no weight is read)."""
-    from ..checkpoints import read_config
-
-    config = read_config(path)
-    if config.get("kind") != "upsampler":
-        raise WeightsError(f"{path} is a {config.get('kind')} checkpoint, not an upsampler (make one with `upcli train`)")
-    if kind is not None and config.get("upsampler") != kind:
-        raise WeightsError(f"{path} is a {config.get('upsampler')} checkpoint, not {kind}")
-    if backbone is not None:
-        want = {"backbone": getattr(backbone, "name", None), "layer": str(getattr(backbone, "layer", None)),
-                "dim": getattr(backbone, "dim", None)}
-        for key, value in want.items():
-            if value is not None and str(config.get(key)) != str(value):
-                raise WeightsError(f"{path} was trained for {key} {config.get(key)!r}, but the backbone has "
-                                   f"{value!r}; train one for this backbone with `upcli train`")
-    return config
-
-
-def upsampler_config(upsampler: Upsampler, backbone) -> dict:
-    """What :func:`check_checkpoint` checks, plus the architecture."""
-    return {"kind": "upsampler", "upsampler": upsampler.name, "backbone": getattr(backbone, "name", None),
-            "layer": str(getattr(backbone, "layer", None)), **upsampler.config}
-
-
-def save_upsampler(path, upsampler: Upsampler, backbone, extra: dict | None = None) -> None:
-    from ..checkpoints import save_checkpoint
-
-    save_checkpoint(path, upsampler.state_dict(), {**upsampler_config(upsampler, backbone), **(extra or {})})
-
-
-def load_weights(upsampler: nn.Module, path: str) -> None:
-    from ..checkpoints import load_checkpoint
-
-    tensors, _ = load_checkpoint(path)
-    missing, unexpected = upsampler.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise WeightsError(f"{path} does not fit this upsampler (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def load_upsampler(path: str, backbone=None) -> Upsampler:
-    """Any upsampler checkpoint made by ``upcli train`` (``--upsampler PATH``)."""
-    from . import create_upsampler
-
-    config = check_checkpoint(path, None, backbone)
-    return create_upsampler(config["upsampler"], backbone=backbone, checkpoint=path)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..pac import PacConvTranspose2d
-from . import guidance_at, register_upsampler
-from .jbu import LearnedUpsampler, stage_sizes
+from . import register_upsampler
+from .base import LearnedUpsampler, guidance_at, stage_sizes
 
 
 def bilinear_filter() -> Tensor:
@@ -53,17 +53,14 @@ class PacUpStage(nn.Module):
 class PacUpsampler(LearnedUpsampler):
     """``create_upsampler("pac", backbone, pretrained=False)`` for training, or ``checkpoint=PATH``."""
 
-    def __init__(self, backbone: nn.Module | None = None, dim: int | None = None, layers: int | None = None,
-                 guide_dim: int = 8, hidden: int = 16, checkpoint: str | None = None, pretrained: bool = True):
-        super().__init__()
-        c = self.setup(backbone, checkpoint, pretrained, dim=dim, layers=layers, guide_dim=guide_dim, hidden=hidden)
+    def __init__(self, dim: int, layers: int, guide_dim: int = 8, hidden: int = 16):
+        super().__init__(dim=dim, layers=layers, guide_dim=guide_dim, hidden=hidden)
         self.guidance_trunk = nn.Sequential(
-            nn.Conv2d(3, c["hidden"], 3, padding=1, padding_mode="replicate"), nn.ReLU(),
-            nn.Conv2d(c["hidden"], c["hidden"], 3, padding=1, padding_mode="replicate"), nn.ReLU())
-        self.guidance_heads = nn.ModuleList(nn.Conv2d(c["hidden"], c["guide_dim"], 1) for _ in range(c["layers"]))
-        self.stages = nn.ModuleList(PacUpStage(c["dim"]) for _ in range(c["layers"]))
-        self.residual = self.residual_correction(c["dim"])
-        self.load_setup_weights()
+            nn.Conv2d(3, hidden, 3, padding=1, padding_mode="replicate"), nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, padding_mode="replicate"), nn.ReLU())
+        self.guidance_heads = nn.ModuleList(nn.Conv2d(hidden, guide_dim, 1) for _ in range(layers))
+        self.stages = nn.ModuleList(PacUpStage(dim) for _ in range(layers))
+        self.residual = self.residual_correction(dim)
 
     def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
         x = lr_feats.float()

@@ -1,6 +1,6 @@
 """Resize-conv: FeatUp's learned baseline, trained by the same multi-view objective as the JBU.
 
-Each ~2x stage (the sizes of :func:`~upcli.upsamplers.jbu.stage_sizes`, so it lands exactly on any size):
+Each ~2x stage (the sizes of :func:`~upcli.upsamplers.base.stage_sizes`, so it lands exactly on any size):
 bilinear resize of the features, concatenation with the normalised image at that size, a 1x1 conv back to
 ``dim``, ReLU (none on the last stage), and a residual add. The convs start at zero: an untrained
 resize-conv is bilinear upsampling.
@@ -12,21 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import guidance_at, register_upsampler
-from .jbu import LearnedUpsampler, stage_sizes
+from . import register_upsampler
+from .base import LearnedUpsampler, guidance_at, stage_sizes
 
 
 @register_upsampler("resize-conv")
 class ResizeConv(LearnedUpsampler):
-    def __init__(self, backbone: nn.Module | None = None, dim: int | None = None, layers: int | None = None,
-                 checkpoint: str | None = None, pretrained: bool = True):
-        super().__init__()
-        c = self.setup(backbone, checkpoint, pretrained, dim=dim, layers=layers)
-        self.stages = nn.ModuleList(nn.Conv2d(c["dim"] + 3, c["dim"], 1) for _ in range(c["layers"]))
+    def __init__(self, dim: int, layers: int):
+        super().__init__(dim=dim, layers=layers)
+        self.stages = nn.ModuleList(nn.Conv2d(dim + 3, dim, 1) for _ in range(layers))
         for conv in self.stages:
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
-        self.load_setup_weights()
 
     def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
         x = lr_feats.float()

@@ -41,7 +41,8 @@ from ..training import (InterruptsDeferred, ensure_finite, generator, global_mea
                         load_train_state, optimizer_tensors, prepare_output, setup_distributed, teardown_distributed,
                         train_state_path)
 from . import guidance_at
-from .jbu import GUIDANCE_KINDS, MAX_RADIUS, stage_sizes
+from .base import stage_sizes
+from .jbu import GUIDANCE_KINDS, MAX_RADIUS
 from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
 
 # purposes of the random streams
@@ -162,7 +163,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     from ..backbones import create_backbone
     from ..upsample import resolve_device
     from . import create_upsampler
-    from .jbu import save_upsampler
+    from .checkpoints import save_upsampler
 
     device = resolve_device(cfg.device)
     dist = setup_distributed(device)
