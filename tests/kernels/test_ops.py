@@ -1,6 +1,5 @@
 """The public ops of upcli.kernels against unfold references, on every CPU backend (torchvision TestDeformConv style)."""
 
-import itertools
 
 import pytest
 import torch

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configs import FitConfig
 from ..errors import UsageError
 from ..io.images import target_size
 from ..training import generator
@@ -51,38 +52,6 @@ from .multiview import DOWNSAMPLERS, JitterConfig, gaussian_nll, render_views, s
 
 _VIEWS, _STEP, _INIT = 11, 12, 13  # random streams
 
-
-@dataclass(frozen=True)
-class FitConfig:
-    """How one image is fitted. The defaults are the measured speed/quality trade-off on a 2-core CPU."""
-
-    steps: int = 200
-    views: int = 48  # cached jittered views; the first is the image itself
-    views_per_step: int = 6
-    points_per_cell: int = 6  # s: s x s random points per backbone cell, fresh each step
-    fit_size: int = 224  # shorter side of the image the views are made from
-    proj_dim: int = 128
-    n_freqs: int = 8
-    max_freq: float = 5.0  # log of the highest frequency
-    width: int = 128
-    colour: bool = False  # the field also sees the pixel's colour (FeatUp); measured worse for a linear probe
-    max_pad: float = 30 / 224  # views: reflect padding as a fraction of the side (FeatUp: 30 px at 224) ...
-    max_zoom: float = 1.8  # ... and the largest zoom (FeatUp: 1.8)
-    detail_views: bool = True  # views cut from the image at up to max_zoom x fit_size: zoomed views show real detail
-    learning_rate: float = 3e-3
-    base: str = "bilinear"
-    downsampler: str = "attention"
-    seed: int = 0
-
-    def check(self) -> None:
-        for name in ("steps", "views", "views_per_step", "points_per_cell", "fit_size", "proj_dim", "n_freqs", "width"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise UsageError(f"learning rate must be positive, got {self.learning_rate}")
-        if self.base in ("implicit", "implicit-field"):
-            raise UsageError(f"--base {self.base}: the field corrects a feed-forward upsampler (bilinear, bilateral, "
-                             "jbu, pac or a checkpoint), not another fit")
 
 
 # ---- the field ----------------------------------------------------------------------------------------------
