@@ -28,7 +28,7 @@ def pca_rgb(maps: list[Tensor], k: int = 3) -> list[np.ndarray]:
         raise ValueError(f"maps must have the same channel count, got {[f.shape[0] for f in flats]}")
     sample = _sample_pixels(flats)
 
-    mean, basis = _fit_pca(sample, k)
+    mean, basis = principal_axes(sample, k)
     sample_proj = torch.cat([_project(chunk, mean, basis) for chunk in sample], dim=1)  # (k, n)
     low = torch.quantile(sample_proj, 0.01, dim=1, keepdim=True)
     high = torch.quantile(sample_proj, 0.99, dim=1, keepdim=True)
@@ -80,11 +80,13 @@ def _sample_pixels(flats: list[Tensor]) -> list[Tensor]:
     return chunks
 
 
-def _fit_pca(chunks: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
-    """Mean ``(C, 1)`` and the top-``k`` principal axes ``(C, k)`` (float32), with a fixed sign."""
-    channels = chunks[0].shape[0]
-    total = torch.zeros(channels, 1, dtype=torch.float64)
-    outer = torch.zeros(channels, channels, dtype=torch.float64)
+def principal_axes(chunks: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """The one PCA of upcli: mean ``(C, 1)`` and the top-``k`` principal axes ``(C, k)`` (float32) of the pixels in
+    ``(C, n)`` chunks, from their float64 covariance (memory C x C, whatever n), each axis signed so that its
+    largest entry is positive. Axes beyond ``C`` are zero. Used by the previews and by the implicit field's fit."""
+    channels, device = chunks[0].shape[0], chunks[0].device
+    total = torch.zeros(channels, 1, dtype=torch.float64, device=device)
+    outer = torch.zeros(channels, channels, dtype=torch.float64, device=device)
     count = 0
     for chunk in chunks:
         x = chunk.double()

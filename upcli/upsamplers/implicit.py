@@ -46,6 +46,7 @@ from ..configs import FitConfig
 from ..errors import UsageError
 from ..io.images import target_size
 from ..training import generator
+from ..viz import principal_axes
 from . import create_upsampler, register_upsampler
 from .base import Upsampler, guidance_at
 from .multiview import DOWNSAMPLERS, JitterConfig, gaussian_nll, render_views, sample_jitter, uncertainty_net
@@ -212,8 +213,9 @@ def _fit(backbone: nn.Module, image: Tensor, cfg: FitConfig) -> FitResult:
             scale_net = uncertainty_net(up.field.basis.shape[1]).to(device)
         up.lr_feats.copy_(lr_feats)
         field = up.field
-        field.mean.copy_(targets.permute(0, 2, 3, 1).reshape(-1, dim).mean(0))
-        field.basis.copy_(_pca_basis(targets, field.mean, field.basis.shape[1]))
+        mean, basis = principal_axes([targets.transpose(0, 1).reshape(dim, -1)], field.basis.shape[1])
+        field.mean.copy_(mean[:, 0])
+        field.basis.copy_(basis)
         base_pca = field.project(base_up(lr_feats, image, (H, W)).float())
         targets_pca = field.project(targets)
 
@@ -243,16 +245,6 @@ def _fit(backbone: nn.Module, image: Tensor, cfg: FitConfig) -> FitResult:
             losses.append(loss.item())
     up.eval()
     return FitResult(up, losses, time.perf_counter() - start)
-
-
-def _pca_basis(feats: Tensor, mean: Tensor, k: int) -> Tensor:
-    """The top-``k`` principal directions ``(C, k)`` of the pixels of ``feats`` (V, C, h, w)."""
-    x = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]) - mean
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    basis = vh[:k].T
-    if basis.shape[1] < k:  # fewer pixels than k: pad with zero directions (they receive no signal)
-        basis = F.pad(basis, (0, k - basis.shape[1]))
-    return basis
 
 
 # ---- the fit behind the upsampler interface -----------------------------------------------------------------
