@@ -1,0 +1,115 @@
+"""upcli.kernels.neighbourhood_attention: the tap-loop op against the gathering reference (forward and gradients),
+gradcheck, opcheck, the window geometry, and what it never saves."""
+
+import pytest
+import torch
+
+from upcli.kernels import neighbourhood_attention
+from upcli.kernels.neighbourhood_attention import neighbourhood_attention_reference, window_starts
+
+# (H, W, h, w, k): odd and non-square, output smaller than, larger than and equal to the grid
+SHAPES = [(9, 13, 5, 7, 3), (3, 4, 5, 7, 5), (11, 6, 6, 5, 1), (20, 17, 7, 6, 5), (5, 7, 5, 7, 3), (2, 3, 3, 3, 3)]
+
+
+def inputs(B, heads, d, C, H, W, h, w, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, heads, d, H, W, dtype=dtype, generator=gen).requires_grad_()
+    k = torch.randn(B, heads, d, h, w, dtype=dtype, generator=gen).requires_grad_()
+    v = torch.randn(B, C, h, w, dtype=dtype, generator=gen).requires_grad_()
+    return q, k, v
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("heads", [1, 3])
+def test_matches_reference_forward_and_gradients(shape, heads):
+    H, W, h, w, k = shape
+    q, key, v = inputs(2, heads, 4, 5, H, W, h, w)
+    out = neighbourhood_attention(q, key, v, k)
+    ref = neighbourhood_attention_reference(q, key, v, k)
+    assert out.shape == (2, 5, H, W) and out.dtype == v.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, key, v), grad), torch.autograd.grad(ref, (q, key, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_scale_and_partial_gradients():
+    q, key, v = inputs(1, 2, 3, 4, 7, 5, 4, 6)
+    out = neighbourhood_attention(q, key, v.detach(), 3, scale=0.7)
+    ref = neighbourhood_attention_reference(q, key, v.detach(), 3, scale=0.7)
+    torch.testing.assert_close(out, ref)
+    (gk,) = torch.autograd.grad(out.sum(), (key,))
+    (rk,) = torch.autograd.grad(ref.sum(), (key,))
+    torch.testing.assert_close(gk, rk)
+
+
+def test_gradcheck():
+    q, key, v = inputs(2, 2, 3, 2, 5, 7, 4, 3)
+    assert torch.autograd.gradcheck(lambda a, b, c: neighbourhood_attention(a, b, c, 3), (q, key, v))
+
+
+def test_opcheck():
+    q, key, v = inputs(2, 2, 3, 4, 7, 5, 4, 6)
+    torch.library.opcheck(torch.ops.upcli.neighbourhood_attention.default, (q, key, v, 3, 0.5))
+    grad = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    for mask in ([True, True, True], [False, True, False], [False, False, True]):
+        torch.library.opcheck(torch.ops.upcli.neighbourhood_attention_backward.default,
+                              (grad, q.detach(), key.detach(), v.detach(), 3, 0.5, mask))
+
+
+def test_constant_value_gives_the_constant():
+    q, key, _ = inputs(2, 4, 8, 3, 13, 9, 5, 4, dtype=torch.float32)
+    v = torch.full((2, 3, 5, 4), 2.5)
+    torch.testing.assert_close(neighbourhood_attention(q * 10, key, v, 3), torch.full((2, 3, 13, 9), 2.5))
+
+
+def test_float32_and_half_follow_value_dtype():
+    q, key, v = inputs(1, 2, 4, 3, 6, 5, 4, 4, dtype=torch.float32)
+    out = neighbourhood_attention(q, key, v, 3)
+    torch.testing.assert_close(out, neighbourhood_attention_reference(q, key, v, 3), rtol=1e-5, atol=1e-5)
+    half = neighbourhood_attention(q.bfloat16(), key.bfloat16(), v.bfloat16(), 3)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), out, rtol=5e-2, atol=5e-2)
+
+
+def test_window_geometry():
+    """Centre cell floor((y + 0.5) h / H), window shifted (never padded) at the borders."""
+    assert window_starts(8, 4, 3).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert window_starts(4, 8, 3).tolist() == [0, 2, 4, 5]
+    assert window_starts(5, 5, 1).tolist() == [0, 1, 2, 3, 4]
+    assert window_starts(3, 5, 5).tolist() == [0, 0, 0]
+    # one-hot values: the output at a pixel is the attention mass on that cell, zero outside its window
+    h, w, H, W, k = 5, 6, 7, 9, 3
+    q, key, _ = inputs(1, 1, 2, 1, H, W, h, w)
+    rows, cols = window_starts(H, h, k), window_starts(W, w, k)
+    for cell in [(0, 0), (2, 3), (4, 5)]:
+        v = torch.zeros(1, 1, h, w, dtype=torch.float64)
+        v[0, 0, cell[0], cell[1]] = 1
+        out = neighbourhood_attention(q.detach(), key.detach(), v, k)[0, 0]
+        inside = ((rows <= cell[0]) & (cell[0] < rows + k))[:, None] & ((cols <= cell[1]) & (cell[1] < cols + k))
+        assert (out[~inside] == 0).all() and (out[inside] > 0).all()
+
+
+@pytest.mark.parametrize("k", [0, 5, -1])
+def test_wrong_k_raises(k):
+    q, key, v = inputs(1, 1, 2, 1, 6, 6, 4, 6)
+    with pytest.raises(ValueError, match="k must be"):
+        neighbourhood_attention(q, key, v, k)
+
+
+def test_wrong_shapes_raise():
+    q, key, v = inputs(1, 2, 3, 4, 6, 6, 4, 5)
+    with pytest.raises(ValueError):
+        neighbourhood_attention(q[:, :1], key, v, 3)
+    with pytest.raises(ValueError):
+        neighbourhood_attention(q, key, v[..., :4], 3)
+    with pytest.raises(ValueError):
+        neighbourhood_attention(q[0], key, v, 3)
+
+
+def test_never_saves_per_tap_tensors():
+    q, key, v = inputs(1, 2, 4, 8, 16, 16, 6, 6, dtype=torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        neighbourhood_attention(q, key, v, 5)
+    assert sum(saved) <= q.numel() + key.numel() + v.numel()
