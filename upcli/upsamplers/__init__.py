@@ -59,7 +59,7 @@ def list_upsamplers(pattern: str = "*") -> list[str]:
 
 # The checkpoint module and the entries need the names above; entries register themselves on import.
 from .checkpoints import load_upsampler, shipped_checkpoint  # noqa: E402
-from . import bilateral, bilinear, implicit, jbu, pac, resize_conv  # noqa: E402, F401
+from . import attention, bilateral, bilinear, implicit, jbu, pac, resize_conv  # noqa: E402, F401
 
 __all__ = ["Upsampler", "create_upsampler", "guidance_at", "list_upsamplers", "register_upsampler",
            "upsampler_class"]

@@ -23,9 +23,12 @@ class Upsampler(nn.Module):
     returns ``Tensor[B, C, H, W]`` in the dtype of ``lr_feats``.
 
     An upsampler with weights keeps its architecture arguments in ``self.config``: its checkpoints store them.
+    A ``backbone_agnostic`` one never sees the features' values when making its weights (any backbone, layer and
+    dim): its checkpoints record no backbone, are checked against none, and one file ships for all backbones.
     """
 
     name: str = ""
+    backbone_agnostic: bool = False
 
     @classmethod
     def build(cls, backbone=None, **arch) -> Upsampler:

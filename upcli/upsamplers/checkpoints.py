@@ -19,8 +19,16 @@ KIND = "upsampler"
 
 
 def shipped_checkpoint(name: str, backbone) -> str:
-    """The checkpoint shipped in the package for upsampler ``name`` and this backbone, or a one-line
-    ``WeightsError``."""
+    """The checkpoint shipped in the package for upsampler ``name`` and this backbone (``name.safetensors`` for a
+    backbone-agnostic upsampler), or a one-line ``WeightsError``."""
+    from . import upsampler_class
+
+    if upsampler_class(name).backbone_agnostic:
+        path = resources.files("upcli") / "weights" / f"{name}.safetensors"
+        if not path.is_file():
+            raise WeightsError(f"no {name} checkpoint ships yet; train one and pass --upsampler CKPT, or pass "
+                               f"pretrained=False for fresh (untrained) weights")
+        return str(path)
     backbone_name = getattr(backbone, "name", None)
     path = resources.files("upcli") / "weights" / f"{name}-{backbone_name}.safetensors"
     if backbone_name is None or not path.is_file():
@@ -32,11 +40,11 @@ def shipped_checkpoint(name: str, backbone) -> str:
 
 def check_checkpoint(path, name: str | None, backbone) -> dict:
     """The checkpoint's config, after refusing another kind, another upsampler than ``name`` (any when ``None``),
-    or another backbone, layer or dim (no weight is read)."""
+    or another backbone, layer or dim (no weight is read; a backbone-agnostic upsampler fits any backbone)."""
     config = read_config(path, KIND)
     if name is not None and config.get("upsampler") != name:
         raise WeightsError(f"{path} is a {config.get('upsampler')} checkpoint, not {name}")
-    if backbone is not None:
+    if backbone is not None and not _backbone_agnostic(config.get("upsampler")):
         want = {"backbone": getattr(backbone, "name", None), "layer": str(getattr(backbone, "layer", None)),
                 "dim": getattr(backbone, "dim", None)}
         for key, value in want.items():
@@ -46,8 +54,17 @@ def check_checkpoint(path, name: str | None, backbone) -> dict:
     return config
 
 
+def _backbone_agnostic(name) -> bool:
+    """Whether ``name`` is a registered backbone-agnostic upsampler (unknown names are not: they fail later)."""
+    from . import list_upsamplers, upsampler_class
+
+    return name in list_upsamplers() and upsampler_class(name).backbone_agnostic
+
+
 def upsampler_config(upsampler: Upsampler, backbone) -> dict:
-    """What :func:`check_checkpoint` checks, plus the architecture."""
+    """What :func:`check_checkpoint` checks, plus the architecture (no backbone or layer when backbone-agnostic)."""
+    if upsampler.backbone_agnostic:
+        return {"kind": KIND, "upsampler": upsampler.name, **upsampler.config}
     return {"kind": KIND, "upsampler": upsampler.name, "backbone": getattr(backbone, "name", None),
             "layer": str(getattr(backbone, "layer", None)), **upsampler.config}
 

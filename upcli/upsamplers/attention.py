@@ -1,0 +1,113 @@
+"""Backbone-agnostic neighbourhood-attention upsampling (NAF-style; untrained: no checkpoint ships yet).
+
+From features ``(B, C, h, w)`` and the image, straight to ``(B, C, H, W)`` in one step:
+
+    enc     = encoder(normalise(image resized to (H, W)))         3x3 convs + GELU, (B, width, H, W)
+    query   = rope(q_proj(enc),                 pixel positions)  (B, heads, d, H, W)
+    key     = rope(k_proj(avg_pool(enc, (h, w))), cell positions) (B, heads, d, h, w)
+    out     = neighbourhood_attention(query, key, lr_feats, k)    softmax over the k x k cells around each pixel,
+                                                                  heads averaged
+
+Positions are in feature-grid units: pixel ``(y, x)`` at ``((y + 0.5) h / H - 0.5, (x + 0.5) w / W - 0.5)``,
+cell ``(i, j)`` at ``(i, j)``. 2-D RoPE rotates half of each head's ``d`` dims by the row and half by the column
+position, so the logits depend on the pixel's position relative to each cell, not on where it is in the image:
+RoPE is the spatial kernel. The window (``k_eff = min(k, h, w)``) is shifted inside the grid at the borders.
+
+The values are the backbone's own low-res vectors, unprojected, and the weights never see the features: every
+output vector is a convex combination of the input vectors (constant features stay constant), and one model
+serves any backbone, layer, channel count and output size. Its checkpoints bind none of them
+(``backbone_agnostic``): ``create_upsampler("attention")`` loads ``upcli/weights/attention.safetensors``, not one
+per backbone.
+
+Departures from NAF (valeoai/NAF), kept small until the model is trained and measured:
+
+* one 3x3 conv stack as the encoder instead of NAF's two branches (1x1 pixel, 3x3 context): fewer parts to tune;
+* separate 1x1 query and key projections of the shared encoding (NAF pools the queries into keys): costs nothing
+  (the key projection runs on the small grid) and lets keys and queries differ;
+* fixed RoPE frequencies (periods 2 to 32 cells, geometric) rather than anything learned;
+* ``upcli.kernels.neighbourhood_attention`` instead of NATTEN, so nothing else to install; default k = 7 (NAF: 9
+  or 15), enough for ~2 cells of displacement either way.
+
+Not trained and not shipped yet: ``pretrained=False`` gives fresh weights (seeded by the caller's torch RNG).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..kernels import neighbourhood_attention
+from . import register_upsampler
+from .base import LearnedUpsampler, guidance_at
+
+ROPE_PERIODS = (2.0, 32.0)  # shortest and longest RoPE wavelength, in feature cells
+
+
+def rope_angles(positions: Tensor, n: int) -> Tensor:
+    """``(len(positions), n)`` rotation angles: each position times ``n`` frequencies with periods from
+    ``ROPE_PERIODS[0]`` to ``ROPE_PERIODS[1]`` cells (geometric)."""
+    lo, hi = ROPE_PERIODS
+    periods = torch.logspace(math.log10(lo), math.log10(hi), n, dtype=torch.float32, device=positions.device)
+    return positions[:, None].float() * (2 * math.pi / periods)
+
+
+def apply_rope(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """2-D RoPE on ``x (B, heads, d, H, W)``: the first ``d / 2`` dims rotate by the row position ``rows [H]``,
+    the rest by the column position ``cols [W]``; within each half, dim ``i`` pairs with dim ``i + d / 4``."""
+    d = x.shape[2]
+    n = d // 4
+    ay = rope_angles(rows, n).T[:, :, None]  # (n, H, 1)
+    ax = rope_angles(cols, n).T[:, None, :]  # (n, 1, W)
+    out = []
+    for part, angle in ((x[:, :, : d // 2], ay), (x[:, :, d // 2:], ax)):
+        a, b = part[:, :, :n], part[:, :, n:]
+        cos, sin = angle.cos(), angle.sin()
+        out += [a * cos - b * sin, a * sin + b * cos]
+    return torch.cat(out, dim=2)
+
+
+@register_upsampler("attention")
+class AttentionUpsampler(LearnedUpsampler):
+    """Neighbourhood attention from an image encoding to the backbone's grid; values are the raw features.
+
+    ``create_upsampler("attention", pretrained=False)`` needs no backbone; a checkpoint loads for any backbone.
+    """
+
+    backbone_agnostic = True
+
+    def __init__(self, heads: int = 4, head_dim: int = 32, kernel_size: int = 7, width: int = 32, depth: int = 3):
+        super().__init__(heads=heads, head_dim=head_dim, kernel_size=kernel_size, width=width, depth=depth)
+        if head_dim % 4 or heads < 1 or kernel_size < 1 or depth < 1 or width < 1:
+            raise ValueError(f"head_dim must be a multiple of 4 (2-D RoPE), and heads, kernel_size, width and depth "
+                             f"at least 1; got {self.config}")
+        layers = []
+        for i in range(depth):
+            layers += [nn.Conv2d(3 if i == 0 else width, width, 3, padding=1, padding_mode="replicate"), nn.GELU()]
+        self.encoder = nn.Sequential(*layers)
+        self.query = nn.Conv2d(width, heads * head_dim, 1)
+        self.key = nn.Conv2d(width, heads * head_dim, 1)
+
+    @classmethod
+    def build(cls, backbone=None, **arch) -> AttentionUpsampler:
+        """Fresh weights; the backbone is not needed (nor read)."""
+        return cls(**arch)
+
+    def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
+        B, C, h, w = lr_feats.shape
+        H, W = (int(s) for s in size)
+        heads, d = self.config["heads"], self.config["head_dim"]
+        enc = self.encoder(self.normalize(guidance_at(image, (H, W))))
+        q = self.query(enc).view(B, heads, d, H, W)
+        k = self.key(F.adaptive_avg_pool2d(enc, (h, w))).view(B, heads, d, h, w)
+        dev = enc.device
+        py = (torch.arange(H, device=dev, dtype=torch.float32) + 0.5) * (h / H) - 0.5
+        px = (torch.arange(W, device=dev, dtype=torch.float32) + 0.5) * (w / W) - 0.5
+        q = apply_rope(q, py, px)
+        k = apply_rope(k, torch.arange(h, device=dev, dtype=torch.float32),
+                       torch.arange(w, device=dev, dtype=torch.float32))
+        k_eff = min(self.config["kernel_size"], h, w)
+        out = neighbourhood_attention(q, k, lr_feats.float(), k_eff)
+        return out.to(lr_feats.dtype)
