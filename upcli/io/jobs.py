@@ -89,13 +89,18 @@ def prepare_job(command: str, source, options: JobOptions, default_shard_size: i
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if options.preview < 0:
         raise UsageError(f"--preview must be 0 or more, got {options.preview}")
-    if options.workers is not None and options.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {options.workers}")
     split = resolve_split(options.num_shards, options.shard_index)
-    if options.overwrite and split[1] > 1:
-        raise UsageError("--overwrite cannot be combined with a split of the work: clear --out once, then start the workers")
+    check_run(options.workers or 0, options.overwrite, split[1])
     root, inputs = scan_inputs(Path(source), options.out)
     return JobPlan(command, options, root, inputs, shard_size, split, checkpoint_digests(**(checkpoints or {})))
+
+
+def check_run(workers: int, overwrite: bool, parts: int) -> None:
+    """What :func:`run_job` refuses, checked early by :func:`prepare_job` too (before any model is built)."""
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {workers}")
+    if overwrite and parts > 1:
+        raise UsageError("--overwrite cannot be combined with a split of the work: clear --out once, then start the workers")
 
 
 def scan_inputs(path: Path, exclude=None) -> tuple[Path, list[ImageRef]]:
@@ -371,7 +376,7 @@ def _store_error(error: BaseException, writer: ShardWriter | None) -> BaseExcept
 def run_job(
     job: Job,
     load: Callable[[ImageRef], Any],
-    process: Callable[[list[Item], Timings], list[tuple[Any, dict]]],
+    process: Callable[[list[Item], Timings], list[Output]],
     *,
     split: tuple[int, int] = (0, 1),
     compression: str = "none",
@@ -392,10 +397,7 @@ def run_job(
     reporter = reporter or ProgressReporter(job.command)
     timings = timings or Timings()
     part, parts = split
-    if workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {workers}")
-    if overwrite and parts > 1:
-        raise UsageError("--overwrite cannot be combined with a split of the work: clear --out once, then start the workers")
+    check_run(workers, overwrite, parts)
     kind = job.kind
     prepare_out_dir(job, overwrite)
     fingerprint = job.fingerprint
