@@ -9,15 +9,14 @@
 h - 1)`` and its window the k cells from ``sy = clamp(cy - k // 2, 0, h - k)`` (likewise x): at the borders the
 window is shifted, never padded, so every tap is a real cell. Any H, W (also H < h); ``1 <= k <= min(h, w)``.
 
-Memory. ``neighbourhood_attention`` is a registered op (``upcli::neighbourhood_attention``, ``torch.library.custom_op``
-with a fake kernel and autograd; its backward is the registered op ``upcli::neighbourhood_attention_backward``). It
-loops over the k * k taps: per tap it gathers that tap's key and value cells with index tensors (``sy + i`` for the
-rows, ``sx + j`` for the columns), so the largest temporaries are one tap's keys (``heads * d * H * W``) and values
-(``C * H * W``). The forward takes two passes over the taps: the per-pixel logsumexp of the logits (an online
-max/sum), then the probabilities times the values. Autograd saves only the inputs; the backward recomputes every
-tap (one pass for the logsumexp and ``sum_ij p dp``, one for the gradients, scattered back with ``index_add_``).
-Nothing of size ``C * k * k * H * W`` is ever made. Half types are computed in float32. CPU and CUDA run the PyTorch
-tap loop; fused C++/Triton paths are to come.
+Computation. ``neighbourhood_attention`` is a registered op (``upcli::neighbourhood_attention``,
+``torch.library.custom_op`` with a fake kernel and autograd; its backward is the registered op
+``upcli::neighbourhood_attention_backward``). The output pixels whose centre cell is the same share one window, so
+the op is a batch of small dense matrix products (BLAS on the CPU): per cell, its pixels' queries times the
+window's keys, a softmax, heads averaged, times the window's values. A few cell rows at a time, so the largest
+temporaries are ``heads * k * k`` or ``C`` floats per pixel of those rows. Autograd saves only the inputs; the
+backward recomputes the probabilities block by block. Nothing of size ``C * k * k * H * W`` is ever made. Half
+types are computed in float32. CPU and CUDA run these products; a fused Triton kernel is to come.
 
 ``neighbourhood_attention_reference`` gathers the k * k keys and values (``C * k * k * H * W`` floats): easy to
 read, for tests.
@@ -71,9 +70,16 @@ def neighbourhood_attention_reference(query: Tensor, key: Tensor, value: Tensor,
     return torch.einsum("bnyxij,bcyxij->bcyx", p.to(values.dtype), values) / heads
 
 
-# ---- the registered op -----------------------------------------------------------------------------------------
+# ---- the registered op: blocked GEMMs ---------------------------------------------------------------------------
+#
+# Output pixels whose centre cell is the same share one k x k window, so the op is a batch of small dense products:
+# for the pixels of cell (a, b), logits = Q [N, d] @ K_win [k*k, d]^T per head, p = softmax, heads averaged, out =
+# p [N, k*k] @ V_win [k*k, C]. Cells get floor or ceil of H / h rows (likewise columns); each cell's pixel block is
+# padded to the largest (the padding repeats a real pixel and is masked out of every gradient). Blocks of cell
+# rows are processed a few at a time, so temporaries stay near ``_BLOCK_ELEMENTS`` floats.
 
 _HALF = (torch.float16, torch.bfloat16)
+_BLOCK_ELEMENTS = 1 << 23
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -83,52 +89,78 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float32 if dtype in _HALF or not dtype.is_floating_point else dtype
 
 
-def _tap_indices(query: Tensor, key: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``int64 [k, H]`` and ``int64 [k, W]``: the grid row of tap row i for each output row, likewise columns."""
-    taps = torch.arange(k, device=key.device)[:, None]
-    H, W = query.shape[3:]
-    h, w = key.shape[3:]
-    return window_starts(H, h, k, key.device) + taps, window_starts(W, w, k, key.device) + taps
+class _Cells:
+    """How the ``n_out`` output positions of one axis group into the ``n_in`` cells of the grid."""
+
+    def __init__(self, n_out: int, n_in: int, k: int, device):
+        pos = torch.arange(n_out, device=device)
+        centre = ((2 * pos + 1) * n_in).div(2 * n_out, rounding_mode="floor").clamp(max=n_in - 1)
+        counts = torch.bincount(centre, minlength=n_in)
+        first = torch.cumsum(counts, 0) - counts
+        self.size = max(int(counts.max()), 1)  # pixels per cell after padding
+        self.uniform = n_out == n_in * self.size  # every cell has `size` pixels: blocks are views, no gathers
+        slot = torch.arange(self.size, device=device)
+        self.members = first[:, None] + torch.minimum(slot, (counts - 1).clamp(min=0)[:, None])  # [n_in, size]
+        self.members.clamp_(max=n_out - 1)
+        self.valid = slot < counts[:, None]  # [n_in, size]
+        self.cell, self.slot = centre, pos - first[centre]  # [n_out]: each position's cell and place in it
+        self.first = torch.cat([first, first.new_tensor([n_out])])  # cell c owns positions first[c]:first[c + 1]
+        self.taps = (centre.new_tensor(range(n_in)) - k // 2).clamp(0, n_in - k)[:, None] + torch.arange(k, device=device)
 
 
-def _taps(query: Tensor, key: Tensor, k: int):
-    """Per tap (i, j): i, j, the row and column indices, and that tap's keys ``[B, heads, d, H, W]``."""
-    rows, cols = _tap_indices(query, key, k)
-    for i in range(k):
-        key_rows = key.index_select(3, rows[i])  # [B, heads, d, H, w]
-        for j in range(k):
-            yield i, j, rows[i], cols[j], key_rows[..., cols[j]]  # (index_select on the last dim is slow on CPU)
+def _windows(t: Tensor, rows: _Cells, cols: _Cells) -> Tensor:
+    """``t [B, ..., h, w]`` -> ``[B, h, w, ..., k*k]``: each cell's window of grid cells."""
+    win = t[..., rows.taps[:, None, :, None], cols.taps[None, :, None, :]]  # [B, ..., h, w, k, k]
+    lead = t.dim() - 3
+    return win.flatten(-2).permute(0, lead + 1, lead + 2, *range(1, lead + 1), lead + 3)
 
 
-def _logits(query: Tensor, key_tap: Tensor, scale: float) -> Tensor:
-    return (query * key_tap).sum(2) * scale
+def _blocks(t: Tensor, rows: _Cells, cols: _Cells, a0: int, a1: int) -> Tensor:
+    """``t [B, ..., H, W]`` -> ``[B, a1 - a0, w, ..., N]``: the pixels of cell rows a0:a1, grouped by cell."""
+    if rows.uniform and cols.uniform:
+        g = t[..., a0 * rows.size:a1 * rows.size, :].unflatten(-1, (-1, cols.size)).unflatten(-3, (-1, rows.size))
+    else:
+        g = t[..., rows.members[a0:a1, :, None, None], cols.members[None, None, :, :]]  # [B, ..., A, R, w, S]
+    lead = t.dim() - 3
+    return g.permute(0, lead + 1, lead + 3, *range(1, lead + 1), lead + 2, lead + 4).flatten(-2)
 
 
-def _logsumexp(query: Tensor, key: Tensor, k: int, scale: float) -> Tensor:
-    """``[B, heads, H, W]``: the logsumexp of each pixel's k * k logits, one tap at a time (online max)."""
-    m = query.new_full((query.shape[0], query.shape[1], *query.shape[3:]), -math.inf)
-    s = torch.zeros_like(m)
-    for *_, key_tap in _taps(query, key, k):
-        logits = _logits(query, key_tap, scale)
-        m_new = torch.maximum(m, logits)
-        s = s * torch.exp(m - m_new) + torch.exp(logits - m_new)
-        m = m_new
-    return m + torch.log(s)
+def _unblock(g: Tensor, rows: _Cells, cols: _Cells, a0: int, a1: int) -> Tensor:
+    """Inverse of ``_blocks`` on the real pixels: ``[B, A, w, ..., N]`` -> ``[B, ..., rows of cells a0:a1, W]``."""
+    y = torch.arange(int(rows.first[a0]), int(rows.first[a1]), device=g.device)
+    g = g.unflatten(-1, (rows.size, cols.size))
+    lead = g.dim() - 5
+    g = g.permute(0, *range(3, 3 + lead), 1, 3 + lead, 2, 4 + lead)  # [B, ..., A, R, w, S]
+    if rows.uniform and cols.uniform:
+        return g.flatten(-4, -3).flatten(-2)
+    return g[..., (rows.cell[y] - a0)[:, None], rows.slot[y][:, None], cols.cell[None, :], cols.slot[None, :]]
+
+
+def _cell_rows_per_block(B: int, w: int, n: int, width: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(1, B * w * n * width))
+
+
+def _attention(qb: Tensor, kw: Tensor, scale: float) -> Tensor:
+    """Per-head probabilities ``[B, A, w, heads, N, k*k]`` from query blocks and key windows."""
+    return torch.softmax(torch.matmul(qb.transpose(-1, -2), kw) * scale, dim=-1)
 
 
 @torch.library.custom_op("upcli::neighbourhood_attention", mutates_args=())
 def _neighbourhood_attention(query: Tensor, key: Tensor, value: Tensor, k: int, scale: float) -> Tensor:
     dtype = _compute_dtype(query, key, value)
-    q, kk, v = (t.to(dtype).contiguous() for t in (query, key, value))
-    heads = q.shape[1]
-    lse = _logsumexp(q, kk, k, scale)
-    out = v.new_zeros(v.shape[0], v.shape[1], *q.shape[3:])
-    value_rows = None
-    for i, j, row, col, key_tap in _taps(q, kk, k):
-        if j == 0:
-            value_rows = v.index_select(2, row)  # [B, C, H, w]
-        p = torch.exp(_logits(q, key_tap, scale) - lse).sum(1, keepdim=True) / heads  # [B, 1, H, W]
-        out.addcmul_(value_rows[..., col], p)
+    q, kk, v = (t.to(dtype) for t in (query, key, value))
+    (B, heads, d, H, W), (h, w) = q.shape, kk.shape[3:]
+    rows, cols = _Cells(H, h, k, q.device), _Cells(W, w, k, q.device)
+    kw = _windows(kk, rows, cols)  # [B, h, w, heads, d, kk]
+    vw = _windows(v, rows, cols).transpose(-1, -2)  # [B, h, w, kk, C]
+    out = v.new_empty(B, v.shape[1], H, W)
+    n = rows.size * cols.size
+    step = _cell_rows_per_block(B, w, n, max(heads * k * k, v.shape[1], heads * d))
+    for a0 in range(0, h, step):
+        a1 = min(h, a0 + step)
+        p = _attention(_blocks(q, rows, cols, a0, a1), kw[:, a0:a1], scale).mean(3)  # [B, A, w, N, kk]
+        o = torch.matmul(p, vw[:, a0:a1]).transpose(-1, -2)  # [B, A, w, C, N]
+        out[:, :, rows.first[a0]:rows.first[a1]] = _unblock(o, rows, cols, a0, a1)
     return out.to(value.dtype)
 
 
@@ -137,65 +169,53 @@ def _(query, key, value, k, scale):
     return value.new_empty(value.shape[0], value.shape[1], query.shape[3], query.shape[4])
 
 
+def _scatter_windows(grad_w: Tensor, rows: _Cells, cols: _Cells, shape) -> Tensor:
+    """Inverse of ``_windows`` for gradients: ``[B, h, w, ..., k*k]`` summed back into ``shape [B, ..., h, w]``."""
+    B, h, w = grad_w.shape[:3]
+    mid = grad_w.shape[3:-1]
+    k = rows.taps.shape[1]
+    flat = (rows.taps[:, None, :, None] * w + cols.taps[None, :, None, :]).reshape(-1)  # [h * w * k * k]
+    src = grad_w.unflatten(-1, (k, k)).movedim((-2, -1), (3, 4)).reshape(B, -1, *mid)  # [B, h*w*k*k, ...]
+    acc = grad_w.new_zeros(B, h * w, *mid).index_add_(1, flat, src)
+    return acc.movedim(1, -1).reshape(shape).contiguous()
+
+
 @torch.library.custom_op("upcli::neighbourhood_attention_backward", mutates_args=())
 def _neighbourhood_attention_backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, k: int,
                                          scale: float, output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of ``query``, ``key`` and ``value`` (an empty tensor where ``output_mask`` is False), every tap
-    recomputed: a first pass for the logsumexp and ``D = sum_ij p dp``, a second for the gradients."""
+    """The gradients of ``query``, ``key`` and ``value`` (an empty tensor where ``output_mask`` is False), the
+    probabilities recomputed block by block."""
     need_q, need_k, need_v = output_mask
     dtype = _compute_dtype(grad_out, query, key, value)
-    g, q, kk, v = (t.to(dtype).contiguous() for t in (grad_out, query, key, value))
-    heads = q.shape[1]
-    w = kk.shape[4]
-    need_logit_grad = need_q or need_k
-    rows, _ = _tap_indices(q, kk, k)
-    g_rows = None
-
-    def dp(i: int, j: int, col: Tensor) -> Tensor:
-        """``[B, 1, H, W]``: d loss / d p of tap (i, j), the same for every head."""
-        nonlocal g_rows
-        if j == 0:
-            g_rows = v.index_select(2, rows[i])
-        return (g * g_rows[..., col]).sum(1, keepdim=True) / heads
-
-    # pass 1: the logsumexp and D, both online over the taps
-    m = q.new_full((q.shape[0], heads, *q.shape[3:]), -math.inf)
-    s = torch.zeros_like(m)
-    d_acc = torch.zeros_like(m)
-    for i, j, _, col, key_tap in _taps(q, kk, k):
-        logits = _logits(q, key_tap, scale)
-        m_new = torch.maximum(m, logits)
-        decay, e = torch.exp(m - m_new), torch.exp(logits - m_new)
-        s = s * decay + e
-        if need_logit_grad:
-            d_acc = d_acc * decay + e * dp(i, j, col)
-        m = m_new
-    lse = m + torch.log(s)
-    big_d = d_acc / s
-
-    # pass 2: the gradients
-    grad_q = torch.zeros_like(q) if need_q else None
-    grad_k = torch.zeros_like(kk) if need_k else None
-    grad_v = torch.zeros_like(v) if need_v else None
-    grad_k_rows = grad_v_rows = None
-    for i, j, row, col, key_tap in _taps(q, kk, k):
-        p = torch.exp(_logits(q, key_tap, scale) - lse)  # [B, heads, H, W]
-        if j == 0:
-            grad_k_rows = q.new_zeros(*q.shape[:4], w) if need_k else None
-            grad_v_rows = v.new_zeros(*v.shape[:2], q.shape[3], w) if need_v else None
+    g, q, kk, v = (t.to(dtype) for t in (grad_out, query, key, value))
+    (B, heads, d, H, W), (h, w) = q.shape, kk.shape[3:]
+    rows, cols = _Cells(H, h, k, q.device), _Cells(W, w, k, q.device)
+    kw = _windows(kk, rows, cols)  # [B, h, w, heads, d, kk]
+    vw = _windows(v, rows, cols)  # [B, h, w, C, kk]
+    grad_q = torch.empty_like(q) if need_q else None
+    grad_kw = torch.zeros_like(kw) if need_k else None
+    grad_vw = torch.zeros_like(vw) if need_v else None
+    n = rows.size * cols.size
+    step = _cell_rows_per_block(B, w, n, max(heads * k * k, v.shape[1], heads * d))
+    for a0 in range(0, h, step):
+        a1 = min(h, a0 + step)
+        qb = _blocks(q, rows, cols, a0, a1)  # [B, A, w, heads, d, N]
+        p_heads = _attention(qb, kw[:, a0:a1], scale)  # [B, A, w, heads, N, kk]
+        valid = (rows.valid[a0:a1, :, None, None] & cols.valid[None, None]).permute(0, 2, 1, 3).flatten(-2)
+        gb = _blocks(g, rows, cols, a0, a1) * valid[:, :, None]  # [B, A, w, C, N], padding zeroed
         if need_v:
-            grad_v_rows.index_add_(3, col, g * (p.sum(1, keepdim=True) / heads))
-        if need_logit_grad:
-            dl = (p * (dp(i, j, col) - big_d) * scale)[:, :, None]  # [B, heads, 1, H, W]
+            grad_vw[:, a0:a1] = torch.matmul(gb, p_heads.mean(3))  # [B, A, w, C, kk]
+        if need_q or need_k:
+            dp = torch.matmul(gb.transpose(-1, -2), vw[:, a0:a1]) / heads  # [B, A, w, N, kk]
+            dp = dp.unsqueeze(3)
+            dl = p_heads * (dp - (p_heads * dp).sum(-1, keepdim=True)) * scale  # [B, A, w, heads, N, kk]
             if need_q:
-                grad_q.addcmul_(dl, key_tap)
+                gq = torch.matmul(kw[:, a0:a1], dl.transpose(-1, -2))  # [B, A, w, heads, d, N]
+                grad_q[..., rows.first[a0]:rows.first[a1], :] = _unblock(gq, rows, cols, a0, a1)
             if need_k:
-                grad_k_rows.index_add_(4, col, dl * q)
-        if j == k - 1:
-            if need_k:
-                grad_k.index_add_(3, row, grad_k_rows)
-            if need_v:
-                grad_v.index_add_(2, row, grad_v_rows)
+                grad_kw[:, a0:a1] = torch.matmul(qb, dl)  # [B, A, w, heads, d, kk]
+    grad_k = _scatter_windows(grad_kw, rows, cols, kk.shape) if need_k else None
+    grad_v = _scatter_windows(grad_vw, rows, cols, v.shape) if need_v else None
     return tuple(grad.to(t.dtype) if need else t.new_empty(0)
                  for grad, t, need in zip((grad_q, grad_k, grad_v), (query, key, value), output_mask))
 

@@ -1,4 +1,4 @@
-"""upcli.kernels.neighbourhood_attention: the tap-loop op against the gathering reference (forward and gradients),
+"""upcli.kernels.neighbourhood_attention: the blocked op against the gathering reference (forward and gradients),
 gradcheck, opcheck, the window geometry, and what it never saves."""
 
 import pytest
@@ -7,8 +7,10 @@ import torch
 from upcli.kernels import neighbourhood_attention
 from upcli.kernels.neighbourhood_attention import neighbourhood_attention_reference, window_starts
 
-# (H, W, h, w, k): odd and non-square, output smaller than, larger than and equal to the grid
-SHAPES = [(9, 13, 5, 7, 3), (3, 4, 5, 7, 5), (11, 6, 6, 5, 1), (20, 17, 7, 6, 5), (5, 7, 5, 7, 3), (2, 3, 3, 3, 3)]
+# (H, W, h, w, k): odd and non-square, output smaller than, larger than and equal to the grid; whole multiples of
+# the grid (every cell the same size: the blocks are views) on both axes, on one, and on none
+SHAPES = [(9, 13, 5, 7, 3), (3, 4, 5, 7, 5), (11, 6, 6, 5, 1), (20, 17, 7, 6, 5), (5, 7, 5, 7, 3), (2, 3, 3, 3, 3),
+          (12, 21, 4, 7, 3), (12, 17, 4, 6, 3)]
 
 
 def inputs(B, heads, d, C, H, W, h, w, dtype=torch.float64, seed=0):
@@ -30,6 +32,21 @@ def test_matches_reference_forward_and_gradients(shape, heads):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, key, v), grad), torch.autograd.grad(ref, (q, key, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_blocks_of_a_few_cell_rows_give_the_same(monkeypatch):
+    import importlib
+
+    na = importlib.import_module("upcli.kernels.neighbourhood_attention")  # the package exports a function so named
+
+    q, key, v = inputs(2, 2, 4, 5, 13, 18, 5, 6)
+    whole = neighbourhood_attention(q, key, v, 3)
+    grads = torch.autograd.grad(whole.square().sum(), (q, key, v))
+    monkeypatch.setattr(na, "_BLOCK_ELEMENTS", 1)  # one cell row per block
+    blocked = neighbourhood_attention(q, key, v, 3)
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(blocked.square().sum(), (q, key, v)), grads):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
