@@ -265,3 +265,82 @@ def test_a_diverged_run_stops_before_saving_and_keeps_the_last_good_checkpoint(t
         train(cfg, quiet=True)
     assert read_config(cfg.out)["training"]["step"] == 2
     assert all(torch.isfinite(t).all() for t in load_file(cfg.out).values())
+
+
+# ---- the attention upsampler: scale objective, several feature sources ----------------------------------------
+
+def attention_config(tmp_path, name="attention.safetensors", **kw):
+    base = dict(upsampler="attention", layer="blocks.1,blocks.2", image_sizes=[(64, 64), (64, 96)],
+                input_scales=[2.0, 4.0])
+    return config(tmp_path, name, **{**base, **kw})
+
+
+def test_attention_trains_on_several_sources_and_resumes_exactly(tmp_path, monkeypatch):
+    straight = attention_config(tmp_path, "a.safetensors", save_every=4, val=str(EXAMPLES), val_images=2)
+    result = train(straight, quiet=True)
+    assert all(math.isfinite(v) for v in result.losses) and result.val_loss is not None
+    saved = read_config(straight.out)
+    assert saved["upsampler"] == "attention" and "backbone" not in saved and "dim" not in saved
+    assert saved["feature_sources"] == [{"backbone": "efficientnet-lite0", "layer": "blocks.1"},
+                                        {"backbone": "efficientnet-lite0", "layer": "blocks.2"}]
+    drawn = []
+    real_scale_batch = train_module.scale_batch
+
+    def interrupted_at_step_2(backbone, images, cfg, step, samples, purpose=train_module._PROJ):
+        if step == 2 and purpose != train_module._VAL:
+            raise KeyboardInterrupt  # checkpoints the 2 finished steps
+        drawn.append(backbone.layer)
+        return real_scale_batch(backbone, images, cfg, step, samples, purpose)
+
+    monkeypatch.setattr(train_module, "scale_batch", interrupted_at_step_2)
+    split = attention_config(tmp_path, "b.safetensors", save_every=4, val=str(EXAMPLES), val_images=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(split, quiet=True)
+    monkeypatch.setattr(train_module, "scale_batch", real_scale_batch)
+    train(split, resume=True, quiet=True)
+    assert {"blocks.1", "blocks.2"} <= set(drawn)  # both sources drawn
+    a, b = load_file(straight.out), load_file(split.out)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_scale_objective_projects_before_upsampling_at_no_cost_in_loss():
+    from upcli.upsamplers import create_upsampler
+    from upcli.upsamplers.scale_objective import ScaleObjective, project, scale_loss
+
+    torch.manual_seed(0)
+    up = create_upsampler("attention", pretrained=False)
+    lr, image, target = torch.randn(2, 20, 4, 6), torch.rand(2, 3, 32, 48), torch.randn(2, 20, 8, 12)
+    proj = torch.randn(2, 20, 7)
+    for where in ("pooled", "grid"):
+        objective = ScaleObjective(up, target=where, l2_weight=0.5)
+        size = (8, 12) if where == "grid" else (32, 48)
+        pred = up(lr, image, size)  # every channel, projected afterwards
+        pred = torch.nn.functional.adaptive_avg_pool2d(pred, (8, 12))
+        want = scale_loss(project(pred, proj), project(target, proj), 0.5)
+        torch.testing.assert_close(objective(lr, image, target, proj), want, rtol=1e-5, atol=1e-6)
+    same = torch.randn(2, 7, 8, 12)
+    assert float(scale_loss(same, same, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(scale_loss(-same, same, 0.0)) == pytest.approx(2.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(upsampler="jbu", input_scales=[1.0]), "several feature sources"),
+    (dict(input_scales=[1.0, 2.0]), "--input-scale must be above 1"),
+    (dict(image_sizes=[(32, 32)]), "too few cells"),
+])
+def test_attention_settings_that_cannot_train_are_one_line_errors(tmp_path, kw, message):
+    with pytest.raises(UsageError, match=message):
+        train(attention_config(tmp_path, **kw), quiet=True)
+    assert not (tmp_path / "attention.safetensors").exists()
+
+
+def test_attention_defaults_to_shrink_factors_2_to_4_and_jbu_to_1(tmp_path):
+    assert TrainConfig(images=[], out="x", upsampler="attention").input_scales == [2.0, 3.0, 4.0]
+    assert TrainConfig(images=[], out="x").input_scales == [1.0]
+
+
+def test_shrink_to_a_whole_number_of_cells():
+    images = torch.rand(1, 3, 96, 160)
+    assert shrink(images, 3, stride=16).shape[-2:] == (32, 48)
+    assert shrink(images, 4, stride=32).shape[-2:] == (64, 64)  # never under 2 cells

@@ -201,7 +201,7 @@ def train(
     settings: dict,
     ctx: typer.Context,
     image_size: Annotated[str, typer.Option(help="Training crop size: N, HxW, or a comma list for multi-resolution training (one is drawn per step).")] = "224",
-    input_scale: Annotated[str, typer.Option(help="Feed the upsampler the features of each crop shrunk by this factor (or a comma list, one drawn per step), so that it learns the features of a sharper image; 1: FeatUp's objective.")] = "1",
+    input_scale: Annotated[Optional[str], typer.Option(help="Feed the upsampler the features of each crop shrunk by this factor (or a comma list, one drawn per step), so that it learns the features of a sharper image; 1: FeatUp's objective. Default: 2,3,4 for attention, else 1.", show_default=False)] = None,
     guidance: Annotated[str, typer.Option(help="jbu: rgb (the pixel), conv (a 3x3 conv of the image) or features (the pixel and a projection of the features).")] = "rgb",
     fixup: Annotated[bool, typer.Option(help="jbu: FeatUp's additive kernel correction.")] = False,
     radius: Annotated[str, typer.Option(help="jbu: kernel radius of every stage (3: FeatUp's 7x7), or one per stage from the coarsest, e.g. 3,3,3,2,1 (as many as the stack's layers, log2 of the backbone's stride: 5 for efficientnet-lite0).")] = "3",

@@ -114,13 +114,14 @@ class FitConfig:
 class TrainConfig:
     images: list[str]
     out: str
-    backbone: str = option("efficientnet-lite0", "Backbone name, timm:<model> or itpn:<checkpoint>.")
-    upsampler: str = option("jbu", "jbu, pac or resize-conv.")
+    backbone: str = option("efficientnet-lite0", "Backbone name, timm:<model> or itpn:<checkpoint>; attention: a comma list "
+                           "(with --layer, every backbone at every layer is one feature source, one drawn per step).")
+    upsampler: str = option("jbu", "jbu, pac or resize-conv (multi-view reconstruction), or attention (scale objective).")
     steps: int = option(2000, "Optimizer steps in all (also when resuming).", min=1)
     batch_size: int = option(4, "Images per step, over all processes.", min=1)
     lr: float = option(1e-3, "NAdam learning rate.")
     image_sizes: list[tuple[int, int]] = field(default_factory=lambda: [(224, 224)])
-    input_scales: list[float] = field(default_factory=lambda: [1.0])
+    input_scales: list[float] | None = None  # None: 2,3,4 for attention, else 1 (FeatUp's objective)
     views: int = option(2, "Jittered views per image and step.", min=1)
     downsampler: str = option("attention", "attention or simple.")
     projection_dim: int = 30
@@ -129,7 +130,10 @@ class TrainConfig:
     val: str | None = option(None, "Folder of held-out images: report the reconstruction loss at each checkpoint.")
     val_images: int = 16
     weights: str | None = option(None, "Local backbone checkpoint.")
-    layer: str | None = option(None, "Backbone layer (default: the entry's own).")
+    layer: str | None = option(None, "Backbone layer (default: the entry's own); attention: a comma list.")
+    scale_target: str = option("pooled", "attention: predict the target features at the crop's pixels, then average "
+                               "over each target cell (pooled), or straight at the target's grid (grid).")
+    l2_weight: float = option(1.0, "attention: weight of the relative squared error next to 1 - cos.")
     upsampler_args: dict = field(default_factory=dict)
     device: str = "auto"
 
@@ -139,6 +143,8 @@ class TrainConfig:
             self.image_sizes = parse_image_sizes(self.image_sizes)
         if isinstance(self.input_scales, str):
             self.input_scales = parse_input_scales(self.input_scales)
+        if self.input_scales is None:
+            self.input_scales = [2.0, 3.0, 4.0] if self.upsampler == "attention" else [1.0]
         if isinstance(self.upsampler_args.get("radius"), str):
             self.upsampler_args = {**self.upsampler_args, "radius": parse_radius(self.upsampler_args["radius"])}
 
@@ -150,6 +156,9 @@ class TrainConfig:
         d["image_sizes"] = [list(s) for s in self.image_sizes]
         if self.input_scales == [1.0]:  # FeatUp's objective: runs from before the option existed resume
             d.pop("input_scales")
+        if self.upsampler != "attention":  # the scale objective's settings; runs from before they existed resume
+            d.pop("scale_target")
+            d.pop("l2_weight")
         return d
 
 

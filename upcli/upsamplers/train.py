@@ -1,4 +1,5 @@
-"""``upcli train``: fit a learned upsampler (jbu, pac, resize-conv) by multi-view reconstruction.
+"""``upcli train``: fit a learned upsampler: jbu, pac, resize-conv by multi-view reconstruction, attention by the
+scale objective (``scale_objective``) over one or several feature sources.
 
 The loop, in one place (nanoGPT style):
 
@@ -20,7 +21,12 @@ the checkpoint with the lowest held-out loss so far.
 ``--input-scale`` (JAFAR's and NAF's idea, under FeatUp's loss): the upsampler is fed the features of the crop
 shrunk by that factor, guided by the full crop, and judged against the features of views of the full crop: it is
 asked what the backbone would see in a sharper image, the job at inference. With 1 it is FeatUp's objective. On the
-CamVid probe the JBU gained nothing from it (see the README), so 1 stays the default.
+CamVid probe the JBU gained nothing from it (see the README), so 1 stays its default.
+
+``--upsampler attention`` (backbone-agnostic) is trained by the scale objective alone: per step one feature source
+(a backbone at a layer, from the comma lists ``--backbone`` and ``--layer``) and one factor (``--input-scale``,
+2,3,4 by default) are drawn; the upsampler maps the features of the shrunk crop to those of the crop. The
+checkpoint lists the sources it was trained on (``feature_sources``).
 """
 
 from __future__ import annotations
@@ -30,23 +36,40 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import load_checkpoint, save_checkpoint
 from ..configs import TrainConfig
 from ..errors import UsageError
 from ..io.pool import ImagePool
 from ..progress import ProgressReporter
 from ..runtime import global_mean, resolve_device, setup_distributed
-from ..checkpoints import load_checkpoint, save_checkpoint
-from ..training import (TrainingRun, TrainResult, ensure_finite, generator, load_optimizer_tensors, load_train_state,
-                        optimizer_tensors, prepare_output, train_state_path)
+from ..training import (
+    TrainingRun,
+    TrainResult,
+    ensure_finite,
+    generator,
+    load_optimizer_tensors,
+    load_train_state,
+    optimizer_tensors,
+    prepare_output,
+    train_state_path,
+)
 from . import guidance_at
 from .base import stage_sizes
 from .jbu import GUIDANCE_KINDS
-from .multiview import JitterConfig, MultiViewObjective, apply_jitter, random_projection, sample_jitter
+from .multiview import (
+    JitterConfig,
+    MultiViewObjective,
+    apply_jitter,
+    random_projection,
+    sample_jitter,
+)
+from .scale_objective import ScaleObjective
 
 # purposes of the random streams
-_DATA, _VIEW, _PROJ, _SIZE, _VAL, _SCALE = 1, 2, 3, 4, 5, 6
-TRAINABLE = ("jbu", "pac", "resize-conv")
-
+_DATA, _VIEW, _PROJ, _SIZE, _VAL, _SCALE, _SOURCE = 1, 2, 3, 4, 5, 6, 7
+TRAINABLE = ("jbu", "pac", "resize-conv", "attention")
+SCALE_OBJECTIVE = ("attention",)  # trained by the scale objective; the others by multi-view reconstruction
+SCALE_PROJECTION_DIM = 64
 
 
 def drawn_for_step(options: list, cfg: TrainConfig, purpose: int, step: int):
@@ -59,12 +82,22 @@ def input_scale(cfg: TrainConfig, step: int) -> float:
     return drawn_for_step(cfg.input_scales, cfg, _SCALE, step)
 
 
-def shrink(images: torch.Tensor, scale: float) -> torch.Tensor:
-    """``images`` (B, 3, H, W) ``scale`` times smaller (antialiased), at least 16 px a side."""
+def shrink(images: torch.Tensor, scale: float, stride: int | None = None) -> torch.Tensor:
+    """``images`` (B, 3, H, W) ``scale`` times smaller (antialiased), at least 16 px a side; given a ``stride``,
+    each side is a multiple of it (at least 2), so the backbone's grid covers exactly the shrunk image."""
     if scale == 1:
         return images
     H, W = images.shape[-2:]
+    if stride:
+        return guidance_at(images, tuple(max(2, round(n / scale / stride)) * stride for n in (H, W)))
     return guidance_at(images, (max(16, round(H / scale)), max(16, round(W / scale))))
+
+
+def feature_sources(cfg: TrainConfig) -> list[tuple[str, str | None]]:
+    """Every (backbone, layer) of ``--backbone`` and ``--layer``, comma lists both."""
+    names = [name.strip() for name in cfg.backbone.split(",") if name.strip()]
+    layers = [layer.strip() for layer in cfg.layer.split(",")] if cfg.layer else [None]
+    return [(name, layer) for name in names for layer in layers]
 
 
 def make_batch(pool: ImagePool, cfg: TrainConfig, step: int, samples: range, purpose: int = _DATA):
@@ -97,6 +130,16 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     mine = dist.local_batch(cfg.batch_size, "--batch-size")
     if cfg.upsampler not in TRAINABLE:
         raise UsageError(f"--upsampler must be one of {', '.join(TRAINABLE)}, got {cfg.upsampler!r}")
+    scale_objective = cfg.upsampler in SCALE_OBJECTIVE
+    sources = feature_sources(cfg)
+    if len(sources) > 1 and not scale_objective:
+        raise UsageError(f"several feature sources (--backbone {cfg.backbone} --layer {cfg.layer}) train only a "
+                         f"backbone-agnostic upsampler ({', '.join(SCALE_OBJECTIVE)}), not {cfg.upsampler}")
+    if cfg.weights and len({name for name, _ in sources}) > 1:
+        raise UsageError("--weights needs one backbone, not a comma list")
+    if scale_objective and min(cfg.input_scales) <= 1:
+        raise UsageError(f"--upsampler {cfg.upsampler} learns from shrunk crops: --input-scale must be above 1 "
+                         f"(e.g. 2,3,4), got {cfg.input_scales}")
     if cfg.upsampler != "jbu" and cfg.upsampler_args:
         raise UsageError(f"--{', --'.join(cfg.upsampler_args)} set the jbu upsampler, not {cfg.upsampler}")
     if cfg.upsampler_args.get("guidance", "rgb") not in GUIDANCE_KINDS:
@@ -108,18 +151,24 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     prepare_output(out, resume, overwrite)
     best_path = out.with_name(out.name.removesuffix(".safetensors") + ".best.safetensors")
     torch.manual_seed(cfg.seed)  # parameter initialisation: the same on every process
-    backbone = create_backbone(cfg.backbone, weights=cfg.weights, layer=cfg.layer).to(device).eval()
-    backbone.requires_grad_(False)
-    for h, w in cfg.image_sizes:
-        grid = backbone.grid_size(h, w)
-        if min(grid) < 2:
-            raise UsageError(f"--image-size {h}x{w} gives a {grid[0]}x{grid[1]} grid of {backbone.name} features "
-                             f"(stride {backbone.stride}): nothing to upsample; use sides of at least {2 * backbone.stride}")
+    backbones = [create_backbone(name, weights=cfg.weights, layer=layer).to(device).eval() for name, layer in sources]
+    for backbone in backbones:
+        backbone.requires_grad_(False)
+        for h, w in cfg.image_sizes:
+            grid = backbone.grid_size(h, w)
+            least = 2 * backbone.stride * (max(cfg.input_scales) if scale_objective else 1)
+            if min(grid) < 2 or (scale_objective and min(h, w) < least):
+                raise UsageError(f"--image-size {h}x{w} gives a {grid[0]}x{grid[1]} grid of {backbone.name} features "
+                                 f"(stride {backbone.stride}): too few cells; use sides of at least {least:g}")
+    backbone = backbones[0]
     try:
         upsampler = create_upsampler(cfg.upsampler, backbone=backbone, pretrained=False, **cfg.upsampler_args)
     except ValueError as err:  # an architecture that does not fit the backbone, e.g. a radius per stage
         raise UsageError(f"--upsampler {cfg.upsampler}: {err}") from None
-    objective = MultiViewObjective(upsampler, backbone.dim, cfg.downsampler, cfg.projection_dim).to(device)
+    if scale_objective:
+        objective = ScaleObjective(upsampler, cfg.scale_target, cfg.l2_weight).to(device)
+    else:
+        objective = MultiViewObjective(upsampler, backbone.dim, cfg.downsampler, cfg.projection_dim).to(device)
     optimizer = torch.optim.NAdam(objective.parameters(), lr=cfg.lr)
     start = 0
     if resume:
@@ -127,11 +176,21 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     side = max(max(s) for s in cfg.image_sizes)
     reporter = ProgressReporter("train", quiet=quiet or not dist.is_main, unit="steps", log_every=10.0)
     pool = ImagePool(cfg.images, side, reporter, stream=None)  # large sets are decoded at each draw, not held
-    val_set = ValidationSet(ImagePool(cfg.val, side, reporter), backbone, cfg, device) if cfg.val else None
+    val_set = None
+    if cfg.val:
+        val_pool = ImagePool(cfg.val, side, reporter)
+        val_set = (ScaleValidationSet(val_pool, backbones, cfg, device) if scale_objective
+                   else ValidationSet(val_pool, backbone, cfg, device))
     best_val = _best_val_loss(best_path) if resume else math.inf
+    # a backbone-agnostic checkpoint says what it was trained on: any other source is a zero-shot use
+    trained_on = ({"feature_sources": [{"backbone": b.name, "layer": str(b.layer)} for b in backbones]}
+                  if upsampler.backbone_agnostic else {})
+
+    def save_model(path: Path, **training) -> None:
+        save_upsampler(path, upsampler, backbone, extra={"training": training, **trained_on})
 
     def save(step: int, **info) -> None:
-        save_upsampler(out, upsampler, backbone, extra={"training": {"step": step, **info}})
+        save_model(out, step=step, **info)
         _save_state(state_path, cfg, objective, optimizer, step)
 
     run = TrainingRun("train", dist, reporter, save, start, cfg.steps, out)
@@ -144,10 +203,13 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             images = make_batch(pool, cfg, step, mine).to(device)
-            with torch.no_grad():
-                lr_feats = backbone(shrink(images, input_scale(cfg, step))).float()
-            views = make_views(backbone, images, cfg, step, mine, backbone.dim)
-            loss = run.model(lr_feats, images, views)
+            if scale_objective:
+                loss = run.model(*scale_batch(drawn_for_step(backbones, cfg, _SOURCE, step), images, cfg, step, mine))
+            else:
+                with torch.no_grad():
+                    lr_feats = backbone(shrink(images, input_scale(cfg, step))).float()
+                views = make_views(backbone, images, cfg, step, mine, backbone.dim)
+                loss = run.model(lr_feats, images, views)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -163,9 +225,19 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
                 if val_loss is not None and val_loss < best_val:
                     best_val = val_loss
                     if dist.is_main:
-                        save_upsampler(best_path, upsampler, backbone,
-                                       extra={"training": {"step": done, "val_loss": val_loss}})
+                        save_model(best_path, step=done, val_loss=val_loss)
     return run.result(losses=history, val_loss=val_loss, skipped=pool.skipped)
+
+
+def scale_batch(backbone, images, cfg: TrainConfig, step: int, samples: range, purpose: int = _PROJ):
+    """The scale objective's inputs for ``images``: the features of the crops shrunk by the step's factor, the
+    crops, their own features, and a random projection of the channels per sample."""
+    with torch.no_grad():
+        lr_feats = backbone(shrink(images, input_scale(cfg, step), backbone.stride)).float()
+        target = backbone(images).float()
+    proj = random_projection([generator(cfg.seed, purpose, step, s) for s in samples], backbone.dim,
+                             min(SCALE_PROJECTION_DIM, backbone.dim))
+    return lr_feats, images, target, proj.to(images.device)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -196,6 +268,22 @@ class ValidationSet:
     def loss(self, objective: MultiViewObjective) -> float:
         with torch.no_grad():
             return float(objective(self.lr_feats, self.images, self.views))
+
+
+class ScaleValidationSet:
+    """``cfg.val_images`` fixed val crops, each with a fixed feature source (in turn) and shrink factor, their
+    features computed once: the held-out scale loss, comparable between checkpoints and runs."""
+
+    def __init__(self, pool: ImagePool, backbones: list, cfg: TrainConfig, device):
+        self.batches = []
+        for i in range(cfg.val_images):
+            images = make_batch(pool, cfg, 0, range(i, i + 1), purpose=_VAL).to(device)
+            # step i of the shrink-factor stream, source i in turn: a fixed mix of both
+            self.batches.append(scale_batch(backbones[i % len(backbones)], images, cfg, i, range(1), _VAL))
+
+    def loss(self, objective: ScaleObjective) -> float:
+        with torch.no_grad():
+            return sum(float(objective(*batch)) for batch in self.batches) / len(self.batches)
 
 
 def _save_state(path: Path, cfg: TrainConfig, objective, optimizer, step: int) -> None:
