@@ -4,6 +4,7 @@
     python examples/camvid_probe.py --methods bilinear,jbu=/tmp/jbu.safetensors --eval-split val
     python examples/camvid_probe.py --limit 4 --methods bilinear,bilateral         # smoke run, seconds
     python examples/camvid_probe.py --limit 10 --methods jbu,implicit,fit-jbu="implicit[base=jbu;steps=100]"
+    python examples/camvid_probe.py --layer blocks.4 --methods bilinear,attention    # another feature source
 
 Protocol (FeatUp-style linear probe, CamVid SegNet split, labels 480x360):
 * Frozen backbone features of each image, resized so that its shorter side is --input-size (aspect kept), are
@@ -46,7 +47,7 @@ from upcli.upsamplers import create_upsampler
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "camvid"
-DEFAULT_METHODS = "bilinear,bilateral,jbu,pac"  # what ships; add a trained one as LABEL=CHECKPOINT
+DEFAULT_METHODS = "bilinear,bilateral,jbu,pac,attention"  # what ships; add a trained one as LABEL=CHECKPOINT
 NUM_CLASSES = 11  # label 11 (and anything above) is void
 # L2 penalty on the (standardised) probe weights. With it L-BFGS converges within the default 100 iterations, so the
 # scores do not hang on where it stops: on 19 train / 17 val images, bilinear mIoU was 35.9 / 36.1 after 100 / 300
@@ -303,7 +304,10 @@ def build_parser() -> Parser:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA,
                         help="folder with train/, trainannot/, <split>/, <split>annot/ (default: %(default)s)")
     parser.add_argument("--eval-split", choices=("val", "test"), default="val")
-    parser.add_argument("--backbone", default="efficientnet-lite0")
+    parser.add_argument("--backbone", default="efficientnet-lite0",
+                        help="backbone name, timm:<model> or itpn:<checkpoint> (default: %(default)s)")
+    parser.add_argument("--weights", default=None, help="local backbone checkpoint, as for `upcli upsample`")
+    parser.add_argument("--layer", default=None, help="backbone layer (default: the backbone's own)")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
                         help="comma list of upsampler names or LABEL=CHECKPOINT (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -334,7 +338,7 @@ def run(args, methods: dict[str, str]) -> dict:
     device = torch.device(args.device)
     train_pairs = find_pairs(args.data_root, "train", args.limit)
     eval_pairs = find_pairs(args.data_root, args.eval_split, args.limit)
-    backbone = create_backbone(args.backbone).eval().to(device)
+    backbone = create_backbone(args.backbone, weights=args.weights, layer=args.layer).eval().to(device)
 
     # every upsampler first, so that a skipped one shows before the long part
     upsamplers, results = {}, {}
@@ -355,7 +359,7 @@ def run(args, methods: dict[str, str]) -> dict:
     results = {name: results[name] for name in methods}  # in the order asked for
 
     results["_config"] = {
-        "backbone": args.backbone, "input_size": args.input_size, "eval_split": args.eval_split,
+        "backbone": backbone.name, "layer": str(backbone.layer), "weights": args.weights, "input_size": args.input_size, "eval_split": args.eval_split,
         "pixels_per_image": args.pixels_per_image, "epochs": args.epochs, "seed": args.seed,
         "train_images": len(train), "eval_images": len(evals), "data_root": str(args.data_root),
         "probe": f"nn.Linear(C, {NUM_CLASSES}) on train-standardised features, full-batch L-BFGS, L2 {L2}",

@@ -103,7 +103,7 @@ class _Cells:
         self.members = first[:, None] + torch.minimum(slot, (counts - 1).clamp(min=0)[:, None])  # [n_in, size]
         self.members.clamp_(max=n_out - 1)
         self.valid = slot < counts[:, None]  # [n_in, size]
-        self.cell, self.slot = centre, pos - first[centre]  # [n_out]: each position's cell and place in it
+        self.position = centre * self.size + pos - first[centre]  # [n_out]: each position's place, cells padded
         self.first = torch.cat([first, first.new_tensor([n_out])])  # cell c owns positions first[c]:first[c + 1]
         self.taps = (centre.new_tensor(range(n_in)) - k // 2).clamp(0, n_in - k)[:, None] + torch.arange(k, device=device)
 
@@ -116,24 +116,21 @@ def _windows(t: Tensor, rows: _Cells, cols: _Cells) -> Tensor:
 
 
 def _blocks(t: Tensor, rows: _Cells, cols: _Cells, a0: int, a1: int) -> Tensor:
-    """``t [B, ..., H, W]`` -> ``[B, a1 - a0, w, ..., N]``: the pixels of cell rows a0:a1, grouped by cell."""
-    if rows.uniform and cols.uniform:
-        g = t[..., a0 * rows.size:a1 * rows.size, :].unflatten(-1, (-1, cols.size)).unflatten(-3, (-1, rows.size))
-    else:
-        g = t[..., rows.members[a0:a1, :, None, None], cols.members[None, None, :, :]]  # [B, ..., A, R, w, S]
-    lead = t.dim() - 3
-    return g.permute(0, lead + 1, lead + 3, *range(1, lead + 1), lead + 2, lead + 4).flatten(-2)
+    """Pixel-major ``t [B, H, W, *F]`` -> ``[B, a1 - a0, w, N, *F]``: the pixels of cell rows a0:a1, by cell."""
+    x = t[:, a0 * rows.size:a1 * rows.size] if rows.uniform else t.index_select(1, rows.members[a0:a1].flatten())
+    if not cols.uniform:
+        x = x.index_select(2, cols.members.flatten())
+    x = x.unflatten(2, (-1, cols.size)).unflatten(1, (-1, rows.size))  # [B, A, R, w, S, *F]
+    return x.transpose(2, 3).flatten(3, 4)
 
 
 def _unblock(g: Tensor, rows: _Cells, cols: _Cells, a0: int, a1: int) -> Tensor:
-    """Inverse of ``_blocks`` on the real pixels: ``[B, A, w, ..., N]`` -> ``[B, ..., rows of cells a0:a1, W]``."""
-    y = torch.arange(int(rows.first[a0]), int(rows.first[a1]), device=g.device)
-    g = g.unflatten(-1, (rows.size, cols.size))
-    lead = g.dim() - 5
-    g = g.permute(0, *range(3, 3 + lead), 1, 3 + lead, 2, 4 + lead)  # [B, ..., A, R, w, S]
-    if rows.uniform and cols.uniform:
-        return g.flatten(-4, -3).flatten(-2)
-    return g[..., (rows.cell[y] - a0)[:, None], rows.slot[y][:, None], cols.cell[None, :], cols.slot[None, :]]
+    """Inverse of ``_blocks`` on the real pixels: ``[B, A, w, N, *F]`` -> ``[B, rows of cells a0:a1, W, *F]``."""
+    x = g.unflatten(3, (rows.size, cols.size)).transpose(2, 3).flatten(3, 4).flatten(1, 2)  # [B, A*R, w*S, *F]
+    if not rows.uniform:
+        y = slice(int(rows.first[a0]), int(rows.first[a1]))
+        x = x.index_select(1, rows.position[y] - a0 * rows.size)
+    return x if cols.uniform else x.index_select(2, cols.position)
 
 
 def _cell_rows_per_block(B: int, w: int, n: int, width: int) -> int:
@@ -141,8 +138,15 @@ def _cell_rows_per_block(B: int, w: int, n: int, width: int) -> int:
 
 
 def _attention(qb: Tensor, kw: Tensor, scale: float) -> Tensor:
-    """Per-head probabilities ``[B, A, w, heads, N, k*k]`` from query blocks and key windows."""
-    return torch.softmax(torch.matmul(qb.transpose(-1, -2), kw) * scale, dim=-1)
+    """Per-head probabilities ``[B, A, w, heads, N, k*k]`` from query blocks ``[B, A, w, heads, N, d]`` and key
+    windows ``[B, A, w, heads, d, k*k]``."""
+    return torch.softmax(torch.matmul(qb, kw) * scale, dim=-1)
+
+
+def _pixel_major(t: Tensor, rows: _Cells, cols: _Cells) -> Tensor:
+    """``[B, *F, H, W]`` -> ``[B, H, W, *F]`` (a copy only where the blocks are gathered)."""
+    t = t.movedim((-2, -1), (1, 2))
+    return t if rows.uniform and cols.uniform else t.contiguous()
 
 
 @torch.library.custom_op("upcli::neighbourhood_attention", mutates_args=())
@@ -153,14 +157,16 @@ def _neighbourhood_attention(query: Tensor, key: Tensor, value: Tensor, k: int, 
     rows, cols = _Cells(H, h, k, q.device), _Cells(W, w, k, q.device)
     kw = _windows(kk, rows, cols)  # [B, h, w, heads, d, kk]
     vw = _windows(v, rows, cols).transpose(-1, -2)  # [B, h, w, kk, C]
+    q = _pixel_major(q, rows, cols)  # [B, H, W, heads, d]
     out = v.new_empty(B, v.shape[1], H, W)
     n = rows.size * cols.size
     step = _cell_rows_per_block(B, w, n, max(heads * k * k, v.shape[1], heads * d))
     for a0 in range(0, h, step):
         a1 = min(h, a0 + step)
-        p = _attention(_blocks(q, rows, cols, a0, a1), kw[:, a0:a1], scale).mean(3)  # [B, A, w, N, kk]
-        o = torch.matmul(p, vw[:, a0:a1]).transpose(-1, -2)  # [B, A, w, C, N]
-        out[:, :, rows.first[a0]:rows.first[a1]] = _unblock(o, rows, cols, a0, a1)
+        qb = _blocks(q, rows, cols, a0, a1).transpose(3, 4)  # [B, A, w, heads, N, d]
+        p = _attention(qb, kw[:, a0:a1], scale).mean(3)  # [B, A, w, N, kk]
+        o = torch.matmul(p, vw[:, a0:a1])  # [B, A, w, N, C]
+        out[:, :, rows.first[a0]:rows.first[a1]] = _unblock(o, rows, cols, a0, a1).permute(0, 3, 1, 2)
     return out.to(value.dtype)
 
 
@@ -191,31 +197,31 @@ def _neighbourhood_attention_backward_op(grad_out: Tensor, query: Tensor, key: T
     (B, heads, d, H, W), (h, w) = q.shape, kk.shape[3:]
     rows, cols = _Cells(H, h, k, q.device), _Cells(W, w, k, q.device)
     kw = _windows(kk, rows, cols)  # [B, h, w, heads, d, kk]
-    vw = _windows(v, rows, cols)  # [B, h, w, C, kk]
+    vw = _windows(v, rows, cols).transpose(-1, -2)  # [B, h, w, kk, C]
     grad_q = torch.empty_like(q) if need_q else None
     grad_kw = torch.zeros_like(kw) if need_k else None
     grad_vw = torch.zeros_like(vw) if need_v else None
+    q, g = _pixel_major(q, rows, cols), _pixel_major(g, rows, cols)  # [B, H, W, heads, d], [B, H, W, C]
     n = rows.size * cols.size
     step = _cell_rows_per_block(B, w, n, max(heads * k * k, v.shape[1], heads * d))
     for a0 in range(0, h, step):
         a1 = min(h, a0 + step)
-        qb = _blocks(q, rows, cols, a0, a1)  # [B, A, w, heads, d, N]
+        qb = _blocks(q, rows, cols, a0, a1).transpose(3, 4)  # [B, A, w, heads, N, d]
         p_heads = _attention(qb, kw[:, a0:a1], scale)  # [B, A, w, heads, N, kk]
-        valid = (rows.valid[a0:a1, :, None, None] & cols.valid[None, None]).permute(0, 2, 1, 3).flatten(-2)
-        gb = _blocks(g, rows, cols, a0, a1) * valid[:, :, None]  # [B, A, w, C, N], padding zeroed
+        valid = (rows.valid[a0:a1, :, None, None] & cols.valid[None, None]).transpose(1, 2).flatten(2)  # [A, w, N]
+        gb = _blocks(g, rows, cols, a0, a1) * valid[..., None]  # [B, A, w, N, C], padding zeroed
         if need_v:
-            grad_vw[:, a0:a1] = torch.matmul(gb, p_heads.mean(3))  # [B, A, w, C, kk]
+            grad_vw[:, a0:a1] = torch.matmul(p_heads.mean(3).transpose(-1, -2), gb)  # [B, A, w, kk, C]
         if need_q or need_k:
-            dp = torch.matmul(gb.transpose(-1, -2), vw[:, a0:a1]) / heads  # [B, A, w, N, kk]
-            dp = dp.unsqueeze(3)
+            dp = (torch.matmul(gb, vw[:, a0:a1].transpose(-1, -2)) / heads).unsqueeze(3)  # [B, A, w, 1, N, kk]
             dl = p_heads * (dp - (p_heads * dp).sum(-1, keepdim=True)) * scale  # [B, A, w, heads, N, kk]
             if need_q:
-                gq = torch.matmul(kw[:, a0:a1], dl.transpose(-1, -2))  # [B, A, w, heads, d, N]
-                grad_q[..., rows.first[a0]:rows.first[a1], :] = _unblock(gq, rows, cols, a0, a1)
+                gq = torch.matmul(dl, kw[:, a0:a1].transpose(-1, -2)).transpose(3, 4)  # [B, A, w, N, heads, d]
+                grad_q[..., rows.first[a0]:rows.first[a1], :] = _unblock(gq, rows, cols, a0, a1).permute(0, 3, 4, 1, 2)
             if need_k:
-                grad_kw[:, a0:a1] = torch.matmul(qb, dl)  # [B, A, w, heads, d, kk]
+                grad_kw[:, a0:a1] = torch.matmul(qb.transpose(-1, -2), dl)  # [B, A, w, heads, d, kk]
     grad_k = _scatter_windows(grad_kw, rows, cols, kk.shape) if need_k else None
-    grad_v = _scatter_windows(grad_vw, rows, cols, v.shape) if need_v else None
+    grad_v = _scatter_windows(grad_vw.transpose(-1, -2), rows, cols, v.shape) if need_v else None
     return tuple(grad.to(t.dtype) if need else t.new_empty(0)
                  for grad, t, need in zip((grad_q, grad_k, grad_v), (query, key, value), output_mask))
 

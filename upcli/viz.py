@@ -43,6 +43,33 @@ def pca_rgb(maps: list[Tensor], k: int = 3) -> list[np.ndarray]:
     return colours
 
 
+def edge_sharpness(feats: Tensor, image: Tensor, top: float = 0.1) -> float:
+    """How much sharper the features change at the image's edges than elsewhere.
+
+    ``feats (C, H, W)`` at the resolution of ``image (3, H, W)`` in [0, 1]. The channels are standardised; the
+    feature gradient magnitude (forward differences, summed over channels) is averaged over the pixels with the
+    strongest ``top`` fraction of image gradients (grey levels) and divided by its mean over the rest. About 1
+    for a map that ignores the image (bilinear: 1.1 on chelsea at 448); higher when feature edges sit on image
+    edges.
+    """
+    if feats.dim() != 3 or image.dim() != 3 or feats.shape[1:] != image.shape[1:]:
+        raise ValueError(f"expected feats (C, H, W) and image (3, H, W) of one size, got {tuple(feats.shape)} and "
+                         f"{tuple(image.shape)}")
+
+    def gradient(x: Tensor) -> Tensor:  # (C, H, W) -> (H - 1, W - 1)
+        dy, dx = x[:, 1:, :-1] - x[:, :-1, :-1], x[:, :-1, 1:] - x[:, :-1, :-1]
+        return (dy.square() + dx.square()).sum(0).sqrt()
+
+    f = feats.detach().float()
+    f = (f - f.mean(dim=(1, 2), keepdim=True)) / f.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+    feature_grad = gradient(f)
+    image_grad = gradient(image.detach().float().mean(0, keepdim=True)).flatten()
+    edges = torch.zeros_like(image_grad, dtype=torch.bool)
+    edges[image_grad.topk(max(1, int(top * image_grad.numel()))).indices] = True
+    feature_grad = feature_grad.flatten()
+    return float(feature_grad[edges].mean() / feature_grad[~edges].mean().clamp_min(1e-12))
+
+
 def save_preview(path: str | Path, image: np.ndarray, lr_feats: Tensor, hr_feats: Tensor) -> None:
     """Write one PNG: the image | low-res features | high-res features, side by side.
 
