@@ -1,5 +1,6 @@
 """The backbone-agnostic neighbourhood-attention upsampler (untrained weights)."""
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,3 +131,19 @@ def test_cli_upsample_with_a_fresh_checkpoint(tmp_path):
     for source in store:
         feats = store[source]
         assert feats.shape[0] == 320 and min(feats.shape[1:]) == 64 and torch.isfinite(feats.float()).all()
+
+
+def test_spatial_prior_alone_picks_the_nearest_cell_when_narrow():
+    up = fresh()
+    with torch.no_grad():
+        for conv in (up.query, up.key):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        up.log_sigma.fill_(math.log(0.1))
+        feats = torch.randn(1, 5, 4, 6)
+        out = up(feats, torch.rand(1, 3, 40, 60), (40, 60))  # 10 x 10 pixels per cell
+    torch.testing.assert_close(out[..., 5::10, 5::10], feats, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        up.log_sigma.fill_(math.log(3.0))  # wide: every pixel mixes its neighbours in
+        wide = up(feats, torch.rand(1, 3, 40, 60), (40, 60))
+    assert (wide[..., 5::10, 5::10] - feats).abs().amax() > 0.1

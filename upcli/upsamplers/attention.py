@@ -10,8 +10,11 @@ From features ``(B, C, h, w)`` and the image, straight to ``(B, C, H, W)`` in on
 
 Positions are in feature-grid units: pixel ``(y, x)`` at ``((y + 0.5) h / H - 0.5, (x + 0.5) w / W - 0.5)``,
 cell ``(i, j)`` at ``(i, j)``. 2-D RoPE rotates half of each head's ``d`` dims by the row and half by the column
-position, so the logits depend on the pixel's position relative to each cell, not on where it is in the image:
-RoPE is the spatial kernel. The window (``k_eff = min(k, h, w)``) is shifted inside the grid at the borders.
+position, so the logits depend on the pixel's position relative to each cell, not on where it is in the image.
+Each head also adds a Gaussian spatial prior ``-|p - c|^2 / (2 sigma^2)`` with a learned width (three extra
+query/key dims carry it, so the op stays plain attention): far cells of the window get little weight, so the
+output does not jump where a pixel's window moves by one cell (with RoPE alone an early model showed the cell
+grid as seams). The window (``k_eff = min(k, h, w)``) is shifted inside the grid at the borders.
 
 The values are the backbone's own low-res vectors, unprojected, and the weights never see the features: every
 output vector is a convex combination of the input vectors (constant features stay constant), and one model
@@ -44,6 +47,7 @@ from . import register_upsampler
 from .base import LearnedUpsampler, guidance_at
 
 ROPE_PERIODS = (2.0, 32.0)  # shortest and longest RoPE wavelength, in feature cells
+SIGMA_INIT = (0.75, 3.0)  # the heads' initial spatial widths, in feature cells (geometric)
 
 
 def rope_angles(positions: Tensor, n: int) -> Tensor:
@@ -52,6 +56,14 @@ def rope_angles(positions: Tensor, n: int) -> Tensor:
     lo, hi = ROPE_PERIODS
     periods = torch.logspace(math.log10(lo), math.log10(hi), n, dtype=torch.float32, device=positions.device)
     return positions[:, None].float() * (2 * math.pi / periods)
+
+
+def distance_terms(rows: Tensor, cols: Tensor, query: bool) -> Tensor:
+    """``(3, H, W)`` extra query (``query``) or key dims whose product is ``-|p - c|^2 / 2`` up to a term of the
+    query alone (softmax drops it): ``[py, px, 1] . [cy, cx, -|c|^2 / 2]``."""
+    y, x = torch.broadcast_tensors(rows[:, None], cols[None, :])
+    last = torch.ones_like(y) if query else -(y.square() + x.square()) / 2
+    return torch.stack([y, x, last])
 
 
 def apply_rope(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -89,6 +101,8 @@ class AttentionUpsampler(LearnedUpsampler):
         self.encoder = nn.Sequential(*layers)
         self.query = nn.Conv2d(width, heads * head_dim, 1)
         self.key = nn.Conv2d(width, heads * head_dim, 1)
+        lo, hi = SIGMA_INIT
+        self.log_sigma = nn.Parameter(torch.linspace(math.log(lo), math.log(hi), heads))
 
     @classmethod
     def build(cls, backbone=None, **arch) -> AttentionUpsampler:
@@ -105,9 +119,12 @@ class AttentionUpsampler(LearnedUpsampler):
         dev = enc.device
         py = (torch.arange(H, device=dev, dtype=torch.float32) + 0.5) * (h / H) - 0.5
         px = (torch.arange(W, device=dev, dtype=torch.float32) + 0.5) * (w / W) - 0.5
-        q = apply_rope(q, py, px)
-        k = apply_rope(k, torch.arange(h, device=dev, dtype=torch.float32),
-                       torch.arange(w, device=dev, dtype=torch.float32))
+        cy, cx = (torch.arange(n, device=dev, dtype=torch.float32) for n in (h, w))
+        # logits: <rope(q), rope(k)> / sqrt(d) (appearance, relative position) - |p - c|^2 / (2 sigma_head^2)
+        inv_var = torch.exp(-2 * self.log_sigma).view(1, heads, 1, 1, 1)
+        q = torch.cat([apply_rope(q, py, px) / math.sqrt(d),
+                       distance_terms(py, px, query=True).expand(B, heads, 3, H, W) * inv_var], dim=2)
+        k = torch.cat([apply_rope(k, cy, cx), distance_terms(cy, cx, query=False).expand(B, heads, 3, h, w)], dim=2)
         k_eff = min(self.config["kernel_size"], h, w)
-        out = neighbourhood_attention(q, k, lr_feats.float(), k_eff)
+        out = neighbourhood_attention(q, k, lr_feats.float(), k_eff, scale=1.0)
         return out.to(lr_feats.dtype)
