@@ -5,7 +5,9 @@
     python -m upcli.kernels.bench --sizes 224 --no-compile --json bench.json
 
 For ``adaptive_conv`` it times the unfold reference, eager shift-and-accumulate, ``torch.compile`` of that, and
-our op, forward alone and forward + backward; then ``neighbour_logits`` (32-d keys) against unfold + product.
+our op, forward alone and forward + backward; then ``neighbour_logits`` (32-d keys) against unfold + product; then
+``neighbourhood_attention`` from a --grid x --grid feature map to each size (4 heads of 32 dims, C channels, k x k)
+against its gathering (unfold-form) reference and an eager loop over the taps, forward and forward + backward.
 Each row gives ms, GB/s and GFLOP/s, also as fractions of this device's measured copy bandwidth and sgemm
 rate, and the peak extra memory over the inputs. Exits 1 if any implementation disagrees with the reference.
 """
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .adaptive_conv import adaptive_conv, neighbour_logits
+from .neighbourhood_attention import _Cells, neighbourhood_attention, neighbourhood_attention_reference
 from .reference import adaptive_conv_forward, adaptive_conv_unfold
 
 
@@ -131,6 +134,23 @@ def run_case(name, fn, make_inputs, flops, nbytes, rates, device, backward, chec
             "sgemm_frac": gflops / gemm_gflops, "peak_MiB": mem.peak / 2**20, "agrees": ok}
 
 
+def attention_tap_loop(query, key, value, k):
+    """The eager baseline of ``neighbourhood_attention``: every tap's logits stacked, one softmax, then one
+    ``addcmul_`` of each tap's values (per-tap tensors of ``heads * H * W`` and ``C * H * W``)."""
+    (B, heads, d, H, W), (h, w) = query.shape, key.shape[3:]
+    rows, cols = _Cells(H, h, k, query.device).taps, _Cells(W, w, k, query.device).taps
+    cy = ((2 * torch.arange(H, device=query.device) + 1) * h).div(2 * H, rounding_mode="floor").clamp(max=h - 1)
+    cx = ((2 * torch.arange(W, device=query.device) + 1) * w).div(2 * W, rounding_mode="floor").clamp(max=w - 1)
+    row_of, col_of = rows[cy], cols[cx]  # [H, k], [W, k]: each pixel's window
+    logits = torch.stack([(query * key[..., row_of[:, i, None], col_of[None, :, j]]).sum(2)
+                          for i in range(k) for j in range(k)]) / d ** 0.5  # [k*k, B, heads, H, W]
+    p = torch.softmax(logits, 0).mean(2, keepdim=True)  # [k*k, B, 1, H, W]
+    out = value.new_zeros(B, value.shape[1], H, W)
+    for t in range(k * k):
+        out = out + p[t] * value[..., row_of[:, t // k, None], col_of[None, :, t % k]]
+    return out
+
+
 IMPLS = ("unfold", "eager", "torch.compile", "upcli")  # the adaptive_conv implementations it can time
 
 
@@ -141,6 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", type=int, default=384)
     parser.add_argument("--kernel-size", type=int, default=7)
     parser.add_argument("--key-dim", type=int, default=32)
+    parser.add_argument("--grid", type=int, default=14, help="neighbourhood_attention: the feature grid's side")
     parser.add_argument("--max-gib", type=float, default=6.0, help="skip implementations that would need more")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (its first call compiles)")
     parser.add_argument("--impls", default=",".join(IMPLS),
@@ -156,7 +177,7 @@ def main(argv=None) -> int:
     compiled = None if args.no_compile else torch.compile(shift_and_accumulate, dynamic=False)
     rows, all_ok = [], True
     header = f"{'op':>16} {'size':>5} {'impl':>14} {'ms':>9} {'GB/s':>7} {'copy%':>6} {'GFLOP/s':>8} {'sgemm%':>6} {'peak MiB':>9} {'speedup':>8}"
-    print(header + "   (speedup: vs eager for adaptive_conv, vs unfold for neighbour_logits)")
+    print(header + "   (speedup: vs eager for adaptive_conv, vs unfold for neighbour_logits and attention)")
     for size in args.sizes:
         H = W = size
 
@@ -216,12 +237,55 @@ def main(argv=None) -> int:
             rows.append(row)
             all_ok &= row["agrees"]
             print(_format(row, unfold_ms))
+        rows_, ok = bench_attention(args, size, rates, device)
+        rows += rows_
+        all_ok &= ok
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "copy_GBps": rates[0], "sgemm_GFLOPs": rates[1], "rows": rows}, f, indent=1)
     if not all_ok:
         print("FAILED: an implementation disagrees with the reference", file=sys.stderr)
     return 0 if all_ok else 1
+
+
+def bench_attention(args, size: int, rates, device) -> tuple[list[dict], bool]:
+    """``neighbourhood_attention`` from a ``--grid`` map to ``size``: ours against the unfold form and the tap loop."""
+    C, k, heads, d, g = args.channels, min(args.kernel_size, args.grid), 4, args.key_dim, args.grid
+
+    def inputs():
+        gen = torch.Generator(device=device).manual_seed(2)
+        return [torch.randn(1, heads, d, size, size, device=device, generator=gen),
+                torch.randn(1, heads, d, g, g, device=device, generator=gen),
+                torch.randn(1, C, g, g, device=device, generator=gen)]
+
+    with torch.no_grad():
+        truth = neighbourhood_attention(*inputs(), k)
+    scale = truth.abs().max().item()
+
+    def agrees(out):
+        return bool(((out.float() - truth).abs().max() <= 1e-4 * scale + 1e-6).item())
+
+    impls = {"unfold": lambda q, kk, v: neighbourhood_attention_reference(q, kk, v, k),
+             "eager": lambda q, kk, v: attention_tap_loop(q, kk, v, k),
+             "upcli": lambda q, kk, v: neighbourhood_attention(q, kk, v, k)}
+    unfold_gib = (C + heads * d) * k * k * size * size * 4 / 2**30
+    rows, ok = [], True
+    for backward in (False, True):
+        op = "attention" + (" f+b" if backward else "")
+        flops = 2 * (heads * d + C) * k * k * size * size * (3 if backward else 1)
+        nbytes = ((C + heads * d) * size * size * 4) * (3 if backward else 1)
+        base_ms = None
+        for name, fn in impls.items():
+            if name != "upcli" and unfold_gib * (3 if backward else 1.2) > args.max_gib:
+                print(f"{op:>16} {size:>5} {name:>14}   skipped (the unfold form needs ~{unfold_gib:.1f} GiB)")
+                continue
+            row = run_case(name, fn, inputs, flops, nbytes, rates, device, backward, None if backward else agrees)
+            row.update(op=op, size=size)
+            base_ms = row["ms"] if name == "unfold" else base_ms
+            rows.append(row)
+            ok &= row["agrees"]
+            print(_format(row, base_ms))
+    return rows, ok
 
 
 def _format(row, base_ms) -> str:

@@ -103,3 +103,15 @@ def test_metrics_and_cell_labels(probe):
     assert probe.confusion(torch.tensor([[0, 5], [2, 2]]), label).sum() == 3  # void pixel ignored
     grid = torch.arange(12).reshape(3, 4)  # 2x2 cells over 3x4: centres at rows 0.75, 2.25 and cols 1, 3
     assert probe.cell_labels(grid, (2, 2)).tolist() == [1, 3, 9, 11]
+
+
+def test_layer_picks_the_feature_source_and_a_bad_one_is_one_line(probe, data_root, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    args = ["--data-root", str(data_root), "--limit", "2", "--input-size", "64", "--epochs", "3", "--methods",
+            "bilinear"]
+    assert probe.main([*args, "--layer", "blocks.4", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["_config"]["layer"] == "blocks.4"
+    with pytest.raises(SystemExit) as exit_info:
+        probe.main([*args, "--layer", "blocks.9"])
+    assert exit_info.value.code == 2
+    assert "blocks.9" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -44,3 +45,19 @@ def test_save_preview_writes_three_panels(tmp_path):
         panels = np.asarray(png.convert("RGB"))
     assert np.array_equal(panels[:, :28], image)
     assert sorted(p.name for p in path.parent.iterdir()) == ["cat.png"]  # no temp file left behind
+
+
+def test_edge_sharpness_is_high_only_where_feature_edges_sit_on_image_edges():
+    from upcli.viz import edge_sharpness
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.full((3, 40, 40), 0.2)
+    image[:, :, 20:] = 0.8  # one vertical edge between columns 19 and 20
+    image += 0.01 * torch.rand(image.shape, generator=gen)
+    channels = torch.randn(8, 1, 1, generator=gen)
+    step = (torch.arange(40) >= 20).float().expand(40, 40) * channels  # changes exactly at the edge
+    ramp = (torch.arange(40) / 39).expand(40, 40) * channels  # changes evenly everywhere
+    assert edge_sharpness(step, image) > 10
+    assert 0.8 < edge_sharpness(ramp, image) < 1.5
+    with pytest.raises(ValueError):
+        edge_sharpness(step[:, :20], image)

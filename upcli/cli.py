@@ -106,7 +106,7 @@ def upsample(
     job: dict,
     features: dict,
     folder: Annotated[Optional[Path], typer.Argument(help="Folder of images (scanned recursively), or one image.", show_default=False)] = None,
-    upsampler: Annotated[str, typer.Option(help="bilinear, bilateral, jbu or pac (the checkpoint shipped for the backbone), implicit (a field fitted to each image: slow, see fit-image), or a checkpoint PATH from upcli train (jbu, pac, resize-conv).")] = "bilinear",
+    upsampler: Annotated[str, typer.Option(help="bilinear, bilateral, jbu or pac (the checkpoint shipped for the backbone), attention (one shipped model for every backbone), implicit (a field fitted to each image: slow, see fit-image), or a checkpoint PATH from upcli train (jbu, pac, resize-conv, attention).")] = "bilinear",
     sigma_spatial: Annotated[Optional[float], typer.Option(help="bilateral: spatial sigma in low-res pixels.")] = None,
     sigma_color: Annotated[Optional[float], typer.Option(help="bilateral: colour sigma on [0, 1] RGB.")] = None,
     size: Annotated[str, typer.Option(help="Shorter side of the output in pixels, or 'original'.")] = str(DEFAULT_SIZE),
@@ -194,6 +194,8 @@ def sr(
   upcli train ./photos ./camvid/train --image-size 112,128,96x144 --steps 3000 --out jbu.safetensors --val ./val --resume   # the same options, to 3000 steps
 
   torchrun --nproc-per-node 4 -m upcli.cli train ./coco --batch-size 16 --out jbu.safetensors
+
+  upcli train ./photos --upsampler attention --layer blocks.6,blocks.2,blocks.1 --image-size 256,320 --out attention.safetensors   # one model for any backbone
 """)
 @with_flags((TrainingOptions, None), (TrainConfig, None))
 def train(
@@ -206,7 +208,7 @@ def train(
     fixup: Annotated[bool, typer.Option(help="jbu: FeatUp's additive kernel correction.")] = False,
     radius: Annotated[str, typer.Option(help="jbu: kernel radius of every stage (3: FeatUp's 7x7), or one per stage from the coarsest, e.g. 3,3,3,2,1 (as many as the stack's layers, log2 of the backbone's stride: 5 for efficientnet-lite0).")] = "3",
 ) -> None:
-    """Train a learned upsampler (JBU, PAC or resize-conv) by FeatUp's multi-view reconstruction."""
+    """Train a learned upsampler: JBU, PAC or resize-conv by FeatUp's multi-view reconstruction, attention by the scale objective."""
     from .upsamplers.train import train as run
 
     common = TrainingOptions(**common)

@@ -19,7 +19,9 @@ def test_bench_rows_agree_and_go_to_json(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
     assert {(r["op"], r["impl"]) for r in rows} >= {("adaptive_conv", "eager"), ("adaptive_conv", "upcli"),
-                                                     ("adaptive_conv f+b", "upcli"), ("neighbour_logits", "upcli")}
+                                                     ("adaptive_conv f+b", "upcli"), ("neighbour_logits", "upcli"),
+                                                     ("attention", "unfold"), ("attention", "eager"),
+                                                     ("attention f+b", "upcli")}
     assert all(r["agrees"] for r in rows)
 
 
