@@ -3,11 +3,13 @@
     python -m upcli.kernels.bench                              # CPU: C = 384, k = 7, 56^2 .. 448^2
     python -m upcli.kernels.bench --device cuda --sizes 224 448
     python -m upcli.kernels.bench --sizes 224 --no-compile --json bench.json
+    python -m upcli.kernels.bench --device cuda --grid 32 --sizes 448 896   # NAF's attention setting, C = 384
 
 For ``adaptive_conv`` it times the unfold reference, eager shift-and-accumulate, ``torch.compile`` of that, and
 our op, forward alone and forward + backward; then ``neighbour_logits`` (32-d keys) against unfold + product; then
 ``neighbourhood_attention`` from a --grid x --grid feature map to each size (4 heads of 32 dims, C channels, k x k)
-against its gathering (unfold-form) reference and an eager loop over the taps, forward and forward + backward.
+against its gathering (unfold-form) reference and an eager loop over the taps, forward and forward + backward
+(on CUDA, ``upcli`` is the fused Triton forward and ``upcli blocked`` the blocked-GEMM one).
 Each row gives ms, GB/s and GFLOP/s, also as fractions of this device's measured copy bandwidth and sgemm
 rate, and the peak extra memory over the inputs. Exits 1 if any implementation disagrees with the reference.
 """
@@ -268,6 +270,8 @@ def bench_attention(args, size: int, rates, device) -> tuple[list[dict], bool]:
     impls = {"unfold": lambda q, kk, v: neighbourhood_attention_reference(q, kk, v, k),
              "eager": lambda q, kk, v: attention_tap_loop(q, kk, v, k),
              "upcli": lambda q, kk, v: neighbourhood_attention(q, kk, v, k)}
+    if device.type == "cuda":  # "upcli" is the fused Triton forward there; this is the blocked-GEMM one
+        impls["upcli blocked"] = lambda q, kk, v: neighbourhood_attention(q, kk, v, k, backend="blocked")
     unfold_gib = (C + heads * d) * k * k * size * size * 4 / 2**30
     rows, ok = [], True
     for backward in (False, True):

@@ -16,7 +16,12 @@ the op is a batch of small dense matrix products (BLAS on the CPU): per cell, it
 window's keys, a softmax, heads averaged, times the window's values. A few cell rows at a time, so the largest
 temporaries are ``heads * k * k`` or ``C`` floats per pixel of those rows. Autograd saves only the inputs; the
 backward recomputes the probabilities block by block. Nothing of size ``C * k * k * H * W`` is ever made. Half
-types are computed in float32. CPU and CUDA run these products; a fused Triton kernel is to come.
+types are computed in float32.
+
+Backends (``backend=``): ``blocked``, the products above, on any device; ``triton``, a fused forward kernel
+(``_triton_attention.py``: an online softmax over the taps, nothing per tap stored) on CUDA or under
+``TRITON_INTERPRET=1``; ``auto`` (default) takes Triton's forward on CUDA when Triton is there, else ``blocked``.
+The backward is the blocked form on every device. A C++ CPU path is to come.
 
 ``neighbourhood_attention_reference`` gathers the k * k keys and values (``C * k * k * H * W`` floats): easy to
 read, for tests.
@@ -29,7 +34,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["neighbourhood_attention", "neighbourhood_attention_reference"]
+__all__ = ["BACKENDS", "neighbourhood_attention", "neighbourhood_attention_reference"]
+
+BACKENDS = ("auto", "blocked", "triton")
 
 
 def window_starts(n_out: int, n_in: int, k: int, device=None) -> Tensor:
@@ -149,8 +156,29 @@ def _pixel_major(t: Tensor, rows: _Cells, cols: _Cells) -> Tensor:
     return t if rows.uniform and cols.uniform else t.contiguous()
 
 
+def _uses_triton(backend: str, value: Tensor) -> bool:
+    """Whether the forward runs the Triton kernel (float32 and half types; ``auto``: on CUDA only)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "blocked" or (backend == "auto" and value.dtype not in (torch.float32, *_HALF)):
+        return False
+    from . import _triton_attention
+
+    device = value.device
+    if _triton_attention.available(device) and (backend == "triton" or device.type == "cuda"):
+        return True
+    if backend == "triton":
+        raise RuntimeError(f"upcli.kernels: the Triton backend is not available on {device}")
+    return False
+
+
 @torch.library.custom_op("upcli::neighbourhood_attention", mutates_args=())
-def _neighbourhood_attention(query: Tensor, key: Tensor, value: Tensor, k: int, scale: float) -> Tensor:
+def _neighbourhood_attention(query: Tensor, key: Tensor, value: Tensor, k: int, scale: float,
+                             backend: str) -> Tensor:
+    if _uses_triton(backend, value):
+        from ._triton_attention import neighbourhood_attention_forward
+
+        return neighbourhood_attention_forward(query, key, value, k, scale)
     dtype = _compute_dtype(query, key, value)
     q, kk, v = (t.to(dtype) for t in (query, key, value))
     (B, heads, d, H, W), (h, w) = q.shape, kk.shape[3:]
@@ -171,7 +199,7 @@ def _neighbourhood_attention(query: Tensor, key: Tensor, value: Tensor, k: int, 
 
 
 @_neighbourhood_attention.register_fake
-def _(query, key, value, k, scale):
+def _(query, key, value, k, scale, backend):
     return value.new_empty(value.shape[0], value.shape[1], query.shape[3], query.shape[4])
 
 
@@ -232,7 +260,7 @@ def _(grad_out, query, key, value, k, scale, output_mask):
 
 
 def _setup(ctx, inputs, output):
-    query, key, value, ctx.k, ctx.scale = inputs
+    query, key, value, ctx.k, ctx.scale, _ = inputs
     ctx.save_for_backward(query, key, value)  # the inputs only: every tap is recomputed in backward
 
 
@@ -241,13 +269,14 @@ def _backward(ctx, grad_out):
         raise RuntimeError("upcli.kernels: double backward is not supported")
     mask = list(ctx.needs_input_grad[:3])
     grads = _neighbourhood_attention_backward_op(grad_out, *ctx.saved_tensors, ctx.k, ctx.scale, mask)
-    return *(g if need else None for g, need in zip(grads, mask)), None, None
+    return *(g if need else None for g, need in zip(grads, mask)), None, None, None
 
 
 _neighbourhood_attention.register_autograd(_backward, setup_context=_setup)
 
 
-def neighbourhood_attention(query: Tensor, key: Tensor, value: Tensor, k: int, scale: float | None = None) -> Tensor:
+def neighbourhood_attention(query: Tensor, key: Tensor, value: Tensor, k: int, scale: float | None = None,
+                            backend: str = "auto") -> Tensor:
     """Cross-scale neighbourhood attention (see the module docstring).
 
     Args:
@@ -256,10 +285,11 @@ def neighbourhood_attention(query: Tensor, key: Tensor, value: Tensor, k: int, s
         value: ``Tensor[B, C, h, w]``.
         k: the window size, ``1 <= k <= min(h, w)``.
         scale: the logits' factor, ``1 / sqrt(d)`` by default.
+        backend: ``auto``, ``blocked`` or ``triton`` (see the module docstring).
 
     Returns:
         ``Tensor[B, C, H, W]`` in the dtype and on the device of ``value``.
     """
     _check(query, key, value, k)
     scale = 1 / math.sqrt(query.shape[2]) if scale is None else float(scale)
-    return _neighbourhood_attention(query, key, value, int(k), scale)
+    return _neighbourhood_attention(query, key, value, int(k), scale, backend)

@@ -67,7 +67,7 @@ def test_gradcheck():
 
 def test_opcheck():
     q, key, v = inputs(2, 2, 3, 4, 7, 5, 4, 6)
-    torch.library.opcheck(torch.ops.upcli.neighbourhood_attention.default, (q, key, v, 3, 0.5))
+    torch.library.opcheck(torch.ops.upcli.neighbourhood_attention.default, (q, key, v, 3, 0.5, "blocked"))
     grad = torch.randn(2, 4, 7, 5, dtype=torch.float64)
     for mask in ([True, True, True], [False, True, False], [False, False, True]):
         torch.library.opcheck(torch.ops.upcli.neighbourhood_attention_backward.default,
@@ -130,3 +130,21 @@ def test_never_saves_per_tap_tensors():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         neighbourhood_attention(q, key, v, 5)
     assert sum(saved) <= q.numel() + key.numel() + v.numel()
+
+
+def test_unknown_backend_raises():
+    q, key, v = inputs(1, 1, 2, 1, 6, 6, 4, 6)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        neighbourhood_attention(q, key, v, 3, backend="cuda")
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter():
+    from upcli.kernels import _triton
+
+    if _triton.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1: the interpreter runs Triton on the CPU")
+    q, key, v = inputs(1, 1, 2, 1, 6, 6, 4, 6, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="Triton backend is not available on cpu"):
+        neighbourhood_attention(q, key, v, 3, backend="triton")
+    torch.testing.assert_close(neighbourhood_attention(q, key, v, 3), neighbourhood_attention(q, key, v, 3,
+                                                                                             backend="blocked"))

@@ -193,6 +193,33 @@ def case_available():
     assert ops.available("cpu") and ops.available(torch.device("cpu"))
 
 
+def attention_inputs(B, heads, d, C, H, W, h, w, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((B, heads, d, H, W), (B, heads, d, h, w), (B, C, h, w))
+    return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+
+
+def case_attention_matches_reference(shape, heads, d, dtype, tiles=None):
+    """The fused forward (and the gradients through it) against the float64 gathering reference."""
+    from upcli.kernels import _triton_attention, neighbourhood_attention
+    from upcli.kernels.neighbourhood_attention import neighbourhood_attention_reference
+
+    _triton_attention._INTERPRETER_META.update(BLOCK_C=16, BLOCK_W=16)
+    if tiles is not None:
+        _triton_attention._INTERPRETER_META.update(BLOCK_C=tiles[0], BLOCK_W=tiles[1])
+    H, W, h, w, k = shape
+    q, key, v = attention_inputs(2, heads, d, 5, H, W, h, w, DTYPES[dtype])
+    out = neighbourhood_attention(q, key, v, k, scale=0.7, backend="triton")
+    assert out.dtype == v.dtype and out.shape == (2, 5, H, W)
+    ref = neighbourhood_attention_reference(*(t.double() for t in (q, key, v)), k, scale=0.7)
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, key, v), grad)
+    want = torch.autograd.grad(ref, (q, key, v), grad.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), **TOL[dtype])
+
+
 # %%
 # The interpreter worker
 # ----------------------
@@ -322,6 +349,27 @@ def test_available_when_interpreting(interpreter):
     interpreter.run("case_available")
 
 
+# (H, W, h, w, k): odd, non-square; output larger than, smaller than and a whole multiple of the grid
+ATTENTION_SHAPES = [(9, 13, 5, 7, 3), (3, 4, 5, 7, 5), (12, 21, 4, 7, 3), (7, 5, 7, 6, 1)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_attention_matches_reference(interpreter, shape):
+    # 3 heads and d = 5: both padded to powers of two in the kernel
+    interpreter.run("case_attention_matches_reference", shape=shape, heads=3, d=5, dtype="float32")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_attention_half_types(interpreter, dtype):
+    interpreter.run("case_attention_matches_reference", shape=(9, 13, 5, 7, 3), heads=2, d=4, dtype=dtype)
+
+
+def test_attention_with_small_tiles(interpreter):
+    # 4 x 4 tiles: channel blocks with a remainder (C = 5) and several W tiles with a ragged last one
+    interpreter.run("case_attention_matches_reference", shape=(6, 14, 3, 5, 3), heads=1, d=3, dtype="float32",
+                    tiles=[4, 4])
+
+
 def _load_fresh(name):
     spec = importlib.util.spec_from_file_location(name, importlib.util.find_spec("upcli.kernels._triton").origin)
     module = importlib.util.module_from_spec(spec)
@@ -361,3 +409,17 @@ def test_gpu_matches_reference(mode):
     for dtype in ["float16", "bfloat16"]:
         x, weights, grad_out = (t.cuda() for t in make_inputs(2, 24, 11, 300, 7, mode, DTYPES[dtype]))
         check_all(_triton, x, weights, grad_out, mode, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_gpu_attention_matches_reference(shape):
+    pytest.importorskip("triton")
+    from upcli.kernels import neighbourhood_attention
+    from upcli.kernels.neighbourhood_attention import neighbourhood_attention_reference
+
+    H, W, h, w, k = shape
+    q, key, v = (t.detach().cuda() for t in attention_inputs(2, 3, 5, 70, H, W, h, w, torch.float32))
+    out = neighbourhood_attention(q, key, v, k, backend="triton")
+    ref = neighbourhood_attention_reference(q.double(), key.double(), v.double(), k)
+    torch.testing.assert_close(out.double(), ref, **TOL["float32"])
