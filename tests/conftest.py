@@ -8,6 +8,24 @@ import pytest
 
 
 @pytest.fixture
+def plain_sgd():
+    """A script preamble for DDP comparisons: Adam, AdamW and NAdam become plain SGD at the same lr."""
+    return PLAIN_SGD
+
+
+# Adaptive optimisers (Adam, AdamW, NAdam) turn a gradient at rounding level into a step of up to lr either way, so
+# weights trained under DDP and in one process differ by ~lr wherever a gradient is ~0, and any "most elements
+# agree" threshold sits on float noise. Scripts that compare them start with this preamble: plain SGD at the same
+# lr, where the weights are start - lr * (sum of the gradients) and gradient noise stays at noise level.
+PLAIN_SGD = (
+    "import torch\n"
+    "def _plain_sgd(params, lr=1e-3, **_):\n"
+    "    return torch.optim.SGD(params, lr=lr)\n"
+    "torch.optim.Adam = torch.optim.AdamW = torch.optim.NAdam = _plain_sgd\n"
+)
+
+
+@pytest.fixture
 def torchrun():
     """``torchrun(*args, env=...)``: run ``args`` (a script, or ``-m module ...``) in 2 local torchrun processes."""
 

@@ -244,13 +244,14 @@ def test_resume_after_an_interrupt_matches_an_uninterrupted_run(tmp_path, monkey
         pretrain_itpn(small_cfg(tmp_path / "b", steps=6, mask_ratio=0.5), resume=True, quiet=True)
 
 
-def test_ddp_on_two_processes_matches_one(tmp_path, torchrun):
+def test_ddp_on_two_processes_matches_one(tmp_path, torchrun, plain_sgd):
     script = tmp_path / "run.py"
     script.write_text(
+        plain_sgd +
         "import sys, json\n"
         "from upcli.pretrain.itpn import ITPNPretrainConfig, pretrain_itpn\n"
         f"cfg = ITPNPretrainConfig(images=[{str(EXAMPLES)!r}], out=sys.argv[1], image_size=32, batch_size=4, steps=3,\n"
-        f"                         arch_overrides={SMALL!r}, device='cpu', lr=1e-3, warmup=0)\n"
+        f"                         arch_overrides={SMALL!r}, device='cpu', lr=0.1, warmup=0)\n"
         "result = pretrain_itpn(cfg, quiet=True)\n"
         "open(sys.argv[1] + '.json', 'w').write(json.dumps(result.losses))\n")
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], env=ENV,
@@ -262,15 +263,15 @@ def test_ddp_on_two_processes_matches_one(tmp_path, torchrun):
     losses_two = json.loads((tmp_path / "two.safetensors.json").read_text())
     for name in ("pixel", "feature"):
         assert len(losses_one[name]) == 3 and losses_one[name] == pytest.approx(losses_two[name], rel=1e-4), name
+    # plain SGD (see conftest.PLAIN_SGD): every element agrees, and the weights moved well past the tolerance
     a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys()
     for key in a:
-        diff = (a[key] - b[key]).abs()
-        assert diff.max() <= 3 * 2e-3, key  # AdamW moves each weight by at most ~lr per step
-        assert (diff <= 1e-5).float().mean() >= 0.9, key
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
     torch.manual_seed(0)
     start, _ = build_pretrainer(small_cfg(tmp_path))
     moved = (a["backbone.blocks.0.attn.qkv.weight"] - start.backbone.blocks[0].attn.qkv.weight).abs().max()
-    assert moved > 1e-3
+    assert moved > 1e-4
 
 
 def run_cli(*args):

@@ -14,7 +14,7 @@ from upcli.checkpoints import read_config
 from upcli.errors import UsageError
 import upcli.upsamplers.train as train_module
 from upcli.configs import parse_image_sizes, parse_input_scales, parse_radius
-from upcli.upsamplers.train import (TrainConfig, learning_rate,
+from upcli.upsamplers.train import (TrainConfig,
                                     shrink, train, train_state_path)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
@@ -150,34 +150,34 @@ def test_input_scale_feeds_the_upsampler_a_smaller_image(tmp_path, monkeypatch):
         train(plain, resume=True, quiet=True)
 
 
-def test_ddp_two_processes_match_one(tmp_path, torchrun):
+def test_ddp_two_processes_match_one(tmp_path, torchrun, plain_sgd):
     args = ["train", str(EXAMPLES), "--steps", "3", "--batch-size", "2", "--image-size", "64,48x80", "--views", "1",
-            "--save-every", "3", "--device", "cpu", "-q"]
+            "--save-every", "3", "--device", "cpu", "--lr", "1e-3", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    init = subprocess.run([sys.executable, "-m", "upcli.cli", *args[:1], str(EXAMPLES), "--steps", "1", "--lr", "0",
+    script = tmp_path / "cli.py"  # the CLI, with plain SGD for NAdam (see conftest.PLAIN_SGD)
+    script.write_text(plain_sgd + "from upcli.cli import app\napp()\n")
+    init = subprocess.run([sys.executable, str(script), *args[:1], str(EXAMPLES), "--steps", "1", "--lr", "0",
                            "--image-size", "64", "--views", "1", "--device", "cpu", "-q", "--out",
                            str(tmp_path / "init.safetensors")], env=env, capture_output=True, text=True, timeout=300)
     assert init.returncode == 0, init.stderr[-2000:]
-    one = subprocess.run([sys.executable, "-m", "upcli.cli", *args, "--out", str(tmp_path / "one.safetensors")],
+    one = subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / "one.safetensors")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = torchrun("-m", "upcli.cli", *args, "--out", tmp_path / "two.safetensors", env=env)
+    two = torchrun(script, *args, "--out", tmp_path / "two.safetensors", env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     # the loss of the last step (a mean over both samples, all-reduced) agrees to float precision ...
     loss_one, loss_two = (read_config(p)["training"]["train_loss"] for p in (one, two))
     assert loss_one == pytest.approx(loss_two, rel=1e-5)
-    # ... and so do the weights, up to NAdam's normalised steps: an element whose gradient is at rounding level can
-    # move by up to lr per step either way, so each element stays within 2 * sum(lr); almost all agree closely
+    # ... and so does every weight: with plain SGD a weight is start - lr * (its summed gradients), so the two runs
+    # differ by gradient rounding only; each tensor stays within 1% of its own largest update (a gradient summed
+    # where it should be averaged, or a process's half of the batch lost, would differ by the whole update)
     a, b, start = load_file(one), load_file(two), load_file(tmp_path / "init.safetensors")
-    bound = 2 * sum(learning_rate(TrainConfig(images=[], out="", steps=3), s) for s in range(3))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() == start.keys()
     for key in a:
-        diff = (a[key] - b[key]).abs()
-        assert diff.max() <= bound, key
-        assert (diff <= 1e-4).float().mean() >= 0.9, (key, (diff <= 1e-4).float().mean())
-    moved = (a["stages.0.range_proj.0.weight"] - start["stages.0.range_proj.0.weight"]).abs().max()
-    assert moved > 1e-3, "the weights must have moved by more than the tolerance"
+        update = (a[key] - start[key]).abs().max()
+        assert update > 0, f"{key} did not move"
+        assert (a[key] - b[key]).abs().max() <= 1e-2 * update, key
 
 
 def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
