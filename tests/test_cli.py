@@ -312,3 +312,14 @@ def test_only_the_cli_imports_the_command_modules():
             if commands & set(names) and module not in ("upcli.cli", "upcli.__main__"):
                 offenders.append((module, names[0]))
     assert offenders == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs mkfifo")
+def test_a_fifo_in_the_image_folder_is_skipped_not_waited_on(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 2)
+    os.mkfifo(imgs / "0-fifo.png")  # sorted first: every image after it would wait too
+    run = subprocess.run([sys.executable, "-m", "upcli.cli", "upsample", str(imgs), "--out", str(tmp_path / "o"),
+                          "--size", "32", "--workers", "0", "-q"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "skipping" in run.stderr and "0-fifo.png': not a regular file" in run.stderr
+    assert len(FeatureStore(tmp_path / "o")) == 2

@@ -39,6 +39,18 @@ def test_scan_is_recursive_sorted_case_insensitive_and_keeps_broken_links(tmp_pa
     assert scan_images(tmp_path) == refs
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs mkfifo")
+def test_scan_skips_fifos_and_never_opens_them(tmp_path):
+    _touch_image(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "fifo.png")  # opening it for reading would block until a writer comes
+    (tmp_path / "link.png").symlink_to(tmp_path / "fifo.png")
+    _touch_image(tmp_path / "z.png")
+    with pytest.warns(RuntimeWarning, match="skipping .*fifo.png': not a regular file") as caught:
+        refs = scan_images(tmp_path)
+    assert [r.rel for r in refs] == ["a.png", "z.png"]
+    assert len(caught) == 2 and all("\n" not in str(w.message) for w in caught)
+
+
 def test_scan_bad_root(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         scan_images(tmp_path / "missing")

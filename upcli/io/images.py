@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,7 +42,8 @@ def scan_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
     must not become inputs of the next run (``root`` itself is never left out).
 
     Extensions match case-insensitively. Broken symlinks and unreadable files are kept so that
-    ``load_rgb`` reports them. Symlinked folders are followed, but a folder reached twice (a link loop,
+    ``load_rgb`` reports them. Anything that is not a regular file (a FIFO, socket or device, also behind a link)
+    is skipped with a one-line warning and never opened: reading a FIFO can block forever. Symlinked folders are followed, but a folder reached twice (a link loop,
     or two links to one folder) is listed only the first time.
     """
     root = Path(os.path.abspath(os.path.expanduser(root)))
@@ -64,10 +66,22 @@ def scan_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
         seen_dirs.add(real)
         dirnames.sort()  # walk order decides which of two links to one folder is kept
         for name in filenames:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                path = Path(dirpath, name)
-                refs.append(ImageRef(path=path, rel=path.relative_to(root).as_posix()))
+            path = Path(dirpath, name)
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            if _special_file(path):
+                warnings.warn(f"skipping {str(path)!r}: not a regular file", RuntimeWarning, stacklevel=2)
+                continue
+            refs.append(ImageRef(path=path, rel=path.relative_to(root).as_posix()))
     return sorted(refs, key=lambda ref: ref.rel)
+
+
+def _special_file(path: Path) -> bool:
+    """Whether ``path`` (followed through links) is a FIFO, socket or device; ``False`` where it cannot be stat'ed."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
