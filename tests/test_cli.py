@@ -10,6 +10,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
