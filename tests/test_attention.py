@@ -139,11 +139,13 @@ def test_spatial_prior_alone_picks_the_nearest_cell_when_narrow():
         for conv in (up.query, up.key):
             conv.weight.zero_()
             conv.bias.zero_()
-        up.log_sigma.fill_(math.log(0.1))
+        up.sigma_logit.fill_(-20.0)  # sigma ~ 0
         feats = torch.randn(1, 5, 4, 6)
         out = up(feats, torch.rand(1, 3, 40, 60), (40, 60))  # 10 x 10 pixels per cell
     torch.testing.assert_close(out[..., 5::10, 5::10], feats, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
-        up.log_sigma.fill_(math.log(3.0))  # wide: every pixel mixes its neighbours in
+        up.sigma_logit.fill_(20.0)  # the widest allowed: every pixel mixes its neighbours in
         wide = up(feats, torch.rand(1, 3, 40, 60), (40, 60))
     assert (wide[..., 5::10, 5::10] - feats).abs().amax() > 0.1
+    # but never so wide that the window's edge has weight: 3 sigma fit in the half window
+    assert float(up.sigma().max()) <= up.config["kernel_size"] / 6 + 1e-6

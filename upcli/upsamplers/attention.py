@@ -12,9 +12,10 @@ Positions are in feature-grid units: pixel ``(y, x)`` at ``((y + 0.5) h / H - 0.
 cell ``(i, j)`` at ``(i, j)``. 2-D RoPE rotates half of each head's ``d`` dims by the row and half by the column
 position, so the logits depend on the pixel's position relative to each cell, not on where it is in the image.
 Each head also adds a Gaussian spatial prior ``-|p - c|^2 / (2 sigma^2)`` with a learned width (three extra
-query/key dims carry it, so the op stays plain attention): far cells of the window get little weight, so the
-output does not jump where a pixel's window moves by one cell (with RoPE alone an early model showed the cell
-grid as seams). The window (``k_eff = min(k, h, w)``) is shifted inside the grid at the borders.
+query/key dims carry it, so the op stays plain attention), capped at k / 6 so that the window's edge is 3 sigma
+away: far cells of the window get little weight, so the output does not jump where a pixel's window moves by one
+cell. With RoPE alone an early model showed the cell grid as seams; so did one whose widths started at 0.75-3
+cells (a cell 3.5 cells away kept 0.3-0.6 of the centre's weight), and its output was washed out. The window (``k_eff = min(k, h, w)``) is shifted inside the grid at the borders.
 
 The values are the backbone's own low-res vectors, unprojected, and the weights never see the features: every
 output vector is a convex combination of the input vectors (constant features stay constant), and one model
@@ -47,7 +48,8 @@ from . import register_upsampler
 from .base import LearnedUpsampler, guidance_at
 
 ROPE_PERIODS = (2.0, 32.0)  # shortest and longest RoPE wavelength, in feature cells
-SIGMA_INIT = (0.75, 3.0)  # the heads' initial spatial widths, in feature cells (geometric)
+SIGMA_INIT = (0.35, 0.9)  # the heads' initial spatial widths, in feature cells (geometric)
+SIGMA_MAX = 1 / 6  # of the window size k: 3 sigma stay inside the window's half width
 
 
 def rope_angles(positions: Tensor, n: int) -> Tensor:
@@ -102,7 +104,16 @@ class AttentionUpsampler(LearnedUpsampler):
         self.query = nn.Conv2d(width, heads * head_dim, 1)
         self.key = nn.Conv2d(width, heads * head_dim, 1)
         lo, hi = SIGMA_INIT
-        self.log_sigma = nn.Parameter(torch.linspace(math.log(lo), math.log(hi), heads))
+        init = torch.logspace(math.log10(lo), math.log10(hi), heads) / self.sigma_max
+        self.sigma_logit = nn.Parameter(torch.logit(init.clamp(1e-3, 1 - 1e-3)))
+
+    @property
+    def sigma_max(self) -> float:
+        return SIGMA_MAX * self.config["kernel_size"]
+
+    def sigma(self) -> Tensor:
+        """The heads' spatial widths in feature cells, each in (0, k / 6)."""
+        return self.sigma_max * torch.sigmoid(self.sigma_logit)
 
     @classmethod
     def build(cls, backbone=None, **arch) -> AttentionUpsampler:
@@ -121,7 +132,7 @@ class AttentionUpsampler(LearnedUpsampler):
         px = (torch.arange(W, device=dev, dtype=torch.float32) + 0.5) * (w / W) - 0.5
         cy, cx = (torch.arange(n, device=dev, dtype=torch.float32) for n in (h, w))
         # logits: <rope(q), rope(k)> / sqrt(d) (appearance, relative position) - |p - c|^2 / (2 sigma_head^2)
-        inv_var = torch.exp(-2 * self.log_sigma).view(1, heads, 1, 1, 1)
+        inv_var = self.sigma().pow(-2).view(1, heads, 1, 1, 1)
         q = torch.cat([apply_rope(q, py, px) / math.sqrt(d),
                        distance_terms(py, px, query=True).expand(B, heads, 3, H, W) * inv_var], dim=2)
         k = torch.cat([apply_rope(k, cy, cx), distance_terms(cy, cx, query=False).expand(B, heads, 3, h, w)], dim=2)
