@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -146,6 +147,22 @@ def test_other_job_refused_unless_overwrite(tmp_path):
     (out / "notes.txt").write_text("mine")
     assert run(job_for(root, out, dtype="float32"), overwrite=True).processed == 4
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_input_rewritten_in_place_at_the_same_size_is_another_job(tmp_path):
+    root = make_images(tmp_path / "imgs", 3)
+    out = tmp_path / "out"
+    run(job_for(root, out))
+    assert run(job_for(root, out)).skipped_shards == 2  # shard size 2
+    path = scan_images(root)[1].path
+    data = bytearray(path.read_bytes())
+    before = path.stat()
+    data[-20] ^= 0xFF  # same size, other bytes
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))  # a coarse clock could tie: force it
+    assert path.stat().st_size == before.st_size
+    with pytest.raises(StoreError, match="holds another job \\(input files changed \\(size or modification time"):
+        run(job_for(root, out))
 
 
 def test_two_workers_equal_one(tmp_path):

@@ -170,7 +170,7 @@ class Job:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        listing = [[ref.rel, _file_size(ref.path)] for ref in self.inputs]
+        listing = [[ref.rel, *_file_stamp(ref.path)] for ref in self.inputs]
         blob = json.dumps([self.command, self.settings, self.shard_size, listing], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -219,11 +219,14 @@ class JobResult:
         return lines
 
 
-def _file_size(path: Path) -> int:
+def _file_stamp(path: Path) -> tuple[int, int]:
+    """Size and modification time (ns) of an input: a file rewritten in place, even at the same size, is another
+    input. ``(-1, -1)`` where it cannot be stat'ed."""
     try:
-        return path.stat().st_size
+        st = path.stat()
     except OSError:
-        return -1
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
 
 
 def prepare_out_dir(job: Job, overwrite: bool) -> None:
@@ -267,7 +270,7 @@ def _difference(old: dict, new: dict) -> str:
         return f"shard_size {old.get('shard_size')} vs {new['shard_size']}"
     if old.get("inputs") != new["inputs"]:
         return f"input list changed: {len(old.get('inputs', []))} vs {len(new['inputs'])} images"
-    return "input files changed"
+    return "input files changed (size or modification time)"
 
 
 class _Planned:
