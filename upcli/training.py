@@ -1,13 +1,16 @@
 """Helpers shared by every training loop: checkpoints, seeded randomness, the loop's tail.
 
 The checkpoint format is :mod:`upcli.checkpoints`; the training state that ``--resume`` needs is written beside
-each checkpoint, in the same format. Optimiser state: :func:`optimizer_tensors` flattens ``optimizer.state_dict()``
+each checkpoint, in the same format. The two are one unit (:func:`save_pair`): both are written under pending
+names, then renamed into place, the state first; :func:`recover_pair` (run before every start) finishes a save that
+a kill interrupted after both were written, or drops one interrupted before, so a killed run always resumes. Optimiser state: :func:`optimizer_tensors` flattens ``optimizer.state_dict()``
 into tensors plus a JSON part, :func:`load_optimizer_tensors` rebuilds it. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -83,8 +86,9 @@ class TrainingRun:
 
     Inside the block SIGTERM is handled like Ctrl-C; on either, the steps finished since the last checkpoint are
     saved before the interrupt goes on. However the block ends, the progress bar is closed and the process group
-    left. ``save(step, **info)`` writes the checkpoint and its training state; it runs on the main process only,
-    with Ctrl-C held until both files are written.
+    left. ``save(step, checkpoint_path, state_path, **info)`` writes the checkpoint and its training state to the
+    paths given (:func:`save_pair` renames them into place); it runs on the main process only, with Ctrl-C held
+    until both files are in place.
     """
 
     def __init__(self, command: str, dist: Distributed, reporter, save: Callable[..., None], start: int, steps: int,
@@ -112,7 +116,7 @@ class TrainingRun:
     def checkpoint(self, step: int, **info) -> None:
         if self.dist.is_main:
             with SignalGuard(defer=True):
-                self.save(step, **info)
+                save_pair(self.out, step, lambda checkpoint, state: self.save(step, checkpoint, state, **info))
         self.saved = step
 
     def __exit__(self, exc_type, exc, tb):
@@ -154,10 +158,74 @@ def train_state_path(out: str | Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".train.safetensors")
 
 
+def pending_path(path: str | Path) -> Path:
+    """Where :func:`save_pair` writes ``path`` before renaming it into place."""
+    path = Path(path)
+    return path.with_name(path.name + ".pending")
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step a checkpoint (``training.step``) or a training state (``step``) was saved at; None if unreadable."""
+    try:
+        config = read_config(path)
+    except Exception:  # noqa: BLE001 - unreadable: no step
+        return None
+    step = config.get("training", {}).get("step", config.get("step")) if isinstance(config, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def save_pair(out: str | Path, step: int, write: Callable[[Path, Path], None]) -> None:
+    """Save checkpoint ``out`` and its training state as one unit.
+
+    ``write(checkpoint_path, state_path)`` writes both to pending names; then the state, then the checkpoint are
+    renamed into place. Killed anywhere, the pair on disk is the old one, the new one, or the new state with the
+    new checkpoint still pending, which :func:`recover_pair` puts in place. An ``OSError`` while writing (a full
+    disk) removes the pending files and raises a one-line ``StoreError`` that says which step is kept.
+    """
+    from .errors import StoreError
+
+    out = Path(out)
+    state = train_state_path(out)
+    pending_out, pending_state = pending_path(out), pending_path(state)
+    try:
+        write(pending_out, pending_state)
+    except OSError as err:
+        for path in (pending_out, pending_state):
+            path.unlink(missing_ok=True)
+        kept = f"{out.name} keeps step {_saved_step(out)}" if out.exists() else "nothing is saved yet"
+        raise StoreError(f"cannot save step {step} to {out} ({err.strerror or err}); {kept}") from None
+    os.replace(pending_state, state)
+    os.replace(pending_out, out)
+
+
+def recover_pair(out: str | Path) -> None:
+    """Finish or drop a :func:`save_pair` that a kill interrupted, and remove its temporary files.
+
+    A pending state exists only once both pending files are complete: both are put in place. A pending checkpoint
+    alone is put in place when the state already in place is of its step (killed between the two renames), and
+    deleted otherwise (killed while the state was being written: the old pair stands).
+    """
+    out = Path(out)
+    state = train_state_path(out)
+    for path in (out, state, pending_path(out), pending_path(state)):
+        for tmp in path.parent.glob(f"{path.name}.tmp-*"):  # write_atomic's, left by a kill -9
+            tmp.unlink(missing_ok=True)
+    pending_out, pending_state = pending_path(out), pending_path(state)
+    if pending_state.exists():
+        os.replace(pending_state, state)
+        if pending_out.exists():
+            os.replace(pending_out, out)
+    elif pending_out.exists():
+        if state.exists() and _saved_step(pending_out) == _saved_step(state):
+            os.replace(pending_out, out)
+        else:
+            pending_out.unlink()
+
+
 def prepare_output(out: str | Path, resume: bool, overwrite: bool) -> None:
     """Check ``--out`` before any training, so that no run dies at its first save: its folder is created and
-    writable, and without ``--resume`` an existing checkpoint is only replaced with ``overwrite``. Raises
-    ``UsageError``."""
+    writable, and without ``--resume`` an existing checkpoint is only replaced with ``overwrite``. A save that a
+    kill interrupted is finished or dropped first (:func:`recover_pair`). Raises ``UsageError``."""
     import tempfile
 
     from .errors import UsageError
@@ -175,6 +243,7 @@ def prepare_output(out: str | Path, resume: bool, overwrite: bool) -> None:
             pass
     except OSError as err:
         raise UsageError(f"--out {out}: cannot write to {out.parent} ({err.strerror or err})") from None
+    recover_pair(out)
     existing = [p for p in (out, train_state_path(out)) if p.exists()]
     if existing and not resume and not overwrite:
         raise UsageError(f"--out {out} already exists; add --resume to continue that run, or --overwrite to "

@@ -320,20 +320,20 @@ def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = F
 
 
 def _loop(cfg, model, teacher, optimizer, pool, dist, mine: range, device, reporter, start: int, steps: int) -> TrainResult:
-    out, state_path = Path(cfg.out), train_state_path(cfg.out)
+    out = Path(cfg.out)
     patches = (cfg.image_size // PATCH) ** 2
     if cfg.preview_every:  # one fixed crop and mask, the same in every preview
         preview_image = crop_batch(pool, cfg, -1, range(1)).to(device)
         preview_mask = mask_batch(cfg, -1, range(1), patches).to(device)
     history = {"pixel": [], "feature": []}
 
-    def save(step: int, **info) -> None:
+    def save(step: int, checkpoint: Path, state_path: Path, **info) -> None:
         tensors = model.state_dict()  # backbone.*, decoder.*, level_heads.*
         last = {name: values[-1] for name, values in history.items() if values}
         state, optim_json = optimizer_tensors(optimizer)
         if isinstance(teacher, EMATeacher):
             state.update({f"ema.{k}": v for k, v in teacher.model.state_dict().items()})
-        save_checkpoint(out, tensors, {**config_dict(cfg.arch, model.backbone.cfg), "image_size": cfg.image_size,
+        save_checkpoint(checkpoint, tensors, {**config_dict(cfg.arch, model.backbone.cfg), "image_size": cfg.image_size,
                                        "target_dims": model.decoder.target_dims, "pretrain": cfg.identity(),
                                        "training": {"step": step, "steps": steps, **last, **info}})
         save_checkpoint(state_path, state, {"kind": STATE_KIND, "step": step, "optimizer": optim_json,

@@ -148,9 +148,9 @@ def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False, ov
     pool = ImagePool(cfg.images, None, reporter)
     my_tasks = range(dist.rank, cfg.tasks, dist.world_size)
 
-    def save(step: int, **info) -> None:
+    def save(step: int, checkpoint: Path, state_path: Path, **info) -> None:
         tensors, optim_json = optimizer_tensors(optimizer)
-        save_sr_net(out, net, {"scale": cfg.scale, "subsample": cfg.subsample, "pretrain_steps": min(step, cfg.pretrain_steps),
+        save_sr_net(checkpoint, net, {"scale": cfg.scale, "subsample": cfg.subsample, "pretrain_steps": min(step, cfg.pretrain_steps),
                                "meta_steps": max(step - cfg.pretrain_steps, 0), "training": {"step": step, **info}})
         save_checkpoint(state_path, tensors, {"kind": "mzsr-train-state", "step": step, "optimizer": optim_json,
                                               "stage": optimizer.stage, "train_config": cfg.identity()})

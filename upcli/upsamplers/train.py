@@ -189,9 +189,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     def save_model(path: Path, **training) -> None:
         save_upsampler(path, upsampler, backbone, extra={"training": training, **trained_on})
 
-    def save(step: int, **info) -> None:
-        save_model(out, step=step, **info)
-        _save_state(state_path, cfg, objective, optimizer, step)
+    def save(step: int, checkpoint: Path, state: Path, **info) -> None:
+        save_model(checkpoint, step=step, **info)
+        _save_state(state, cfg, objective, optimizer, step)
 
     run = TrainingRun("train", dist, reporter, save, start, cfg.steps, out)
     # a size that needs fewer stages than the stack has leaves the last layers unused in that step
