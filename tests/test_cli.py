@@ -324,3 +324,19 @@ def test_a_fifo_in_the_image_folder_is_skipped_not_waited_on(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "skipping" in run.stderr and "0-fifo.png': not a regular file" in run.stderr
     assert len(FeatureStore(tmp_path / "o")) == 2
+
+
+def test_verify_with_a_disagreeing_job_json_keeps_the_manifest_unless_repair(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 2)
+    out = tmp_path / "o"
+    assert invoke("upsample", imgs, "--out", out, "--size", "32", "--workers", "0", "-q").exit_code == 0
+    manifest = (out / "manifest.jsonl").read_text()
+    record = json.loads((out / "job.json").read_text())
+    (out / "job.json").write_text(json.dumps({**record, "fingerprint": "f" * 64}))
+    verify = invoke("upsample", "--verify", out)
+    assert verify.exit_code == 1 and "manifest.jsonl left unchanged" in verify.stderr and "--repair" in verify.stderr
+    assert (out / "manifest.jsonl").read_text() == manifest
+    assert invoke("upsample", "--verify", out, "--repair").exit_code == 1
+    assert (out / "manifest.jsonl").read_text() == ""
+    misplaced = invoke("upsample", imgs, "--out", tmp_path / "p", "--repair")
+    assert misplaced.exit_code == 2 and "--repair goes with --verify DIR" in misplaced.stderr

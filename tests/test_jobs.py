@@ -242,6 +242,51 @@ def test_a_job_mismatch_names_only_the_options_that_differ():
     assert _difference(old, {**new, "command": "upsample"}) == "command fit-image vs upsample"
 
 
+def test_verify_never_empties_the_manifest_because_job_json_disagrees(tmp_path):
+    import json
+
+    root = make_images(tmp_path / "imgs", 5)
+    out = tmp_path / "out"
+    run(job_for(root, out))
+    manifest = (out / "manifest.jsonl").read_text()
+    assert len(manifest.splitlines()) == 5
+    record = json.loads((out / "job.json").read_text())
+    (out / "job.json").write_text(json.dumps({**record, "fingerprint": "0" * 64}))
+    report = verify_store(out)
+    assert "shard-00000.h5: complete, but of another job than job.json's" in report["problems"]
+    assert report["problems"][-1].startswith("manifest.jsonl left unchanged: 3 shards are of another job")
+    assert (out / "manifest.jsonl").read_text() == manifest  # nothing changed
+    verify_store(out, repair=True)  # told to: the manifest follows job.json (no shard of its job: empty)
+    assert (out / "manifest.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_shards": 10**9}, "'num_shards' must be 3 for 5 inputs in shards of 2, got 1000000000"),
+    ({"num_shards": "3"}, "'num_shards' must be 3"),
+    ({"shard_size": 0}, "'shard_size' must be a positive integer"),
+    ({"shard_size": [2]}, "'shard_size' must be a positive integer"),
+    ({"inputs": "a.png"}, "'inputs' must be a list of file names"),
+    ({"fingerprint": 7}, "'fingerprint' must be a string"),
+])
+def test_verify_refuses_a_job_json_of_wrong_types_in_one_line(tmp_path, change, message):
+    import json
+
+    root = make_images(tmp_path / "imgs", 5)
+    out = tmp_path / "out"
+    run(job_for(root, out))
+    record = json.loads((out / "job.json").read_text())
+    (out / "job.json").write_text(json.dumps({**record, **change}))
+    with pytest.raises(StoreError, match=message) as info:
+        verify_store(out)
+    assert "\n" not in str(info.value)
+    (out / "job.json").write_text("[1, 2]")
+    with pytest.raises(StoreError, match="not an upcli job record"):
+        verify_store(out)
+    (out / "job.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(StoreError, match="unreadable"):
+        verify_store(out)
+
+
 def test_an_unwritable_out_and_a_foreign_job_json_are_one_line_errors(tmp_path, monkeypatch):
     import upcli.io.jobs as jobs
     from upcli.io.store import verify_store

@@ -371,7 +371,7 @@ def test_zssr_from_python_on_one_image(tmp_path):
     report = verify_store(tmp_path / "out")  # an image store: PNG shards, not HDF5
     assert report["problems"] == [] and report["stored"] == 1 and report["complete_shards"] == 1
     (tmp_path / "out" / "cat.png").unlink()
-    assert verify_store(tmp_path / "out")["problems"] == ["shard-00000.json: incomplete, unreadable or from another job"]
+    assert verify_store(tmp_path / "out")["problems"] == ["shard-00000.json: incomplete or unreadable"]
 
 
 @pytest.mark.parametrize("args, message, code", [

@@ -112,6 +112,7 @@ def upsample(
     size: Annotated[str, typer.Option(help="Shorter side of the output in pixels, or 'original'.")] = str(DEFAULT_SIZE),
     dry_run: Annotated[bool, typer.Option(help="Print images, output shapes and disk use; write nothing.")] = False,
     verify: Annotated[Optional[Path], typer.Option(help="Check a finished store and rebuild its manifest.", file_okay=False)] = None,
+    repair: Annotated[bool, typer.Option(help="With --verify: rebuild the manifest from job.json even where the shards are of another job.")] = False,
     list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List backbone names and exit.")] = False,
 ) -> None:
     """Run a backbone over a folder and write features at image resolution to HDF5 shards."""
@@ -120,7 +121,8 @@ def upsample(
     upsampler_args = {k: v for k, v in {"sigma_spatial": sigma_spatial, "sigma_color": sigma_color}.items() if v is not None}
     with errors("upsample"):
         code = upsample_command(folder, JobOptions(**job), FeatureOptions(**features), list_backbones=list_backbones,
-                                verify=verify, dry_run=dry_run, upsampler=upsampler, upsampler_args=upsampler_args, size=size)
+                                verify=verify, repair=repair, dry_run=dry_run, upsampler=upsampler,
+                                upsampler_args=upsampler_args, size=size)
     raise typer.Exit(code)
 
 

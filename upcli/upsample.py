@@ -123,8 +123,9 @@ def plan_upsample(folder, features: FeatureOptions = FeatureOptions(), size: int
 
 
 def upsample_command(folder, options: JobOptions, features: FeatureOptions = FeatureOptions(), *,
-                     list_backbones: bool = False, verify=None, dry_run: bool = False, **upsampling) -> int:
-    """All of ``upcli upsample``: ``--list-backbones``, ``--verify DIR``, ``--dry-run`` or the job (``upsampling``:
+                     list_backbones: bool = False, verify=None, repair: bool = False, dry_run: bool = False,
+                     **upsampling) -> int:
+    """All of ``upcli upsample``: ``--list-backbones``, ``--verify DIR [--repair]``, ``--dry-run`` or the job (``upsampling``:
     the keywords of :func:`upsample_folder`). Prints what the mode reports and returns the exit code."""
     import sys
 
@@ -138,12 +139,14 @@ def upsample_command(folder, options: JobOptions, features: FeatureOptions = Fea
     if verify is not None:
         from .io.store import verify_store
 
-        report = verify_store(verify)
+        report = verify_store(verify, repair=repair)
         for problem in report["problems"]:
             print(f"upcli upsample --verify: {problem}", file=sys.stderr)
         print(f"{verify}: {report['stored']} stored, {report['failed']} failed, of {report['inputs']} inputs; "
               f"{report['complete_shards']}/{report['shards']} shards complete")
         return 1 if report["problems"] else 0
+    if repair:
+        raise UsageError("--repair goes with --verify DIR")
     if dry_run:
         plan = plan_upsample(folder, features, upsampling.get("size", DEFAULT_SIZE))
         shapes = list(plan["shapes"].items())

@@ -273,32 +273,61 @@ def clear_store(out: Path) -> None:
             path.unlink()
 
 
-def verify_store(out_dir: Path) -> dict:
+def read_job_record(out_dir: Path) -> dict:
+    """``out_dir/job.json``, after checking the types and ranges of what ``verify_store`` uses; a one-line
+    ``StoreError`` naming the key otherwise."""
+    out_dir = Path(out_dir)
+    path = out_dir / "job.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"{out_dir}: no job.json; not an upcli output folder") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise StoreError(f"{path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(record, dict):
+        raise StoreError(f"{path}: not an upcli job record (a JSON {type(record).__name__}, not an object)")
+    missing = [key for key in ("inputs", "shard_size", "num_shards", "fingerprint") if key not in record]
+    if missing:
+        raise StoreError(f"{path}: not an upcli job record (no {missing[0]!r})")
+    inputs, shard_size, num_shards = record["inputs"], record["shard_size"], record["num_shards"]
+    if not isinstance(inputs, list) or not all(isinstance(x, str) for x in inputs):
+        raise StoreError(f"{path}: 'inputs' must be a list of file names")
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+        raise StoreError(f"{path}: 'shard_size' must be a positive integer, got {shard_size!r:.40}")
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards != -(-len(inputs) // shard_size):
+        raise StoreError(f"{path}: 'num_shards' must be {-(-len(inputs) // shard_size)} for {len(inputs)} inputs "
+                         f"in shards of {shard_size}, got {num_shards!r:.40}")
+    if not isinstance(record.get("fingerprint"), str):
+        raise StoreError(f"{path}: 'fingerprint' must be a string")
+    return record
+
+
+def verify_store(out_dir: Path, repair: bool = False) -> dict:
     """Check a store against its job.json: every shard complete and readable, every input there once.
 
-    Rebuilds manifest.jsonl and failures.jsonl. Returns counts and a list of one-line problems.
+    Rebuilds manifest.jsonl and failures.jsonl, except where shards on disk are complete but of another job than
+    job.json says: then job.json, not the shards, may be what is wrong, and the manifest is left as it is unless
+    ``repair``. Returns counts and a list of one-line problems.
     """
     import h5py
 
     out_dir = Path(out_dir)
-    try:
-        record = json.loads((out_dir / "job.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoreError(f"{out_dir}: no job.json; not an upcli output folder") from None
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{out_dir / 'job.json'}: unreadable ({e})") from None
-    try:
-        inputs, shard_size, num_shards, fingerprint = (record["inputs"], record["shard_size"], record["num_shards"],
-                                                       record["fingerprint"])
-    except (KeyError, TypeError):
-        raise StoreError(f"{out_dir / 'job.json'}: not an upcli job record") from None
+    record = read_job_record(out_dir)
+    inputs, shard_size, num_shards, fingerprint = (record["inputs"], record["shard_size"], record["num_shards"],
+                                                   record["fingerprint"])
     kind = stored_kind(out_dir, num_shards)
-    problems, stored, failed, complete = [], 0, 0, 0
+    problems, stored, failed, complete, other_job = [], 0, 0, 0, 0
     for shard in range(num_shards):
         path = out_dir / kind.name(shard)
         content = kind.read_index(path, fingerprint)
         if content is None:
-            problems.append(f"{path.name}: {'missing' if not path.exists() else 'incomplete, unreadable or from another job'}")
+            if not path.exists():
+                problems.append(f"{path.name}: missing")
+            elif kind.read_index(path, None) is not None:
+                other_job += 1
+                problems.append(f"{path.name}: complete, but of another job than job.json's")
+            else:
+                problems.append(f"{path.name}: incomplete or unreadable")
             continue
         complete += 1
         expected = inputs[shard * shard_size:(shard + 1) * shard_size]
@@ -314,10 +343,14 @@ def verify_store(out_dir: Path) -> dict:
                         problems.append(f"{path.name}/{key}: shape {ds.shape} does not match its size attribute")
         stored += len(content["images"])
         failed += len(content["failures"])
-    try:
-        write_index(out_dir, list(range(num_shards)), fingerprint, kind)
-    except OSError as e:
-        problems.append(f"manifest.jsonl not rebuilt: {e.strerror or e}")
+    if other_job and not repair:
+        problems.append(f"manifest.jsonl left unchanged: {other_job} shards are of another job than job.json says; "
+                        "check job.json, or pass --repair to rebuild the manifest from it")
+    else:
+        try:
+            write_index(out_dir, list(range(num_shards)), fingerprint, kind)
+        except OSError as e:
+            problems.append(f"manifest.jsonl not rebuilt: {e.strerror or e}")
     return {"inputs": len(inputs), "stored": stored, "failed": failed, "shards": num_shards,
             "complete_shards": complete, "problems": problems}
 
