@@ -340,3 +340,19 @@ def test_verify_with_a_disagreeing_job_json_keeps_the_manifest_unless_repair(tmp
     assert (out / "manifest.jsonl").read_text() == ""
     misplaced = invoke("upsample", imgs, "--out", tmp_path / "p", "--repair")
     assert misplaced.exit_code == 2 and "--repair goes with --verify DIR" in misplaced.stderr
+
+
+def test_sigterm_during_start_up_exits_130_with_a_line(monkeypatch, capsys):
+    from upcli import cli
+
+    def start_up_gets_sigterm():  # as if the signal came while torch was being imported
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "app", start_up_gets_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert info.value.code == 130 and capsys.readouterr().err == "upcli: interrupted by SIGTERM\n"

@@ -286,10 +286,19 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"upcli: warning: {message}\n"
 
 
+def _interrupted_by_sigterm(signum, frame):
+    print("upcli: interrupted by SIGTERM", file=sys.stderr)
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
 def main() -> None:
+    import signal
     import warnings
 
     warnings.formatwarning = _one_line_warning
+    # from the first moment: SIGTERM during start-up (imports, loading) exits 130 with a line, not 143 silently;
+    # the commands' own SignalGuard turns it into Ctrl-C while they work, so that files are closed cleanly
+    signal.signal(signal.SIGTERM, _interrupted_by_sigterm)
     app()
 
 
