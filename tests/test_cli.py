@@ -356,3 +356,12 @@ def test_sigterm_during_start_up_exits_130_with_a_line(monkeypatch, capsys):
     finally:
         signal.signal(signal.SIGTERM, before)
     assert info.value.code == 130 and capsys.readouterr().err == "upcli: interrupted by SIGTERM\n"
+
+
+def test_a_newline_in_a_file_name_does_not_split_the_log_line(tmp_path):
+    imgs = small_images(tmp_path / "imgs", 1)
+    (imgs / "bad\nname.png").write_bytes(b"not a png")
+    result = invoke("upsample", imgs, "--out", tmp_path / "o", "--size", "32", "--workers", "0")
+    assert result.exit_code == 3, result.stderr
+    skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped bad\\x0aname.png: "), result.stderr

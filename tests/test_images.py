@@ -269,3 +269,10 @@ def test_float_tiffs_keep_their_contrast(tmp_path):
         rgb = load_rgb(tmp_path / name)
         assert rgb.shape == (8, 8, 3) and rgb.min() == 0 and rgb.max() == 255, name
         assert np.all(np.diff(rgb[..., 0].ravel().astype(int)) >= 0), name  # the ramp stays a ramp
+
+
+def test_printable_name_escapes_control_characters_only():
+    from upcli.io.images import printable_name
+
+    assert printable_name("a\nb\tc\x1b[31m é.png") == "a\\x0ab\\x09c\\x1b[31m é.png"
+    assert printable_name("plain/name.png") == "plain/name.png"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .configs import FeatureOptions, FitConfig, JobOptions
 from .errors import BadImageError, UsageError
-from .io.images import DEFAULT_SIZE, ImageRef, load_rgb, parse_size, target_size
+from .io.images import DEFAULT_SIZE, ImageRef, load_rgb, parse_size, printable_name, target_size
 from .io.jobs import Item, JobResult, Output, file_identity, prepare_job, preview_name
 from .io.store import check_feature_bytes, check_feature_format, to_storage
 from .runtime import resolve_device
@@ -95,7 +95,7 @@ class FitStep:
                     hr_feats=high[0].float().cpu())
             results.append(Output(array, {**self.attrs, **extra, "orig_size": item.data["orig_size"], "size": size}, files))
             if extra:
-                self.reporter.log(f"fitted {item.ref.rel} in {extra['fit_seconds']:.1f} s, loss {extra['fit_loss']:.4f}")
+                self.reporter.log(f"fitted {printable_name(item.ref.rel)} in {extra['fit_seconds']:.1f} s, loss {extra['fit_loss']:.4f}")
         return results
 
 

@@ -84,6 +84,14 @@ def _special_file(path: Path) -> bool:
         return False
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable_name(name: str) -> str:
+    """``name`` with control characters (a newline, a tab, ESC) escaped as ``\\xNN``, for one-line logs."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", name)
+
+
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """Decode ``path`` fully to ``uint8 (H, W, 3)`` RGB, upright per EXIF, first frame only.
 

@@ -33,7 +33,7 @@ from ..configs import JobOptions
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, BadImageError, StoreError, UsageError
 from ..progress import ProgressReporter, Timings
 from ..runtime import SignalGuard, default_workers, resolve_split
-from .images import IMAGE_EXTENSIONS, ImageRef, scan_images
+from .images import IMAGE_EXTENSIONS, ImageRef, printable_name, scan_images
 from .store import FEATURE_SHARDS, JOB_FORMAT, ShardKind, ShardWriter, clear_store, write_atomic, write_index
 
 
@@ -478,7 +478,7 @@ def _run_batch(items: list[Item], process, writer: _ShardWriterThread, reporter,
             continue
         if strict:
             raise BadImageError(item.ref.rel, f"{item.error} (--strict stops at the first bad input)")
-        reporter.log(f"skipped {item.ref.rel}: {item.error}")
+        reporter.log(f"skipped {printable_name(item.ref.rel)}: {item.error}")
         writer.put(("failure", item.ref.rel, item.error))
     try:
         done = list(zip(good, process(good, timings), strict=True)) if good else []
@@ -492,7 +492,7 @@ def _run_batch(items: list[Item], process, writer: _ShardWriterThread, reporter,
             except (RuntimeError, MemoryError) as single:
                 if not _out_of_memory(single):
                     raise
-                reporter.log(f"skipped {item.ref.rel}: out of memory")
+                reporter.log(f"skipped {printable_name(item.ref.rel)}: out of memory")
                 writer.put(("failure", item.ref.rel, "out of memory at this output size; lower --size or --batch-size"))
     for item, output in done:
         writer.put(("image", item.ref.rel, output))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..configs import ADAPT_STEPS, JobOptions, ZSSRConfig
 from ..errors import BadImageError, UsageError
-from ..io.images import ImageRef, load_rgb
+from ..io.images import ImageRef, load_rgb, printable_name
 from ..io.jobs import Item, JobResult, Output, file_identity, prepare_job, preview_name
 from ..io.store import IMAGE_SHARDS, image_key
 from ..runtime import resolve_device
@@ -60,7 +60,7 @@ class SRStep:
             files = {preview_name(item.ref.rel): functools.partial(save_png, rgb=side_by_side(lr, sr))} if item.preview else {}
             results.append(Output(pixels, attrs, files))
             if seconds > 5:
-                self.reporter.log(f"{item.ref.rel}: {self.name} in {seconds:.1f} s")
+                self.reporter.log(f"{printable_name(item.ref.rel)}: {self.name} in {seconds:.1f} s")
         return results
 
 
