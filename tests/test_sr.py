@@ -394,6 +394,25 @@ def test_sr_bad_options_fail_in_one_line(tmp_path, args, message, code):
     assert not (tmp_path / "out" / "cat.png").exists()
 
 
+def test_inputs_that_differ_only_in_suffix_get_outputs_apart(tmp_path):
+    from upcli.configs import JobOptions
+    from upcli.sr.job import super_resolve_images
+
+    images = tmp_path / "lr"
+    images.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(images / "a.png")
+    Image.fromarray(rgb[::-1].copy()).save(images / "a.bmp")
+    Image.fromarray(rgb).save(images / "b.png")
+    result = super_resolve_images(images, JobOptions(tmp_path / "out", quiet=True, workers=0, device="cpu"),
+                                  zero_shot=True, zssr=ZSSRConfig(max_iters=1, crop=16))
+    assert result.exit_code == 0 and result.processed == 3
+    out = tmp_path / "out"
+    manifest = {r["source"]: r["key"] for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert manifest == {"a.bmp": "a.bmp.png", "a.png": "a.png.png", "b.png": "b.png"}
+    assert all((out / key).is_file() for key in manifest.values())
+
+
 def test_sr_refuses_to_overwrite_its_inputs(tmp_path):
     images = sr_folder(tmp_path / "lr")
     run = run_cli("sr", images, "--out", images, "--zero-shot", "--max-iters", "1")

@@ -161,9 +161,10 @@ def read_shard_index(path: Path, fingerprint: str | None = None) -> dict | None:
         return None
 
 
-def image_key(source: str) -> str:
-    """Where the image result of ``source`` goes, relative to the output folder: its path with suffix .png."""
-    return str(Path(source).with_suffix(".png"))
+def image_key(source: str, keep_suffix: bool = False) -> str:
+    """Where the image result of ``source`` goes, relative to the output folder: its path with suffix .png, or
+    with .png added (``keep_suffix``: for inputs whose names differ only in their suffix, a.jpg and a.png)."""
+    return source + ".png" if keep_suffix else str(Path(source).with_suffix(".png"))
 
 
 class ImageShardWriter:
@@ -177,10 +178,11 @@ class ImageShardWriter:
                        "complete": True, **attrs, "images": [], "failures": []}
 
     def add(self, source: str, array: np.ndarray, attrs: dict) -> str:
-        """``array``: uint8 (H, W, 3)."""
+        """``array``: uint8 (H, W, 3); ``attrs["key"]``, if given, is where it goes (else ``image_key(source)``)."""
         from PIL import Image
 
-        key = image_key(source)
+        attrs = dict(attrs)
+        key = attrs.pop("key", None) or image_key(source)
         path = self.out_dir / key
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")

@@ -41,8 +41,9 @@ def load_for_sr(ref: ImageRef, scale: int) -> dict:
 class SRStep:
     """The model step: super-resolve each image, to uint8 (H, W, 3)."""
 
-    def __init__(self, method, name: str, degradation, device, reporter):
+    def __init__(self, method, name: str, degradation, device, reporter, keys: dict[str, str]):
         self.method, self.name, self.degradation, self.device, self.reporter = method, name, degradation, device, reporter
+        self.keys = keys  # input rel -> output PNG (``output_keys``)
 
     def __call__(self, items: list[Item], timings) -> list[Output]:
         from ..viz import save_png
@@ -55,7 +56,7 @@ class SRStep:
                 sr, info = self.method(lr, self.degradation)
             seconds = time.perf_counter() - start
             pixels = sr[0].mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
-            attrs = {"method": self.name, "scale": self.degradation.scale, "seconds": round(seconds, 3),
+            attrs = {"key": self.keys[item.ref.rel], "method": self.name, "scale": self.degradation.scale, "seconds": round(seconds, 3),
                      "size": list(pixels.shape[:2]), **{k: v for k, v in info.items() if v is not None}}
             files = {preview_name(item.ref.rel): functools.partial(save_png, rgb=side_by_side(lr, sr))} if item.preview else {}
             results.append(Output(pixels, attrs, files))
@@ -124,7 +125,7 @@ def super_resolve_images(
     if name != "zssr" and zssr != ZSSRConfig():
         raise UsageError("--max-iters, --noise and --seed set ZSSR (--zero-shot without --init), not " + name)
     plan = prepare_job("sr", images, options, SHARD_SIZE, checkpoints={"init": init, "kernel": kernel})
-    _check_outputs(plan.inputs, Path(options.out))
+    keys = output_keys(plan.inputs, Path(options.out))
     device = resolve_device(options.device)
     method_options = {"zssr": {"config": zssr}, "mzsr": {"steps": ADAPT_STEPS if steps is None else steps}}.get(name, {})
     method = create_sr_method(name, init=init, device=device, **method_options)
@@ -133,17 +134,23 @@ def super_resolve_images(
         "init": file_identity(init) if init is not None else None,
         **({"zssr": asdict(zssr)} if name == "zssr" else {}), **({"steps": method_options["steps"]} if name == "mzsr" else {}),
     }
-    step = SRStep(method, name, degradation, device, plan.reporter)
+    step = SRStep(method, name, degradation, device, plan.reporter, keys)
     return plan.run(plan.job(settings, IMAGE_SHARDS), functools.partial(load_for_sr, scale=scale), step, device)
 
 
-def _check_outputs(inputs: list[ImageRef], out: Path) -> None:
-    """Each result gets its own PNG, and none of them replaces an input image."""
+def output_keys(inputs: list[ImageRef], out: Path) -> dict[str, str]:
+    """Each input's output PNG (relative to ``out``): its name with suffix .png, or with .png added where two
+    inputs differ only in their suffix (a.jpg, a.png -> a.jpg.png, a.png.png). None may replace an input image."""
+    from collections import Counter
+
+    plain = Counter(image_key(ref.rel) for ref in inputs)
+    keys = {ref.rel: image_key(ref.rel, keep_suffix=plain[image_key(ref.rel)] > 1) for ref in inputs}
     seen: dict[str, str] = {}
     for ref in inputs:
-        key = image_key(ref.rel)
+        key = keys[ref.rel]
         if key in seen:
             raise UsageError(f"{seen[key]} and {ref.rel} would both be written to {key}; rename one of them")
         seen[key] = ref.rel
         if (out / key).resolve() == Path(ref.path).resolve():
             raise UsageError(f"--out {out} would overwrite the input {ref.rel}; choose another output folder")
+    return keys
