@@ -165,6 +165,20 @@ def test_an_input_rewritten_in_place_at_the_same_size_is_another_job(tmp_path):
         run(job_for(root, out))
 
 
+def test_an_open_store_refuses_to_read_a_folder_rewritten_since(tmp_path):
+    first = make_images(tmp_path / "first", 3)
+    out = tmp_path / "out"
+    run(job_for(first, out))
+    store = FeatureStore(out)
+    names = list(store)
+    for path in sorted(p for p in first.rglob("*") if p.is_file()):  # the same names, other images
+        path.rename(path.with_name("z" + path.name))
+    run(job_for(first, out), overwrite=True)
+    assert set(FeatureStore(out)) != set(names)
+    with pytest.raises(StoreError, match="the folder was rewritten since, open it again"):
+        store[names[0]]
+
+
 def test_two_workers_equal_one(tmp_path):
     root = make_images(tmp_path / "imgs", 7)
     run(job_for(root, tmp_path / "single"))

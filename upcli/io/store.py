@@ -423,7 +423,15 @@ class FeatureStore:
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
             self._files[shard] = h5py.File(self.root / shard, "r")
-        return self._files[shard]["features"][key]
+        try:
+            ds = self._files[shard]["features"][key]
+            stored = str(ds.attrs["source"])
+        except KeyError:
+            stored = None
+        if stored != source:  # e.g. an --overwrite since this store read its manifest
+            raise StoreError(f"{self.root / shard}: holds {stored!r} where the manifest read at opening says "
+                             f"{source!r}; the folder was rewritten since, open it again")
+        return ds
 
     def attrs(self, item) -> dict:
         return dict(self._dataset(item).attrs)
