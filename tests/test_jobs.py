@@ -3,6 +3,9 @@
 import errno
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -30,6 +33,13 @@ def make_images(root: Path, n: int, bad: tuple[int, ...] = ()) -> Path:
         else:
             Image.fromarray(rng.integers(0, 255, (9 + i, 7 + 2 * i, 3), dtype=np.uint8)).save(path)
     return root
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def load(ref):
@@ -115,7 +125,7 @@ def test_resume_rebuilds_only_unfinished_shards(tmp_path):
     run(job_for(root, out))
     reference = store_bytes(out)
     (out / "shard-00001.h5").unlink()
-    (out / "shard-00002.h5.tmp-host-1").write_bytes(b"partial")
+    (out / f"shard-00002.h5.tmp-{socket.gethostname()}-{dead_pid()}").write_bytes(b"partial")  # a killed run's
     step = Step()
     run(job_for(root, out), step)
     assert step.calls == 2  # only shard 1 was recomputed (one image per batch)
@@ -177,6 +187,60 @@ def test_an_open_store_refuses_to_read_a_folder_rewritten_since(tmp_path):
     assert set(FeatureStore(out)) != set(names)
     with pytest.raises(StoreError, match="the folder was rewritten since, open it again"):
         store[names[0]]
+
+
+def test_a_live_writers_temp_file_is_left_alone_and_its_shard_skipped(tmp_path):
+    root = make_images(tmp_path / "imgs", 6)
+    out = tmp_path / "out"
+    run(job_for(root, out), split=(0, 2))  # shards 0 and 2 done
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        live = out / f"shard-00001.h5.tmp-{socket.gethostname()}-{other.pid}"  # another process writes shard 1
+        live.write_bytes(b"being written")
+        lines = []
+        reporter = ProgressReporter("test", quiet=False, stream=None)
+        reporter.log = lines.append
+        result = run(job_for(root, out), reporter=reporter)
+        assert live.read_bytes() == b"being written" and not (out / "shard-00001.h5").exists()
+        assert result.skipped_shards == 2 and result.processed == 0
+        assert any(f"another writer (host {socket.gethostname()}, pid {other.pid}) holds shard-00001.h5" in line
+                   for line in lines), lines
+    finally:
+        other.communicate(b"")
+    run(job_for(root, out))  # that writer gone: its leftover is removed and the shard made
+    assert not live.exists() and len(FeatureStore(out)) == 6
+
+
+def test_job_json_is_checked_and_written_under_the_index_lock(tmp_path, monkeypatch):
+    # two jobs started at the same instant in one --out: the check of job.json and its writing are one step under
+    # the flock that the manifest rebuilds take, so the second waits and then sees the first's job.json
+    import contextlib
+
+    import upcli.io.jobs as jobs
+
+    held, seen = [], []
+    real_lock = jobs.index_lock
+
+    @contextlib.contextmanager
+    def recording_lock(out_dir):
+        with real_lock(out_dir):
+            held.append(True)
+            try:
+                yield
+            finally:
+                held.pop()
+
+    real_write = jobs.write_atomic
+
+    def recording_write(path, data):
+        seen.append((Path(path).name, bool(held)))
+        return real_write(path, data)
+
+    monkeypatch.setattr(jobs, "index_lock", recording_lock)
+    monkeypatch.setattr(jobs, "write_atomic", recording_write)
+    root = make_images(tmp_path / "imgs", 2)
+    run(job_for(root, tmp_path / "out"))
+    assert ("job.json", True) in seen and ("job.json", False) not in seen
 
 
 def test_two_workers_equal_one(tmp_path):
@@ -379,7 +443,7 @@ def test_index_rebuilds_of_split_workers_take_turns(tmp_path):
 
     (tmp_path / "out").mkdir()
     order = []
-    with store._index_lock(tmp_path / "out"):
+    with store.index_lock(tmp_path / "out"):
         other = threading.Thread(target=lambda: (store.write_index(tmp_path / "out", []), order.append("second")))
         other.start()
         other.join(timeout=0.5)

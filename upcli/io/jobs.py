@@ -34,7 +34,8 @@ from ..errors import EXIT_OK, EXIT_SOME_FAILED, BadImageError, StoreError, Usage
 from ..progress import ProgressReporter, Timings
 from ..runtime import SignalGuard, default_workers, resolve_split
 from .images import IMAGE_EXTENSIONS, ImageRef, printable_name, scan_images
-from .store import FEATURE_SHARDS, JOB_FORMAT, ShardKind, ShardWriter, clear_store, write_atomic, write_index
+from .store import (FEATURE_SHARDS, JOB_FORMAT, ShardKind, ShardWriter, clear_store, index_lock, live_writer, write_atomic,
+                    write_index)
 
 
 @dataclass
@@ -240,20 +241,22 @@ def prepare_out_dir(job: Job, overwrite: bool) -> None:
         raise StoreError(f"--out {out}: cannot create folder ({e.strerror})") from None
     job_file = out / "job.json"
     record = job.record()
-    if job_file.exists() and not overwrite:
+    with index_lock(out):  # check and write as one step: two jobs started at once cannot both pass
+        if job_file.exists() and not overwrite:
+            try:
+                old = json.loads(job_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as e:
+                raise StoreError(f"{job_file}: unreadable ({type(e).__name__}); use --overwrite to start over") from None
+            if not isinstance(old, dict) or old.get("fingerprint") != record["fingerprint"]:
+                what = _difference(old, record) if isinstance(old, dict) else "not a job record"
+                raise StoreError(f"{out} holds another job ({what}); use --overwrite to replace it, or another --out")
+            return
+        if overwrite:
+            clear_store(out)
         try:
-            old = json.loads(job_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise StoreError(f"{job_file}: unreadable ({e}); use --overwrite to start over") from None
-        if old.get("fingerprint") != record["fingerprint"]:
-            raise StoreError(f"{out} holds another job ({_difference(old, record)}); use --overwrite to replace it, or another --out")
-        return
-    if overwrite:
-        clear_store(out)
-    try:
-        write_atomic(job_file, json.dumps(record, indent=1) + "\n")
-    except OSError as e:
-        raise StoreError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+            write_atomic(job_file, json.dumps(record, indent=1) + "\n")
+        except OSError as e:
+            raise StoreError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def _difference(old: dict, new: dict) -> str:
@@ -407,10 +410,17 @@ def run_job(
     mine = [s for s in range(job.num_shards) if s % parts == part]
     done = {s: kind.read_index(job.out_dir / kind.name(s), fingerprint) for s in mine}
     done = {s: content for s, content in done.items() if content is not None}
-    todo = [s for s in mine if s not in done]
-    for shard in mine:  # leftovers of a killed run
-        for stale in job.out_dir.glob(f"{kind.name(shard)}.tmp-*"):
-            stale.unlink(missing_ok=True)
+    held = {}  # shard -> the live writer of its temporary file (another process given the same shard)
+    for shard in mine:
+        for tmp in job.out_dir.glob(f"{kind.name(shard)}.tmp-*"):
+            writer_now = live_writer(tmp)
+            if writer_now is None:
+                tmp.unlink(missing_ok=True)  # a leftover of a killed run
+            elif shard not in done:
+                held[shard] = writer_now
+    for shard, who in held.items():
+        reporter.log(f"{job.command}: another writer ({who}) holds {kind.name(shard)}; leaving it to that one")
+    todo = [s for s in mine if s not in done and s not in held]
     old_failures = [f for content in done.values() for f in content["failures"]]
     if done:
         reporter.log(f"{job.command}: {len(done)} of {len(mine)} shards already complete, skipping them")

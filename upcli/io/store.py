@@ -84,10 +84,38 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: Path) -> Path:
+    """The temporary name this process writes ``path`` under: ``NAME.tmp-HOST-PID``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def live_writer(tmp: Path) -> str | None:
+    """Who writes temporary file ``tmp`` (``"host H, pid P"``) if that process may still be alive, else None (a
+    leftover to delete): a dead pid on this host, this process, or a name not made by :func:`temp_path`. Files of
+    other hosts cannot be checked and count as alive."""
+    import re
+
+    match = re.fullmatch(r".*\.tmp-(.+)-(\d+)", Path(tmp).name)
+    if match is None:
+        return None
+    host, pid = match.group(1), int(match.group(2))
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # alive, another user's
+            pass
+    return f"host {host}, pid {pid}"
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -106,7 +134,7 @@ class ShardWriter:
         import h5py
 
         self.final_path = Path(out_dir) / shard_name(shard_index)
-        self.tmp_path = self.final_path.with_name(f"{self.final_path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        self.tmp_path = temp_path(self.final_path)
         self._filters = COMPRESSIONS[compression]
         self.failures: list[dict] = []
         self.num_images = 0
@@ -185,7 +213,7 @@ class ImageShardWriter:
         key = attrs.pop("key", None) or image_key(source)
         path = self.out_dir / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        tmp = temp_path(path)
         Image.fromarray(array).save(tmp, format="PNG")
         os.replace(tmp, path)
         self.record["images"].append({"key": key, "source": source, **attrs})
@@ -240,7 +268,7 @@ def write_index(out_dir: Path, shard_indices: list[int], fingerprint: str | None
 
     The workers of a split job each rebuild them when they finish. A lock makes the reading and the writing one
     step, so a slower worker cannot replace a newer index with its older view (where the filesystem has locks)."""
-    with _index_lock(out_dir):
+    with index_lock(out_dir):
         manifest, failures = [], []
         for index in shard_indices:
             content = kind.read_index(out_dir / kind.name(index), fingerprint)
@@ -358,7 +386,7 @@ def verify_store(out_dir: Path, repair: bool = False) -> dict:
 
 
 @contextlib.contextmanager
-def _index_lock(out_dir: Path):
+def index_lock(out_dir: Path):
     """An exclusive ``flock`` on ``out_dir/.index.lock``; no lock where the platform or filesystem has none."""
     try:
         import fcntl
