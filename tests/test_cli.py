@@ -365,3 +365,29 @@ def test_a_newline_in_a_file_name_does_not_split_the_log_line(tmp_path):
     assert result.exit_code == 3, result.stderr
     skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 1 and skipped[0].startswith("skipped bad\\x0aname.png: "), result.stderr
+
+
+def test_a_full_disk_during_a_shard_is_one_line_and_keeps_finished_shards(tmp_path):
+    # the disk fills after the first shard (simulated: disk_usage reports what a full disk would); the process
+    # must end with one line and exit 1, never reach HDF5 with a failing write (that crashed it: exit 139)
+    imgs = small_images(tmp_path / "imgs", 4)
+    script = (
+        "import shutil, sys\n"
+        "real = shutil.disk_usage\n"
+        "calls = {'n': 0}\n"
+        "def disk_usage(path):\n"
+        "    calls['n'] += 1\n"
+        "    usage = real(path)\n"
+        "    return usage._replace(free=usage.free if calls['n'] <= 2 else 1000)\n"
+        "shutil.disk_usage = disk_usage\n"
+        "sys.argv = ['upcli', *sys.argv[1:]]\n"
+        "from upcli.cli import main\n"
+        "main()\n")
+    out = tmp_path / "o"
+    run = subprocess.run([sys.executable, "-c", script, "upsample", str(imgs), "--out", str(out), "--size", "32",
+                          "--shard-size", "2", "--workers", "0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("upcli upsample:")]
+    assert len(errors) == 1 and "disk full; finished shards are kept" in errors[0], run.stderr
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
+    assert len(FeatureStore(out)) == 2 and not list(out.glob("*.tmp-*"))

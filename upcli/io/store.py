@@ -18,8 +18,10 @@ source's relative path (suffix ``.png``), and ``shard-00000.json`` lists a finis
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from ..errors import BadImageError, StoreError, UsageError
 
 FORMAT = "upcli-features"
 JOB_FORMAT = "upcli-job"
+_METADATA_MARGIN = 1 << 20  # bytes kept free beside each image's data for HDF5's metadata and the commit
 STORE_FILES = ("job.json", "manifest.jsonl", "failures.jsonl", ".index.lock")
 IMAGE_FORMAT = "upcli-images"
 FORMAT_VERSION = 1
@@ -144,6 +147,12 @@ class ShardWriter:
         self._features = self._file.create_group("features")
 
     def add(self, source: str, array: np.ndarray, attrs: dict) -> str:
+        # HDF5 must never meet a full disk: a failed write leaves objects whose destructors write again, and the
+        # process then crashes. So the space is checked first (our own shards are what fills a disk).
+        free = shutil.disk_usage(self.tmp_path.parent).free
+        if free < array.nbytes + _METADATA_MARGIN:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free} bytes free, {array.nbytes} needed)",
+                          str(self.tmp_path))
         key = f"{self.num_images:06d}"
         # fill_time="never": HDF5 would otherwise write the chunk twice (fill value, then data), 6x slower
         ds = self._features.create_dataset(key, data=array, chunks=array.shape, fill_time="never", **self._filters)
@@ -166,8 +175,17 @@ class ShardWriter:
         return self.final_path
 
     def abort(self) -> None:
+        """Close and delete the unfinished shard. Its bytes are freed first: closing flushes HDF5's cached
+        metadata, and on a full disk a failed flush leaves objects whose destructors later crash the process."""
+        try:
+            os.truncate(self.tmp_path, 0)
+        except OSError:
+            pass
+        self._features = None
         try:
             self._file.close()
+        except Exception:  # noqa: BLE001 - the shard is being thrown away; the error that led here is reported
+            pass
         finally:
             self.tmp_path.unlink(missing_ok=True)
 
