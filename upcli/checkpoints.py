@@ -74,13 +74,50 @@ def read_config(path: str | Path, kind: str | None = None) -> dict:
         raise WeightsError(f"{path} is not a safetensors checkpoint ({type(exc).__name__})") from None
     try:
         config = json.loads(meta["upcli"])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise WeightsError(f"{path} has no upcli config in its metadata (not made by upcli?)") from None
-    if config.get("format") != CHECKPOINT_FORMAT or int(config.get("version", 0)) > CHECKPOINT_VERSION:
-        raise WeightsError(f"{path}: unsupported checkpoint format {config.get('format')} v{config.get('version')}")
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: its upcli config is a JSON {type(config).__name__}, not an object")
+    version = config.get("version", 0)
+    if config.get("format") != CHECKPOINT_FORMAT or not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise WeightsError(f"{path}: unsupported checkpoint format {config.get('format')!r:.40} v{version!r:.20}")
     if kind is not None and config.get("kind") != kind:
         raise WeightsError(f"{path} is a {config.get('kind')} checkpoint, not {KINDS.get(kind, f'a {kind}')}")
     return config
+
+
+def build_checked(path: str | Path, build, prefix: str = ""):
+    """The module ``build()`` makes from checkpoint ``path``'s config, built only after a dry run on the meta
+    device (nothing allocated) has shown that every tensor it has is in the file, with the same shape: a config
+    can then never ask for more memory than the file holds, however it was edited. One-line ``WeightsError``."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"):
+            ghost = build()
+    except WeightsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to build means a bad config
+        raise WeightsError(f"{path}: its config describes no model that can be built ({type(exc).__name__}: "
+                           f"{first_line(exc)})") from None
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    for name, tensor in ghost.state_dict().items():
+        key = prefix + name
+        if key not in shapes:
+            raise WeightsError(f"{path}: has no tensor {key!r}, which the model in its config has")
+        if shapes[key] != tuple(tensor.shape):
+            raise WeightsError(f"{path}: tensor {key!r} is {list(shapes[key])}, but its config makes it "
+                               f"{list(tensor.shape)}")
+    return build()
+
+
+def check_finite(path: str | Path, tensors: dict) -> None:
+    """Refuse weights with NaN or infinite values (a diverged run's), naming the first such tensor."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise WeightsError(f"{path}: tensor {key!r} has NaN or infinite values")
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> tuple[dict[str, Tensor], dict]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UsageError, WeightsError
+from ..errors import UsageError, WeightsError, first_line
 
 PATCH = 16  # pixels per patch; every image side must be a multiple (the backbone pads to one)
 LEVELS = ("s1", "s2", "s3", "p16", "p8", "p4")  # shallow to deep; the pyramid's finest level is the default
@@ -170,7 +170,7 @@ class ITPN(nn.Module):
         self.merge1 = PatchMerge(C // 4)
         self.stage2 = nn.Sequential(*[MlpBlock(C // 2, cfg.early_mlp_ratio) for _ in range(cfg.mlp_depth)])
         self.merge2 = PatchMerge(C // 2)
-        rates = torch.linspace(0, drop_path, cfg.depth).tolist()
+        rates = torch.linspace(0, drop_path, cfg.depth, device="cpu").tolist()  # cpu: also when built on meta
         self.blocks = nn.ModuleList([Block(C, cfg.heads, cfg.mlp_ratio, qkv_bias=True, drop_path=r) for r in rates])
         self.norm = nn.LayerNorm(C)
         # pyramid: P16 from stage 3; P8 = split(stage 3) + lateral(stage 2); P4 = split(P8) + lateral(stage 1)
@@ -264,7 +264,11 @@ def resolve_spec(spec: str) -> tuple[str, ITPNConfig, Path | None]:
     from ..checkpoints import read_config
 
     config = read_config(path, CHECKPOINT_KIND)
-    return config["arch"], ITPNConfig(**config["itpn"]), path
+    try:
+        return str(config["arch"]), ITPNConfig(**config["itpn"]), path
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path}: 'itpn' in its config is not an iTPN architecture ({type(exc).__name__}: "
+                           f"{first_line(exc)})") from None
 
 
 def backbone_features(spec: str) -> list[tuple[str, int, int]]:
@@ -276,9 +280,18 @@ def backbone_features(spec: str) -> list[tuple[str, int, int]]:
 def create_itpn_model(spec: str, weights=None) -> ITPN:
     """The network of ``itpn:<spec>``: a checkpoint's weights, or ``weights``, or random init (seed 0)."""
     _, cfg, path = resolve_spec(spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = ITPN(cfg)
+
+    def build() -> ITPN:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return ITPN(cfg)
+
+    if path is None:
+        model = build()
+    else:  # a checkpoint's config: checked against its tensors before anything is allocated
+        from ..checkpoints import build_checked
+
+        model = build_checked(path, build, prefix="backbone.")
     source = weights if weights is not None else path
     if source is not None:
         load_itpn_weights(model, source)
@@ -287,10 +300,11 @@ def create_itpn_model(spec: str, weights=None) -> ITPN:
 
 def load_itpn_weights(model: ITPN, path) -> None:
     """Load the network from a ``upcli pretrain itpn`` checkpoint (its ``backbone.*`` tensors)."""
-    from ..checkpoints import load_checkpoint
+    from ..checkpoints import check_finite, load_checkpoint
 
     tensors, config = load_checkpoint(path, CHECKPOINT_KIND)
-    if ITPNConfig(**config["itpn"]) != model.cfg:
+    check_finite(path, tensors)
+    if resolve_spec(str(path))[1] != model.cfg:
         raise WeightsError(f"{path} holds an iTPN of another shape ({config['arch']})")
     state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints import build_checked, check_finite, load_checkpoint, save_checkpoint
 from ..errors import WeightsError
-from ..checkpoints import load_checkpoint, save_checkpoint
 
 SR_NET_KIND = "sr-net"
 
@@ -59,7 +59,11 @@ def save_sr_net(path: str | Path, net: SRNet, info: dict) -> None:
 def load_sr_net(path: str | Path) -> tuple[SRNet, dict]:
     """The network of an ``upcli pretrain mzsr`` checkpoint and its metadata."""
     tensors, config = load_checkpoint(path, SR_NET_KIND)
-    net = SRNet(**config["net"])
+    arch = config.get("net")
+    if not isinstance(arch, dict):
+        raise WeightsError(f"{path}: 'net' in its config must be an object, got {type(arch).__name__}")
+    check_finite(path, tensors)
+    net = build_checked(path, lambda: SRNet(**arch), prefix="net.")
     state = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
     try:
         net.load_state_dict(state)

@@ -28,6 +28,7 @@ class Upsampler(nn.Module):
     """
 
     name: str = ""
+    checkpointed: bool = False  # its weights live in checkpoints (learned, or fitted per image)
     backbone_agnostic: bool = False
 
     @classmethod
@@ -59,6 +60,8 @@ class LearnedUpsampler(Upsampler):
 
     :meth:`build` takes ``dim`` from the backbone and ``layers`` as ``round(log2(stride))`` when not given.
     """
+
+    checkpointed = True
 
     def __init__(self, **config):
         super().__init__()

@@ -11,7 +11,13 @@ from __future__ import annotations
 import inspect
 from importlib import resources
 
-from ..checkpoints import load_checkpoint, read_config, save_checkpoint
+from ..checkpoints import (
+    build_checked,
+    check_finite,
+    load_checkpoint,
+    read_config,
+    save_checkpoint,
+)
 from ..errors import WeightsError
 from .base import Upsampler
 
@@ -42,6 +48,9 @@ def check_checkpoint(path, name: str | None, backbone) -> dict:
     """The checkpoint's config, after refusing another kind, another upsampler than ``name`` (any when ``None``),
     or another backbone, layer or dim (no weight is read; a backbone-agnostic upsampler fits any backbone)."""
     config = read_config(path, KIND)
+    learned = _learned_names()
+    if config.get("upsampler") not in learned:
+        raise WeightsError(f"{path}: 'upsampler' must be one of {', '.join(learned)}, got {config.get('upsampler')!r:.60}")
     if name is not None and config.get("upsampler") != name:
         raise WeightsError(f"{path} is a {config.get('upsampler')} checkpoint, not {name}")
     if backbone is not None and not _backbone_agnostic(config.get("upsampler")):
@@ -52,6 +61,13 @@ def check_checkpoint(path, name: str | None, backbone) -> dict:
                 raise WeightsError(f"{path} was trained for {key} {config.get(key)!r}, but the backbone has "
                                    f"{value!r}; train one for this backbone with `upcli train`")
     return config
+
+
+def _learned_names() -> list[str]:
+    """The registered upsamplers that have checkpoints."""
+    from . import list_upsamplers, upsampler_class
+
+    return [n for n in list_upsamplers() if upsampler_class(n).checkpointed]
 
 
 def _backbone_agnostic(name) -> bool:
@@ -81,7 +97,7 @@ def load_upsampler(path, backbone=None, name: str | None = None, pretrained: boo
 
     config = check_checkpoint(path, name, backbone)
     cls = upsampler_class(config["upsampler"])
-    model = cls.build(backbone, **{**arch, **_architecture(cls, config)})
+    model = build_checked(path, lambda: cls.build(backbone, **{**arch, **_architecture(cls, config)}))
     if pretrained:
         load_upsampler_weights(model, path)
     return model
@@ -90,6 +106,7 @@ def load_upsampler(path, backbone=None, name: str | None = None, pretrained: boo
 def load_upsampler_weights(upsampler: Upsampler, path) -> None:
     """Fill ``upsampler`` (built from the checkpoint's config) with the checkpoint's tensors."""
     tensors, _ = load_checkpoint(path)
+    check_finite(path, tensors)
     missing, unexpected = upsampler.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise WeightsError(f"{path} does not fit this upsampler (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -143,6 +143,8 @@ class FieldUpsampler(Upsampler):
     builds it from the file's config, then loads its weights).
     """
 
+    checkpointed = True
+
     def __init__(self, backbone: nn.Module | None = None, *, dim: int | None = None,
                  low: tuple[int, int] | None = None, proj_dim: int = 128, n_freqs: int = 8, width: int = 128,
                  max_freq: float = 5.0, colour: bool = True,
