@@ -243,6 +243,20 @@ def test_job_json_is_checked_and_written_under_the_index_lock(tmp_path, monkeypa
     assert ("job.json", True) in seen and ("job.json", False) not in seen
 
 
+def test_a_shard_with_an_edited_source_is_made_again(tmp_path):
+    root = make_images(tmp_path / "imgs", 6)
+    out = tmp_path / "out"
+    run(job_for(root, out))
+    reference = store_bytes(out)
+    with h5py.File(out / "shard-00001.h5", "r+") as f:
+        first, second = sorted(f["features"])
+        f["features"][second].attrs["source"] = f["features"][first].attrs["source"]  # one missing, one twice
+    assert verify_store(out)["problems"]
+    result = run(job_for(root, out))
+    assert result.skipped_shards == 2 and result.processed == 2
+    assert store_bytes(out) == reference and verify_store(out)["problems"] == []
+
+
 def test_two_workers_equal_one(tmp_path):
     root = make_images(tmp_path / "imgs", 7)
     run(job_for(root, tmp_path / "single"))

@@ -409,7 +409,7 @@ def run_job(
     fingerprint = job.fingerprint
     mine = [s for s in range(job.num_shards) if s % parts == part]
     done = {s: kind.read_index(job.out_dir / kind.name(s), fingerprint) for s in mine}
-    done = {s: content for s, content in done.items() if content is not None}
+    done = {s: content for s, content in done.items() if content is not None and _holds_its_inputs(job, s, content)}
     held = {}  # shard -> the live writer of its temporary file (another process given the same shard)
     for shard in mine:
         for tmp in job.out_dir.glob(f"{kind.name(shard)}.tmp-*"):
@@ -476,6 +476,13 @@ def run_job(
         exit_code=EXIT_SOME_FAILED if failures else EXIT_OK, processed=processed, failed=len(failures),
         skipped_shards=len(done), seconds=time.perf_counter() - start_time, timings=dict(timings.seconds), failures=failures,
     )
+
+
+def _holds_its_inputs(job: Job, shard: int, content: dict) -> bool:
+    """Whether a complete shard holds each of its inputs once, as a result or a failure (an edited ``source``
+    attribute makes it another shard: it is made again)."""
+    found = sorted([source for _, source in content["images"]] + [f.get("source") for f in content["failures"]])
+    return found == sorted(job.inputs[i].rel for i in job.shard_items(shard))
 
 
 def _run_batch(items: list[Item], process, writer: _ShardWriterThread, reporter, timings: Timings, strict: bool,
