@@ -370,7 +370,15 @@ def test_zssr_from_python_on_one_image(tmp_path):
 
     report = verify_store(tmp_path / "out")  # an image store: PNG shards, not HDF5
     assert report["problems"] == [] and report["stored"] == 1 and report["complete_shards"] == 1
-    (tmp_path / "out" / "cat.png").unlink()
+    png = tmp_path / "out" / "cat.png"
+    whole = png.read_bytes()
+    png.write_bytes(whole[: len(whole) // 2])  # truncated: still there, no longer the recorded PNG
+    assert verify_store(tmp_path / "out")["problems"] == ["shard-00000.json: incomplete or unreadable"]
+    again = super_resolve_images(images / "cat.png", JobOptions(tmp_path / "out", quiet=True, workers=0, device="cpu"),
+                                 zero_shot=True, kernel="gauss:1.2", zssr=ZSSRConfig(max_iters=5, crop=16))
+    assert again.processed == 1 and png.read_bytes() == whole  # made again, bit-exact
+    assert verify_store(tmp_path / "out")["problems"] == []
+    png.unlink()
     assert verify_store(tmp_path / "out")["problems"] == ["shard-00000.json: incomplete or unreadable"]
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -231,10 +233,13 @@ class ImageShardWriter:
         key = attrs.pop("key", None) or image_key(source)
         path = self.out_dir / key
         path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        data = buffer.getvalue()
         tmp = temp_path(path)
-        Image.fromarray(array).save(tmp, format="PNG")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
-        self.record["images"].append({"key": key, "source": source, **attrs})
+        self.record["images"].append({"key": key, "source": source, "sha256": hashlib.sha256(data).hexdigest(), **attrs})
         return key
 
     def add_failure(self, source: str, reason: str) -> None:
@@ -248,8 +253,16 @@ class ImageShardWriter:
         pass
 
 
+def _png_intact(path: Path, sha256: str | None) -> bool:
+    """Whether an image result is there with the digest its shard recorded (records without one: only there)."""
+    if not path.is_file():
+        return False
+    return sha256 is None or hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+
+
 def read_image_shard_index(path: Path, fingerprint: str | None = None) -> dict | None:
-    """Like :func:`read_shard_index` for an image shard; None also when one of its PNGs has gone."""
+    """Like :func:`read_shard_index` for an image shard; None also when one of its PNGs has gone or changed (its
+    sha256 is in the record)."""
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
         if record.get("format") != IMAGE_FORMAT or not record.get("complete"):
@@ -257,7 +270,7 @@ def read_image_shard_index(path: Path, fingerprint: str | None = None) -> dict |
         if fingerprint is not None and record.get("job_fingerprint") != fingerprint:
             return None
         images = [(entry["key"], entry["source"]) for entry in record["images"]]
-        if not all((Path(path).parent / key).is_file() for key, _ in images):
+        if not all(_png_intact(Path(path).parent / entry["key"], entry.get("sha256")) for entry in record["images"]):
             return None
         return {"images": images, "failures": record["failures"]}
     except (OSError, ValueError, KeyError, TypeError):
