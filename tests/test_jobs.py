@@ -257,6 +257,31 @@ def test_a_shard_with_an_edited_source_is_made_again(tmp_path):
     assert store_bytes(out) == reference and verify_store(out)["problems"] == []
 
 
+def test_flipped_bytes_in_a_stored_image_are_found_and_made_again(tmp_path):
+    root = make_images(tmp_path / "imgs", 6)
+    out = tmp_path / "out"
+    run(job_for(root, out))
+    reference = store_bytes(out)
+    shard = out / "shard-00001.h5"
+    with h5py.File(shard, "r") as f:
+        key = sorted(f["features"])[1]
+        source = f["features"][key].attrs["source"]
+        offset, size = f["features"][key].id.get_chunk_info(0).byte_offset, f["features"][key].id.get_chunk_info(0).size
+    data = bytearray(shard.read_bytes())
+    start = offset + size // 2
+    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])  # 64 flipped bytes in its chunk
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="is corrupt"):
+        FeatureStore(out)[source]
+    report = verify_store(out)
+    assert f"shard-00001.h5: {source} is corrupt (checksum mismatch)" in report["problems"][0]
+    assert report["complete_shards"] == 2 and report["stored"] == 4
+    assert source not in FeatureStore(out) and (out / "shard-00001.h5.corrupt").exists()
+    result = run(job_for(root, out))  # made again
+    assert result.processed == 2 and store_bytes(out) == reference
+    assert verify_store(out)["problems"] == []
+
+
 def test_two_workers_equal_one(tmp_path):
     root = make_images(tmp_path / "imgs", 7)
     run(job_for(root, tmp_path / "single"))

@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import BadImageError, StoreError, UsageError
+from ..errors import BadImageError, StoreError, UsageError, first_line
 
 FORMAT = "upcli-features"
 JOB_FORMAT = "upcli-job"
@@ -157,7 +157,9 @@ class ShardWriter:
                           str(self.tmp_path))
         key = f"{self.num_images:06d}"
         # fill_time="never": HDF5 would otherwise write the chunk twice (fill value, then data), 6x slower
-        ds = self._features.create_dataset(key, data=array, chunks=array.shape, fill_time="never", **self._filters)
+        # fletcher32: a checksum per chunk, checked by HDF5 on every read (a flipped byte is an error, not data)
+        ds = self._features.create_dataset(key, data=array, chunks=array.shape, fill_time="never", fletcher32=True,
+                                           **self._filters)
         ds.attrs["source"] = source
         ds.attrs.update(attrs)
         self.num_images += 1
@@ -396,12 +398,24 @@ def verify_store(out_dir: Path, repair: bool = False) -> dict:
         problems += [f"{path.name}: {src} stored {found.count(src)} times" for src in sorted(set(found)) if found.count(src) > 1]
         problems += [f"{path.name}: {src} does not belong here" for src in sorted(set(found) - set(expected))]
         problems += [f"{path.name}: {src} is missing" for src in expected if src not in found]
-        if kind is FEATURE_SHARDS:  # image shards: read_index has checked that each PNG is there
+        if kind is FEATURE_SHARDS:  # image shards: read_index has checked each PNG's digest
+            corrupt = []
             with h5py.File(path, "r") as f:
                 for key, source in content["images"]:
                     ds = f["features"][key]
                     if ds.ndim != 3 or tuple(ds.shape[1:]) != tuple(ds.attrs["size"]):
                         problems.append(f"{path.name}/{key}: shape {ds.shape} does not match its size attribute")
+                    try:
+                        ds[()]  # every chunk's fletcher32 checksum is checked on reading
+                    except OSError:
+                        corrupt.append(source)
+            if corrupt:  # set aside: the manifest leaves it out and a re-run makes the shard again
+                aside = path.with_name(path.name + ".corrupt")
+                os.replace(path, aside)
+                complete -= 1
+                problems += [f"{path.name}: {src} is corrupt (checksum mismatch); the shard is set aside as "
+                             f"{aside.name}, a re-run makes it again" for src in corrupt]
+                continue
         stored += len(content["images"])
         failed += len(content["failures"])
     if other_job and not repair:
@@ -497,7 +511,12 @@ class FeatureStore:
 
     def __getitem__(self, item):
         ds = self._dataset(item)
-        return from_storage(ds[()], str(ds.attrs.get("dtype", ds.dtype.name)))
+        try:
+            data = ds[()]
+        except OSError as err:  # a fletcher32 mismatch: a changed byte on disk
+            raise StoreError(f"{self.root}: {item!r} is corrupt ({first_line(err)}); `upcli upsample --verify "
+                             f"{self.root}` sets its shard aside for a re-run to make again") from None
+        return from_storage(data, str(ds.attrs.get("dtype", ds.dtype.name)))
 
     def close(self) -> None:
         for f in self._files.values():
