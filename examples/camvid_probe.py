@@ -4,7 +4,7 @@
     python examples/camvid_probe.py --methods bilinear,jbu=/tmp/jbu.safetensors --eval-split val
     python examples/camvid_probe.py --limit 4 --methods bilinear,bilateral         # smoke run, seconds
     python examples/camvid_probe.py --limit 10 --methods jbu,implicit,fit-jbu="implicit[base=jbu;steps=100]"
-    python examples/camvid_probe.py --layer blocks.4 --methods bilinear,attention=att.safetensors   # another source
+    python examples/camvid_probe.py --layer blocks.4 --methods bilinear,attention    # another feature source
 
 Protocol (FeatUp-style linear probe, CamVid SegNet split, labels 480x360):
 * Frozen backbone features of each image, resized so that its shorter side is --input-size (aspect kept), are
@@ -47,7 +47,7 @@ from upcli.upsamplers import create_upsampler
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "camvid"
-DEFAULT_METHODS = "bilinear,bilateral,jbu,pac"  # what ships; add a trained one as LABEL=CHECKPOINT (attention=CKPT)
+DEFAULT_METHODS = "bilinear,bilateral,jbu,pac,attention"  # what ships; add a trained one as LABEL=CHECKPOINT
 NUM_CLASSES = 11  # label 11 (and anything above) is void
 # L2 penalty on the (standardised) probe weights. With it L-BFGS converges within the default 100 iterations, so the
 # scores do not hang on where it stops: on 19 train / 17 val images, bilinear mIoU was 35.9 / 36.1 after 100 / 300

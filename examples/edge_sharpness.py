@@ -52,7 +52,7 @@ def run(image_path: Path, methods: dict[str, str], size: int, backbone_name: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", type=Path, default=HERE / "images" / "chelsea.png")
-    parser.add_argument("--methods", default="bilinear,bilateral,jbu,pac")
+    parser.add_argument("--methods", default="bilinear,bilateral,jbu,pac,attention")
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--backbone", default="efficientnet-lite0")
     parser.add_argument("--layer", default=None)

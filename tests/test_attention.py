@@ -1,4 +1,4 @@
-"""The backbone-agnostic neighbourhood-attention upsampler (untrained weights)."""
+"""The backbone-agnostic neighbourhood-attention upsampler: fresh weights, and the shipped checkpoint."""
 
 import math
 from pathlib import Path
@@ -11,7 +11,7 @@ from upcli.checkpoints import read_config
 from upcli.errors import WeightsError
 from upcli.upsamplers import create_upsampler, list_upsamplers
 from upcli.upsamplers.attention import AttentionUpsampler, apply_rope
-from upcli.upsamplers.checkpoints import save_upsampler
+from upcli.upsamplers.checkpoints import save_upsampler, shipped_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 
@@ -107,7 +107,25 @@ def test_save_load_round_trip_for_any_backbone(tmp_path):
     assert loaded.config == up.config
 
 
-def test_no_shipped_checkpoint_is_a_one_line_error():
+def test_the_shipped_checkpoint_needs_no_backbone_and_lists_its_sources():
+    up = create_upsampler("attention").eval()  # upcli/weights/attention.safetensors
+    config = read_config(shipped_checkpoint("attention", None))
+    assert config["upsampler"] == "attention" and config["training"]["step"] > 0
+    sources = {(s["backbone"], s["layer"]) for s in config["feature_sources"]}
+    assert ("efficientnet-lite0", "blocks.6") in sources and ("efficientnet-lite0", "blocks.4") not in sources
+    for C in (320, 7):  # the trained channel count and another, with no retraining
+        feats, image = torch.randn(1, C, 5, 7), torch.rand(1, 3, 40, 56)
+        with torch.no_grad():
+            out = up(feats, image, (40, 56))
+        assert out.shape == (1, C, 40, 56) and torch.isfinite(out).all()
+        lo, hi = feats.amin(dim=(2, 3), keepdim=True), feats.amax(dim=(2, 3), keepdim=True)
+        assert ((out >= lo - 1e-4) & (out <= hi + 1e-4)).all()  # a convex combination of the input vectors
+
+
+def test_no_shipped_checkpoint_is_a_one_line_error(monkeypatch, tmp_path):
+    import importlib.resources
+
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)  # a package without weights
     with pytest.raises(WeightsError) as info:
         create_upsampler("attention")
     message = str(info.value)
@@ -149,3 +167,19 @@ def test_spatial_prior_alone_picks_the_nearest_cell_when_narrow():
     assert (wide[..., 5::10, 5::10] - feats).abs().amax() > 0.1
     # but never so wide that the window's edge has weight: 3 sigma fit in the half window
     assert float(up.sigma().max()) <= up.config["kernel_size"] / 6 + 1e-6
+
+
+def test_cli_upsample_with_the_shipped_attention_on_an_unseen_layer(tmp_path):
+    from typer.testing import CliRunner
+
+    from upcli.cli import app
+    from upcli.io import FeatureStore
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["upsample", str(EXAMPLES), "--upsampler", "attention", "--layer", "blocks.4",
+                                      "--size", "64", "--workers", "0", "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    store = FeatureStore(out)
+    for source in store:
+        feats = store[source]
+        assert feats.shape[0] == 112 and min(feats.shape[1:]) == 64 and torch.isfinite(feats.float()).all()

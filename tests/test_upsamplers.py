@@ -104,3 +104,21 @@ def test_bilateral_rejects_bad_settings():
         create_upsampler("bilateral", radius=-1)
     with pytest.raises(ValueError, match="batch sizes differ"):
         joint_bilateral_upsample(torch.zeros(2, 4, 3, 3), torch.zeros(1, 3, 9, 9), (9, 9))
+
+
+def test_bench_guided_prints_a_row_per_upsampler(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, str(root / "examples" / "bench_guided.py"), "--images",
+                          str(root / "examples" / "images"), "-n", "1", "--size", "64", "--upsamplers",
+                          "bilinear,attention", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["bilinear", "attention"]
+    assert all(r["grid"] == [2, 2] and r["channels"] == 320 and r["upsampler_ms"] > 0 for r in rows)
+    assert rows[1]["output_MiB"] == 320 * 64 * 64 * 4 / 2**20 and "attention" in run.stdout

@@ -106,7 +106,7 @@ def upsample(
     job: dict,
     features: dict,
     folder: Annotated[Optional[Path], typer.Argument(help="Folder of images (scanned recursively), or one image.", show_default=False)] = None,
-    upsampler: Annotated[str, typer.Option(help="bilinear, bilateral, jbu or pac (the checkpoint shipped for the backbone), implicit (a field fitted to each image: slow, see fit-image), or a checkpoint PATH from upcli train (jbu, pac, resize-conv, attention).")] = "bilinear",
+    upsampler: Annotated[str, typer.Option(help="bilinear, bilateral, jbu or pac (the checkpoint shipped for the backbone), attention (one shipped model for every backbone and layer), implicit (a field fitted to each image: slow, see fit-image), or a checkpoint PATH from upcli train (jbu, pac, resize-conv, attention).")] = "bilinear",
     sigma_spatial: Annotated[Optional[float], typer.Option(help="bilateral: spatial sigma in low-res pixels.")] = None,
     sigma_color: Annotated[Optional[float], typer.Option(help="bilateral: colour sigma on [0, 1] RGB.")] = None,
     size: Annotated[str, typer.Option(help="Shorter side of the output in pixels, or 'original'.")] = str(DEFAULT_SIZE),

@@ -1,4 +1,4 @@
-"""Backbone-agnostic neighbourhood-attention upsampling (NAF-style; no checkpoint ships yet).
+"""Backbone-agnostic neighbourhood-attention upsampling (NAF-style): one shipped model for every backbone.
 
 From features ``(B, C, h, w)`` and the image, straight to ``(B, C, H, W)`` in one step:
 
@@ -32,9 +32,9 @@ Departures from NAF (valeoai/NAF), kept small until the model is trained and mea
 * ``upcli.kernels.neighbourhood_attention`` instead of NATTEN, so nothing else to install; default k = 7 (NAF: 9
   or 15), enough for ~2 cells of displacement either way.
 
-No checkpoint ships yet: the best trained so far (README, "attention") is sharper than bilinear but not better on
-the CamVid probe. ``pretrained=False`` gives fresh weights (seeded by the caller's torch RNG); ``upcli train
---upsampler attention`` trains one, and ``--upsampler CKPT`` uses it with any backbone.
+``upcli/weights/attention.safetensors`` ships (trained on efficientnet-lite0 blocks.6, blocks.2 and blocks.1; its
+``feature_sources``); README "attention" gives its command and what it measures. ``pretrained=False`` gives fresh
+weights (seeded by the caller's torch RNG).
 """
 
 from __future__ import annotations
