@@ -489,3 +489,13 @@ def test_index_rebuilds_of_split_workers_take_turns(tmp_path):
         order.append("first")
     other.join()
     assert order == ["first", "second"] and (tmp_path / "out" / "manifest.jsonl").read_text() == ""
+
+
+def test_live_writer_reads_host_and_pid_from_the_name():
+    from upcli.io.store import live_writer, temp_path
+
+    assert live_writer(temp_path(Path("shard-00001.h5"))) is None  # this process's own
+    assert live_writer(Path(f"shard-00001.h5.tmp-{socket.gethostname()}-{dead_pid()}")) is None
+    assert live_writer(Path("shard-00001.h5.partial")) is None  # not a name upcli makes
+    elsewhere = live_writer(Path("shard-00001.h5.tmp-node-17.cluster-4242"))
+    assert elsewhere.startswith("host node-17.cluster, pid 4242, not checkable from here: delete")

@@ -114,7 +114,8 @@ def live_writer(tmp: Path) -> str | None:
             return None
         except PermissionError:  # alive, another user's
             pass
-    return f"host {host}, pid {pid}"
+        return f"host {host}, pid {pid}"
+    return f"host {host}, pid {pid}, not checkable from here: delete {Path(tmp).name} if it is gone"
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
