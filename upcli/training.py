@@ -3,8 +3,9 @@
 The checkpoint format is :mod:`upcli.checkpoints`; the training state that ``--resume`` needs is written beside
 each checkpoint, in the same format. The two are one unit (:func:`save_pair`): both are written under pending
 names, then renamed into place, the state first; :func:`recover_pair` (run before every start) finishes a save that
-a kill interrupted after both were written, or drops one interrupted before, so a killed run always resumes. Optimiser state: :func:`optimizer_tensors` flattens ``optimizer.state_dict()``
-into tensors plus a JSON part, :func:`load_optimizer_tensors` rebuilds it. Nothing is ever unpickled.
+a kill interrupted after both were written, or drops one interrupted before, so a killed run always resumes.
+Optimiser state: :func:`optimizer_tensors` flattens ``optimizer.state_dict()`` into tensors plus a JSON part,
+:func:`load_optimizer_tensors` rebuilds it. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def _saved_step(path: Path) -> int | None:
         config = read_config(path)
     except Exception:  # noqa: BLE001 - unreadable: no step
         return None
-    step = config.get("training", {}).get("step", config.get("step")) if isinstance(config, dict) else None
+    training = config.get("training")
+    step = training.get("step") if isinstance(training, dict) else config.get("step")
     return step if isinstance(step, int) else None
 
 

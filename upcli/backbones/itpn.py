@@ -264,8 +264,13 @@ def resolve_spec(spec: str) -> tuple[str, ITPNConfig, Path | None]:
     from ..checkpoints import read_config
 
     config = read_config(path, CHECKPOINT_KIND)
+    return str(config.get("arch")), _architecture(path, config), path
+
+
+def _architecture(path, config: dict) -> ITPNConfig:
+    """The ``ITPNConfig`` of a checkpoint's config, or a one-line ``WeightsError``."""
     try:
-        return str(config["arch"]), ITPNConfig(**config["itpn"]), path
+        return ITPNConfig(**config["itpn"])
     except (KeyError, TypeError, ValueError) as exc:
         raise WeightsError(f"{path}: 'itpn' in its config is not an iTPN architecture ({type(exc).__name__}: "
                            f"{first_line(exc)})") from None
@@ -304,7 +309,7 @@ def load_itpn_weights(model: ITPN, path) -> None:
 
     tensors, config = load_checkpoint(path, CHECKPOINT_KIND)
     check_finite(path, tensors)
-    if resolve_spec(str(path))[1] != model.cfg:
+    if _architecture(path, config) != model.cfg:
         raise WeightsError(f"{path} holds an iTPN of another shape ({config['arch']})")
     state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -44,8 +44,8 @@ def scan_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
 
     Extensions match case-insensitively. Broken symlinks and unreadable files are kept so that
     ``load_rgb`` reports them. Anything that is not a regular file (a FIFO, socket or device, also behind a link)
-    is skipped with a one-line warning and never opened: reading a FIFO can block forever. Symlinked folders are followed, but a folder reached twice (a link loop,
-    or two links to one folder) is listed only the first time.
+    is skipped with a one-line warning and never opened: reading a FIFO can block forever. Symlinked folders are
+    followed, but a folder reached twice (a link loop, or two links to one folder) is listed only the first time.
     """
     root = Path(os.path.abspath(os.path.expanduser(root)))
     if not root.exists():
@@ -67,9 +67,9 @@ def scan_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
         seen_dirs.add(real)
         dirnames.sort()  # walk order decides which of two links to one folder is kept
         for name in filenames:
-            path = Path(dirpath, name)
             if not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
+            path = Path(dirpath, name)
             if _special_file(path):
                 warnings.warn(f"skipping {str(path)!r}: not a regular file", RuntimeWarning, stacklevel=2)
                 continue

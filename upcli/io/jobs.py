@@ -34,8 +34,8 @@ from ..errors import EXIT_OK, EXIT_SOME_FAILED, BadImageError, StoreError, Usage
 from ..progress import ProgressReporter, Timings
 from ..runtime import SignalGuard, default_workers, resolve_split
 from .images import IMAGE_EXTENSIONS, ImageRef, printable_name, scan_images
-from .store import (FEATURE_SHARDS, JOB_FORMAT, ShardKind, ShardWriter, clear_store, index_lock, live_writer, write_atomic,
-                    write_index)
+from .store import (FEATURE_SHARDS, JOB_FORMAT, ShardKind, ShardWriter, clear_store, index_lock, live_writer,
+                    stored_sources, write_atomic, write_index)
 
 
 @dataclass
@@ -481,8 +481,7 @@ def run_job(
 def _holds_its_inputs(job: Job, shard: int, content: dict) -> bool:
     """Whether a complete shard holds each of its inputs once, as a result or a failure (an edited ``source``
     attribute makes it another shard: it is made again)."""
-    found = sorted([source for _, source in content["images"]] + [f.get("source") for f in content["failures"]])
-    return found == sorted(job.inputs[i].rel for i in job.shard_items(shard))
+    return sorted(stored_sources(content)) == sorted(job.inputs[i].rel for i in job.shard_items(shard))
 
 
 def _run_batch(items: list[Item], process, writer: _ShardWriterThread, reporter, timings: Timings, strict: bool,

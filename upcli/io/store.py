@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -99,8 +100,6 @@ def live_writer(tmp: Path) -> str | None:
     """Who writes temporary file ``tmp`` (``"host H, pid P"``) if that process may still be alive, else None (a
     leftover to delete): a dead pid on this host, this process, or a name not made by :func:`temp_path`. Files of
     other hosts cannot be checked and count as alive."""
-    import re
-
     match = re.fullmatch(r".*\.tmp-(.+)-(\d+)", Path(tmp).name)
     if match is None:
         return None
@@ -195,6 +194,11 @@ class ShardWriter:
             self.tmp_path.unlink(missing_ok=True)
 
 
+def stored_sources(content: dict) -> list[str]:
+    """The inputs a shard's index (``read_index``) accounts for: its results, then its failures."""
+    return [source for _, source in content["images"]] + [f.get("source") for f in content["failures"]]
+
+
 def read_shard_index(path: Path, fingerprint: str | None = None) -> dict | None:
     """The contents of a complete shard, or None if it is missing, partial, unreadable or from another job."""
     import h5py
@@ -239,9 +243,7 @@ class ImageShardWriter:
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="PNG")
         data = buffer.getvalue()
-        tmp = temp_path(path)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
         self.record["images"].append({"key": key, "source": source, "sha256": hashlib.sha256(data).hexdigest(), **attrs})
         return key
 
@@ -395,7 +397,7 @@ def verify_store(out_dir: Path, repair: bool = False) -> dict:
             continue
         complete += 1
         expected = inputs[shard * shard_size:(shard + 1) * shard_size]
-        found = [source for _, source in content["images"]] + [f["source"] for f in content["failures"]]
+        found = stored_sources(content)
         problems += [f"{path.name}: {src} stored {found.count(src)} times" for src in sorted(set(found)) if found.count(src) > 1]
         problems += [f"{path.name}: {src} does not belong here" for src in sorted(set(found) - set(expected))]
         problems += [f"{path.name}: {src} is missing" for src in expected if src not in found]

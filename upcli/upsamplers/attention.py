@@ -15,7 +15,8 @@ Each head also adds a Gaussian spatial prior ``-|p - c|^2 / (2 sigma^2)`` with a
 query/key dims carry it, so the op stays plain attention), capped at k / 6 so that the window's edge is 3 sigma
 away: far cells of the window get little weight, so the output does not jump where a pixel's window moves by one
 cell. With RoPE alone an early model showed the cell grid as seams; so did one whose widths started at 0.75-3
-cells (a cell 3.5 cells away kept 0.3-0.6 of the centre's weight), and its output was washed out. The window (``k_eff = min(k, h, w)``) is shifted inside the grid at the borders.
+cells (a cell 3.5 cells away kept 0.3-0.6 of the centre's weight), and its output was washed out. The window
+(``k_eff = min(k, h, w)``) is shifted inside the grid at the borders.
 
 The values are the backbone's own low-res vectors, unprojected, and the weights never see the features: every
 output vector is a convex combination of the input vectors (constant features stay constant), and one model
