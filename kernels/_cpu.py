@@ -1,15 +1,16 @@
-"""Fast CPU backend of ``adaptive_conv``: C++/OpenMP kernels compiled at first use.
+"""Fast CPU backends of ``adaptive_conv`` and ``neighbourhood_attention``: C++/OpenMP kernels compiled at first use.
 
-    out[b, c, h, w] = sum_ij weights[b, h, w, i, j] * xpad[b, c, h + i, w + j]
+    out[b, c, h, w] = sum_ij weights[b, h, w, i, j] * xpad[b, c, h + i, w + j]     (adaptive_conv)
 
-The kernels live in ``csrc/adaptive_conv_cpu.cpp``. Nothing is compiled at install: the first call to
+The kernels live in ``csrc/adaptive_conv_cpu.cpp`` and ``csrc/neighbourhood_attention_cpu.cpp`` (whose header
+says how it works), built into one extension. Nothing is compiled at install: the first call to
 :func:`available` (or to any op) builds them with :func:`torch.utils.cpp_extension.load` into torch's extension
 cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and later processes reuse the build.
 The build is specific to this CPU (``-march=native``), so the cache name carries a hash of the CPU's features,
 the source and the flags. If no build works (no compiler, no ninja, a build error, or ``UPCLI_NO_CPP_KERNELS=1``),
 :func:`available` returns False after one warning, and the caller uses the PyTorch path.
 
-This implementation:
+The adaptive_conv implementation:
 - one pass over ``x`` and one write of ``out`` per op; rows are padded into per-thread scratch (the padding mode
   is an index remap at load time), so no temporary is larger than a few rows and the hot loops have no branches;
 - vectorised over ``w`` (weights transposed per row to ``[k*k, W]``), register-blocked over channels;
@@ -40,11 +41,15 @@ __all__ = [
     "adaptive_conv_grad_input_padded",
     "adaptive_conv_grad_weights",
     "available",
+    "neighbourhood_attention_backward",
+    "neighbourhood_attention_forward",
     "unavailable_reason",
 ]
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "adaptive_conv_cpu.cpp"
-_NAMESPACE = "upcli_adaptive_conv_cpu"  # the TORCH_LIBRARY namespace in the source
+_CSRC = Path(__file__).resolve().parent / "csrc"
+# source file -> the TORCH_LIBRARY namespace it registers; all are built into one extension
+_SOURCES = {"adaptive_conv_cpu.cpp": "upcli_adaptive_conv_cpu",
+            "neighbourhood_attention_cpu.cpp": "upcli_neighbourhood_attention_cpu"}
 _DISABLE_ENV = "UPCLI_NO_CPP_KERNELS"
 # Flag sets tried in order; the later ones only if the earlier fail to build (e.g. a compiler without
 # -march=native or without OpenMP).
@@ -93,8 +98,9 @@ def _import_cpp_extension():
 def _build() -> tuple[bool, str | None, list[str]]:
     if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
         return False, f"disabled by {_DISABLE_ENV}={os.environ[_DISABLE_ENV]}", []
-    if not _SOURCE.is_file():
-        return False, f"source {_SOURCE.name} not found next to {Path(__file__).name}", []
+    missing = [name for name in _SOURCES if not (_CSRC / name).is_file()]
+    if missing:
+        return False, f"source {missing[0]} not found in {_CSRC}", []
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return False, f"no C++ compiler found ({compiler!r} is not on PATH)", []
@@ -106,7 +112,7 @@ def _build() -> tuple[bool, str | None, list[str]]:
     except Exception as exc:  # noqa: BLE001 - any failure here only means "no C++ path"
         return False, _one_line(exc), []
 
-    source = _SOURCE.read_bytes()
+    source = b"\0".join((_CSRC / name).read_bytes() for name in _SOURCES)
     reason = None
     for flags in _FLAG_SETS:
         tag = hashlib.sha1(
@@ -115,13 +121,14 @@ def _build() -> tuple[bool, str | None, list[str]]:
         try:
             cpp_extension.load(
                 name=f"upcli_adaptive_conv_cpu_{tag}",
-                sources=[str(_SOURCE)],
+                sources=[str(_CSRC / name) for name in _SOURCES],
                 extra_cflags=flags,
                 extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
                 is_python_module=False,
                 verbose=False,
             )
-            getattr(torch.ops, _NAMESPACE).forward  # noqa: B018 - the ops are registered
+            for namespace in _SOURCES.values():
+                getattr(torch.ops, namespace).forward  # noqa: B018 - the ops are registered
             return True, None, flags
         except Exception as exc:  # noqa: BLE001 - report the first failure, try simpler flags
             reason = reason or _one_line(exc)
@@ -156,10 +163,10 @@ def unavailable_reason() -> str | None:
     return _state.get("reason")  # type: ignore[return-value]
 
 
-def _ops():
+def _ops(namespace: str = "upcli_adaptive_conv_cpu"):
     if not available():
         raise RuntimeError(f"upcli.kernels: C++ CPU path unavailable ({unavailable_reason()})")
-    return getattr(torch.ops, _NAMESPACE)
+    return getattr(torch.ops, namespace)
 
 
 def adaptive_conv_forward(x: Tensor, weights: Tensor, pad_mode: int) -> Tensor:
@@ -199,6 +206,18 @@ def adaptive_conv_grad_weights(grad_out: Tensor, x: Tensor, pad_mode: int, k: in
     With ``grad_out = x = keys`` this is the neighbour logits (each key dotted with its k x k neighbours).
     """
     return _ops().grad_weights(grad_out, x, int(pad_mode), int(k))
+
+
+def neighbourhood_attention_forward(query: Tensor, key: Tensor, value: Tensor, k: int, scale: float) -> Tensor:
+    """``upcli.kernels.neighbourhood_attention``'s forward (contiguous CPU tensors of one dtype, float32 or
+    float64): ``Tensor[B, C, H, W]``."""
+    return _ops("upcli_neighbourhood_attention_cpu").forward(query, key, value, int(k), float(scale))
+
+
+def neighbourhood_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, k: int,
+                                     scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Its gradients of query, key and value; the probabilities are recomputed, nothing per tap is kept."""
+    return _ops("upcli_neighbourhood_attention_cpu").backward(grad_out, query, key, value, int(k), float(scale))
 
 
 if __name__ == "__main__":

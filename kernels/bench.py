@@ -9,7 +9,8 @@ For ``adaptive_conv`` it times the unfold reference, eager shift-and-accumulate,
 our op, forward alone and forward + backward; then ``neighbour_logits`` (32-d keys) against unfold + product; then
 ``neighbourhood_attention`` from a --grid x --grid feature map to each size (4 heads of 32 dims, C channels, k x k)
 against its gathering (unfold-form) reference and an eager loop over the taps, forward and forward + backward
-(on CUDA, ``upcli`` is the fused Triton forward and ``upcli blocked`` the blocked-GEMM one).
+(``upcli`` is the fused Triton forward on CUDA and the C++ kernels on the CPU; ``upcli blocked`` the blocked-GEMM
+form).
 Each row gives ms, GB/s and GFLOP/s, also as fractions of this device's measured copy bandwidth and sgemm
 rate, and the peak extra memory over the inputs. Exits 1 if any implementation disagrees with the reference.
 """
@@ -270,8 +271,8 @@ def bench_attention(args, size: int, rates, device) -> tuple[list[dict], bool]:
     impls = {"unfold": lambda q, kk, v: neighbourhood_attention_reference(q, kk, v, k),
              "eager": lambda q, kk, v: attention_tap_loop(q, kk, v, k),
              "upcli": lambda q, kk, v: neighbourhood_attention(q, kk, v, k)}
-    if device.type == "cuda":  # "upcli" is the fused Triton forward there; this is the blocked-GEMM one
-        impls["upcli blocked"] = lambda q, kk, v: neighbourhood_attention(q, kk, v, k, backend="blocked")
+    # "upcli" is the fused Triton forward on CUDA, the C++ kernels on the CPU; this is the blocked-GEMM form
+    impls["upcli blocked"] = lambda q, kk, v: neighbourhood_attention(q, kk, v, k, backend="blocked")
     unfold_gib = (C + heads * d) * k * k * size * size * 4 / 2**30
     rows, ok = [], True
     for backward in (False, True):
@@ -280,7 +281,7 @@ def bench_attention(args, size: int, rates, device) -> tuple[list[dict], bool]:
         nbytes = ((C + heads * d) * size * size * 4) * (3 if backward else 1)
         base_ms = None
         for name, fn in impls.items():
-            if name != "upcli" and unfold_gib * (3 if backward else 1.2) > args.max_gib:
+            if not name.startswith("upcli") and unfold_gib * (3 if backward else 1.2) > args.max_gib:
                 print(f"{op:>16} {size:>5} {name:>14}   skipped (the unfold form needs ~{unfold_gib:.1f} GiB)")
                 continue
             row = run_case(name, fn, inputs, flops, nbytes, rates, device, backward, None if backward else agrees)

@@ -18,10 +18,15 @@ temporaries are ``heads * k * k`` or ``C`` floats per pixel of those rows. Autog
 backward recomputes the probabilities block by block. Nothing of size ``C * k * k * H * W`` is ever made. Half
 types are computed in float32.
 
-Backends (``backend=``): ``blocked``, the products above, on any device; ``triton``, a fused forward kernel
-(``_triton_attention.py``: an online softmax over the taps, nothing per tap stored) on CUDA or under
-``TRITON_INTERPRET=1``; ``auto`` (default) takes Triton's forward on CUDA when Triton is there, else ``blocked``.
-The backward is the blocked form on every device. A C++ CPU path is to come.
+Backends (``backend=``):
+* ``blocked``: the products above, forward and backward, on any device;
+* ``cpp``: C++ kernels on the CPU, compiled at first use (``csrc/neighbourhood_attention_cpu.cpp``): per output
+  row, segments of pixels that share a window, loops vectorised over those pixels; forward and backward (which
+  recomputes the probabilities), nothing per tap kept beyond one segment;
+* ``triton``: a fused forward kernel (``_triton_attention.py``: an online softmax over the taps, nothing per tap
+  stored) on CUDA or under ``TRITON_INTERPRET=1``; its backward is the blocked form;
+* ``auto`` (default): Triton's forward on CUDA when Triton is there, the C++ kernels on the CPU when they build,
+  else ``blocked``.
 
 ``neighbourhood_attention_reference`` gathers the k * k keys and values (``C * k * k * H * W`` floats): easy to
 read, for tests.
@@ -36,7 +41,7 @@ from torch import Tensor
 
 __all__ = ["BACKENDS", "neighbourhood_attention", "neighbourhood_attention_reference"]
 
-BACKENDS = ("auto", "blocked", "triton")
+BACKENDS = ("auto", "blocked", "cpp", "triton")
 
 
 def window_starts(n_out: int, n_in: int, k: int, device=None) -> Tensor:
@@ -156,11 +161,24 @@ def _pixel_major(t: Tensor, rows: _Cells, cols: _Cells) -> Tensor:
     return t if rows.uniform and cols.uniform else t.contiguous()
 
 
+def _uses_cpp(backend: str, value: Tensor) -> bool:
+    """Whether the C++ kernels run (CPU tensors; ``auto``: when they build)."""
+    if backend not in ("auto", "cpp") or value.device.type != "cpu":
+        if backend == "cpp":
+            raise RuntimeError(f"upcli.kernels: the cpp backend runs on the CPU, got tensors on {value.device}")
+        return False
+    from . import _cpu
+
+    if backend == "cpp" and not _cpu.available():
+        raise RuntimeError(f"upcli.kernels: the cpp backend is not available ({_cpu.unavailable_reason()})")
+    return _cpu.available()
+
+
 def _uses_triton(backend: str, value: Tensor) -> bool:
     """Whether the forward runs the Triton kernel (float32 and half types; ``auto``: on CUDA only)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "blocked" or (backend == "auto" and value.dtype not in (torch.float32, *_HALF)):
+    if backend in ("blocked", "cpp") or (backend == "auto" and value.dtype not in (torch.float32, *_HALF)):
         return False
     from . import _triton_attention
 
@@ -181,6 +199,10 @@ def _neighbourhood_attention(query: Tensor, key: Tensor, value: Tensor, k: int, 
         return neighbourhood_attention_forward(query, key, value, k, scale)
     dtype = _compute_dtype(query, key, value)
     q, kk, v = (t.to(dtype) for t in (query, key, value))
+    if _uses_cpp(backend, value):
+        from ._cpu import neighbourhood_attention_forward
+
+        return neighbourhood_attention_forward(q.contiguous(), kk.contiguous(), v.contiguous(), k, scale).to(value.dtype)
     (B, heads, d, H, W), (h, w) = q.shape, kk.shape[3:]
     rows, cols = _Cells(H, h, k, q.device), _Cells(W, w, k, q.device)
     kw = _windows(kk, rows, cols)  # [B, h, w, heads, d, kk]
@@ -216,12 +238,19 @@ def _scatter_windows(grad_w: Tensor, rows: _Cells, cols: _Cells, shape) -> Tenso
 
 @torch.library.custom_op("upcli::neighbourhood_attention_backward", mutates_args=())
 def _neighbourhood_attention_backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, k: int,
-                                         scale: float, output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                                         scale: float, output_mask: list[bool],
+                                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of ``query``, ``key`` and ``value`` (an empty tensor where ``output_mask`` is False), the
-    probabilities recomputed block by block."""
+    probabilities recomputed block by block (C++: segment by segment)."""
     need_q, need_k, need_v = output_mask
     dtype = _compute_dtype(grad_out, query, key, value)
     g, q, kk, v = (t.to(dtype) for t in (grad_out, query, key, value))
+    if _uses_cpp(backend, value):
+        from ._cpu import neighbourhood_attention_backward
+
+        grads = neighbourhood_attention_backward(*(t.contiguous() for t in (g, q, kk, v)), k, scale)
+        return tuple(grad.to(t.dtype) if need else t.new_empty(0)
+                     for grad, t, need in zip(grads, (query, key, value), output_mask))
     (B, heads, d, H, W), (h, w) = q.shape, kk.shape[3:]
     rows, cols = _Cells(H, h, k, q.device), _Cells(W, w, k, q.device)
     kw = _windows(kk, rows, cols)  # [B, h, w, heads, d, kk]
@@ -255,12 +284,12 @@ def _neighbourhood_attention_backward_op(grad_out: Tensor, query: Tensor, key: T
 
 
 @_neighbourhood_attention_backward_op.register_fake
-def _(grad_out, query, key, value, k, scale, output_mask):
+def _(grad_out, query, key, value, k, scale, output_mask, backend):
     return tuple(t.new_empty(t.shape if need else (0,)) for t, need in zip((query, key, value), output_mask))
 
 
 def _setup(ctx, inputs, output):
-    query, key, value, ctx.k, ctx.scale, _ = inputs
+    query, key, value, ctx.k, ctx.scale, ctx.backend = inputs
     ctx.save_for_backward(query, key, value)  # the inputs only: every tap is recomputed in backward
 
 
@@ -268,7 +297,7 @@ def _backward(ctx, grad_out):
     if torch.is_grad_enabled():
         raise RuntimeError("upcli.kernels: double backward is not supported")
     mask = list(ctx.needs_input_grad[:3])
-    grads = _neighbourhood_attention_backward_op(grad_out, *ctx.saved_tensors, ctx.k, ctx.scale, mask)
+    grads = _neighbourhood_attention_backward_op(grad_out, *ctx.saved_tensors, ctx.k, ctx.scale, mask, ctx.backend)
     return *(g if need else None for g, need in zip(grads, mask)), None, None, None
 
 
@@ -285,7 +314,7 @@ def neighbourhood_attention(query: Tensor, key: Tensor, value: Tensor, k: int, s
         value: ``Tensor[B, C, h, w]``.
         k: the window size, ``1 <= k <= min(h, w)``.
         scale: the logits' factor, ``1 / sqrt(d)`` by default.
-        backend: ``auto``, ``blocked`` or ``triton`` (see the module docstring).
+        backend: ``auto``, ``blocked``, ``cpp`` or ``triton`` (see the module docstring).
 
     Returns:
         ``Tensor[B, C, H, W]`` in the dtype and on the device of ``value``.

@@ -68,6 +68,15 @@ def test_eval_is_deterministic():
         assert torch.equal(up(feats, image, (30, 42)), up(feats, image, (30, 42)))
 
 
+def test_inference_path_equals_the_training_path():
+    """Without autograd the queries are filled in place (no copies at full resolution): the same output."""
+    up = fresh(3)
+    feats, image = torch.randn(2, 6, 5, 7), torch.rand(2, 3, 30, 41)
+    with torch.no_grad():
+        fast = up(feats, image, (30, 41))
+    torch.testing.assert_close(up(feats, image, (30, 41)).detach(), fast, rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_reach_encoder_and_projections():
     up = fresh().train()
     feats = torch.randn(1, 6, 5, 7)

@@ -14,6 +14,7 @@ from upcli.checkpoints import read_config
 from upcli.errors import UsageError
 import upcli.upsamplers.train as train_module
 from upcli.configs import parse_image_sizes, parse_input_scales, parse_radius
+from upcli.upsamplers import create_upsampler
 from upcli.upsamplers.train import (TrainConfig,
                                     shrink, train, train_state_path)
 
@@ -214,6 +215,11 @@ def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
     (["--lr", "-1"], "--lr must be 0 or more"),
     (["--image-size", "17"], "gives a 1x1 grid of efficientnet-lite0 features (stride 32)"),
     (["--resume", "--overwrite"], "give --resume or --overwrite, not both"),
+    (["--arch", "kernel_size=5"], "--arch sets the attention upsampler; jbu takes"),
+    (["--upsampler", "attention", "--arch", "kernel_size"], "--arch: expected KEY=VALUE pairs"),
+    (["--upsampler", "attention", "--arch", "kernel_size=5.5"], "--arch: expected KEY=VALUE pairs"),
+    (["--upsampler", "attention", "--arch", "kernel=5", "--image-size", "256"], "unexpected keyword argument 'kernel'"),
+    (["--upsampler", "attention", "--arch", "head_dim=6", "--image-size", "256"], "head_dim must be a multiple of 4"),
 ])
 def test_cli_train_bad_flags_are_one_line(tmp_path, flags, message):
     run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out",
@@ -333,6 +339,15 @@ def test_attention_settings_that_cannot_train_are_one_line_errors(tmp_path, kw, 
     with pytest.raises(UsageError, match=message):
         train(attention_config(tmp_path, **kw), quiet=True)
     assert not (tmp_path / "attention.safetensors").exists()
+
+
+def test_cli_arch_sets_the_attention_architecture(tmp_path):
+    out = tmp_path / "a.safetensors"
+    run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out", str(out), "--steps", "1",
+                          "--upsampler", "attention", "--layer", "blocks.1", "--image-size", "64", "--batch-size", "1",
+                          "--arch", "kernel_size=3,heads=2"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert create_upsampler(str(out)).config == {"heads": 2, "head_dim": 32, "kernel_size": 3, "width": 32, "depth": 3}
 
 
 def test_attention_defaults_to_shrink_factors_2_to_4_and_jbu_to_1(tmp_path):

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from .configs import (ADAPT_STEPS, FeatureOptions, FitConfig, ITPNPretrainConfig, JobOptions, MZSRConfig, TrainConfig, TrainingOptions,
-                      ZSSRConfig)
+                      ZSSRConfig, parse_arch)
 from .errors import EXIT_INTERRUPTED, UpcliError
 from .io.images import DEFAULT_SIZE
 
@@ -209,6 +209,7 @@ def train(
     guidance: Annotated[str, typer.Option(help="jbu: rgb (the pixel), conv (a 3x3 conv of the image) or features (the pixel and a projection of the features).")] = "rgb",
     fixup: Annotated[bool, typer.Option(help="jbu: FeatUp's additive kernel correction.")] = False,
     radius: Annotated[str, typer.Option(help="jbu: kernel radius of every stage (3: FeatUp's 7x7), or one per stage from the coarsest, e.g. 3,3,3,2,1 (as many as the stack's layers, log2 of the backbone's stride: 5 for efficientnet-lite0).")] = "3",
+    arch: Annotated[Optional[str], typer.Option(help="attention: its architecture as KEY=VALUE pairs, e.g. kernel_size=5,heads=8 (keys: heads, head_dim, kernel_size, width, depth).", show_default=False)] = None,
 ) -> None:
     """Train a learned upsampler: JBU, PAC or resize-conv by FeatUp's multi-view reconstruction, attention by the scale objective."""
     from .upsamplers.train import train as run
@@ -219,7 +220,7 @@ def train(
         jbu_only = {k: v for k, v in jbu_only.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}  # typer vendors click
     with errors("train", RESUME_TRAINING):
         cfg = TrainConfig(**common.config(), **settings, image_sizes=image_size, input_scales=input_scale,
-                          upsampler_args=jbu_only)
+                          upsampler_args={**jbu_only, **parse_arch(arch)})
         result = run(cfg, **common.run())
     raise typer.Exit(result.exit_code)
 

@@ -352,6 +352,23 @@ def parse_input_scales(text: str) -> list[float]:
     return number_list(text, "--input-scale", float, 1, 16, "factor")
 
 
+def parse_arch(text: str | None) -> dict[str, int]:
+    """``"kernel_size=5,heads=8"`` -> ``{"kernel_size": 5, "heads": 8}`` (``--arch``; whole numbers only)."""
+    arch = {}
+    for item in (text or "").split(","):
+        key, sep, value = item.partition("=")
+        if not item.strip():
+            continue
+        try:
+            if not sep or not key.strip().isidentifier():
+                raise ValueError
+            arch[key.strip()] = int(value)
+        except ValueError:
+            raise UsageError(f"--arch: expected KEY=VALUE pairs of whole numbers, e.g. kernel_size=5,heads=8; "
+                             f"got {text!r}") from None
+    return arch
+
+
 def parse_radius(text: str) -> int | list[int]:
     """``"3"`` -> ``3`` (every JBU stage 7x7); ``"3,3,3,2,1"`` -> one radius per stage, coarsest first."""
     from .upsamplers.jbu import MAX_RADIUS

@@ -21,7 +21,7 @@ def test_bench_rows_agree_and_go_to_json(tmp_path):
     assert {(r["op"], r["impl"]) for r in rows} >= {("adaptive_conv", "eager"), ("adaptive_conv", "upcli"),
                                                      ("adaptive_conv f+b", "upcli"), ("neighbour_logits", "upcli"),
                                                      ("attention", "unfold"), ("attention", "eager"),
-                                                     ("attention f+b", "upcli")}
+                                                     ("attention f+b", "upcli"), ("attention", "upcli blocked")}
     assert all(r["agrees"] for r in rows)
 
 

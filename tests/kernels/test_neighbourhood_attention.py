@@ -1,5 +1,5 @@
-"""upcli.kernels.neighbourhood_attention: the blocked op against the gathering reference (forward and gradients),
-gradcheck, opcheck, the window geometry, and what it never saves."""
+"""upcli.kernels.neighbourhood_attention: the blocked and C++ backends against the gathering reference (forward and
+gradients), gradcheck, opcheck, the window geometry, and what it never saves."""
 
 import pytest
 import torch
@@ -13,6 +13,19 @@ SHAPES = [(9, 13, 5, 7, 3), (3, 4, 5, 7, 5), (11, 6, 6, 5, 1), (20, 17, 7, 6, 5)
           (12, 21, 4, 7, 3), (12, 17, 4, 6, 3)]
 
 
+def _backend(name: str) -> str:
+    """The backend, or a skip where the C++ kernels do not build here."""
+    if name == "cpp":
+        from upcli.kernels import _cpu
+
+        if not _cpu.available():
+            pytest.skip(f"C++ CPU path unavailable: {_cpu.unavailable_reason()}")
+    return name
+
+
+BACKENDS = ["blocked", "cpp"]
+
+
 def inputs(B, heads, d, C, H, W, h, w, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, heads, d, H, W, dtype=dtype, generator=gen).requires_grad_()
@@ -21,12 +34,13 @@ def inputs(B, heads, d, C, H, W, h, w, dtype=torch.float64, seed=0):
     return q, k, v
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("heads", [1, 3])
-def test_matches_reference_forward_and_gradients(shape, heads):
+def test_matches_reference_forward_and_gradients(shape, heads, backend):
     H, W, h, w, k = shape
     q, key, v = inputs(2, heads, 4, 5, H, W, h, w)
-    out = neighbourhood_attention(q, key, v, k)
+    out = neighbourhood_attention(q, key, v, k, backend=_backend(backend))
     ref = neighbourhood_attention_reference(q, key, v, k)
     assert out.shape == (2, 5, H, W) and out.dtype == v.dtype
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -41,18 +55,19 @@ def test_blocks_of_a_few_cell_rows_give_the_same(monkeypatch):
     na = importlib.import_module("upcli.kernels.neighbourhood_attention")  # the package exports a function so named
 
     q, key, v = inputs(2, 2, 4, 5, 13, 18, 5, 6)
-    whole = neighbourhood_attention(q, key, v, 3)
+    whole = neighbourhood_attention(q, key, v, 3, backend="blocked")
     grads = torch.autograd.grad(whole.square().sum(), (q, key, v))
     monkeypatch.setattr(na, "_BLOCK_ELEMENTS", 1)  # one cell row per block
-    blocked = neighbourhood_attention(q, key, v, 3)
+    blocked = neighbourhood_attention(q, key, v, 3, backend="blocked")
     torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(blocked.square().sum(), (q, key, v)), grads):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
-def test_scale_and_partial_gradients():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_and_partial_gradients(backend):
     q, key, v = inputs(1, 2, 3, 4, 7, 5, 4, 6)
-    out = neighbourhood_attention(q, key, v.detach(), 3, scale=0.7)
+    out = neighbourhood_attention(q, key, v.detach(), 3, scale=0.7, backend=_backend(backend))
     ref = neighbourhood_attention_reference(q, key, v.detach(), 3, scale=0.7)
     torch.testing.assert_close(out, ref)
     (gk,) = torch.autograd.grad(out.sum(), (key,))
@@ -60,31 +75,38 @@ def test_scale_and_partial_gradients():
     torch.testing.assert_close(gk, rk)
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
     q, key, v = inputs(2, 2, 3, 2, 5, 7, 4, 3)
-    assert torch.autograd.gradcheck(lambda a, b, c: neighbourhood_attention(a, b, c, 3), (q, key, v))
+    backend = _backend(backend)
+    assert torch.autograd.gradcheck(lambda a, b, c: neighbourhood_attention(a, b, c, 3, backend=backend), (q, key, v))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
     q, key, v = inputs(2, 2, 3, 4, 7, 5, 4, 6)
-    torch.library.opcheck(torch.ops.upcli.neighbourhood_attention.default, (q, key, v, 3, 0.5, "blocked"))
+    torch.library.opcheck(torch.ops.upcli.neighbourhood_attention.default, (q, key, v, 3, 0.5, _backend(backend)))
     grad = torch.randn(2, 4, 7, 5, dtype=torch.float64)
     for mask in ([True, True, True], [False, True, False], [False, False, True]):
         torch.library.opcheck(torch.ops.upcli.neighbourhood_attention_backward.default,
-                              (grad, q.detach(), key.detach(), v.detach(), 3, 0.5, mask))
+                              (grad, q.detach(), key.detach(), v.detach(), 3, 0.5, mask, backend))
 
 
-def test_constant_value_gives_the_constant():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_constant_value_gives_the_constant(backend):
     q, key, _ = inputs(2, 4, 8, 3, 13, 9, 5, 4, dtype=torch.float32)
     v = torch.full((2, 3, 5, 4), 2.5)
-    torch.testing.assert_close(neighbourhood_attention(q * 10, key, v, 3), torch.full((2, 3, 13, 9), 2.5))
+    torch.testing.assert_close(neighbourhood_attention(q * 10, key, v, 3, backend=_backend(backend)),
+                               torch.full((2, 3, 13, 9), 2.5))
 
 
-def test_float32_and_half_follow_value_dtype():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_and_half_follow_value_dtype(backend):
+    backend = _backend(backend)
     q, key, v = inputs(1, 2, 4, 3, 6, 5, 4, 4, dtype=torch.float32)
-    out = neighbourhood_attention(q, key, v, 3)
+    out = neighbourhood_attention(q, key, v, 3, backend=backend)
     torch.testing.assert_close(out, neighbourhood_attention_reference(q, key, v, 3), rtol=1e-5, atol=1e-5)
-    half = neighbourhood_attention(q.bfloat16(), key.bfloat16(), v.bfloat16(), 3)
+    half = neighbourhood_attention(q.bfloat16(), key.bfloat16(), v.bfloat16(), 3, backend=backend)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), out, rtol=5e-2, atol=5e-2)
 
@@ -124,11 +146,12 @@ def test_wrong_shapes_raise():
         neighbourhood_attention(q[0], key, v, 3)
 
 
-def test_never_saves_per_tap_tensors():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_never_saves_per_tap_tensors(backend):
     q, key, v = inputs(1, 2, 4, 8, 16, 16, 6, 6, dtype=torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        neighbourhood_attention(q, key, v, 5)
+        neighbourhood_attention(q, key, v, 5, backend=_backend(backend))
     assert sum(saved) <= q.numel() + key.numel() + v.numel()
 
 
@@ -148,3 +171,26 @@ def test_triton_backend_on_cpu_needs_the_interpreter():
         neighbourhood_attention(q, key, v, 3, backend="triton")
     torch.testing.assert_close(neighbourhood_attention(q, key, v, 3), neighbourhood_attention(q, key, v, 3,
                                                                                              backend="blocked"))
+
+
+def test_auto_is_the_cpp_backend_on_the_cpu_where_it_builds():
+    q, key, v = inputs(1, 2, 4, 3, 9, 11, 4, 5, dtype=torch.float32)
+    auto = neighbourhood_attention(q, key, v, 3)
+    torch.testing.assert_close(auto, neighbourhood_attention(q, key, v, 3, backend=_backend("cpp")), rtol=0, atol=0)
+
+
+def test_cpp_backend_threads_give_the_same_gradients():
+    """The window gradients are summed per thread, then reduced: 1 thread and 2 agree."""
+    backend = _backend("cpp")
+    q, key, v = inputs(2, 2, 4, 3, 17, 11, 5, 4)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = neighbourhood_attention(q, key, v, 3, backend=backend)
+            results.append((out, *torch.autograd.grad(out.square().sum(), (q, key, v))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

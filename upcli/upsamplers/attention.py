@@ -71,19 +71,26 @@ def distance_terms(rows: Tensor, cols: Tensor, query: bool) -> Tensor:
     return torch.stack([y, x, last])
 
 
-def apply_rope(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """2-D RoPE on ``x (B, heads, d, H, W)``: the first ``d / 2`` dims rotate by the row position ``rows [H]``,
-    the rest by the column position ``cols [W]``; within each half, dim ``i`` pairs with dim ``i + d / 4``."""
+def apply_rope(x: Tensor, rows: Tensor, cols: Tensor, factor: float = 1.0, out: Tensor | None = None) -> Tensor:
+    """2-D RoPE on ``x (B, heads, d, H, W)``, times ``factor``: the first ``d / 2`` dims rotate by the row position
+    ``rows [H]``, the rest by the column position ``cols [W]``; within each half, dim ``i`` pairs with dim
+    ``i + d / 4``. With ``out`` (no autograd; a view may be given), written there in place, with no temporaries
+    of x's size."""
     d = x.shape[2]
     n = d // 4
     ay = rope_angles(rows, n).T[:, :, None]  # (n, H, 1)
     ax = rope_angles(cols, n).T[:, None, :]  # (n, 1, W)
-    out = []
-    for part, angle in ((x[:, :, : d // 2], ay), (x[:, :, d // 2:], ax)):
-        a, b = part[:, :, :n], part[:, :, n:]
-        cos, sin = angle.cos(), angle.sin()
-        out += [a * cos - b * sin, a * sin + b * cos]
-    return torch.cat(out, dim=2)
+    parts = []
+    for half, angle in ((slice(0, d // 2), ay), (slice(d // 2, d), ax)):
+        a, b = x[:, :, half][:, :, :n], x[:, :, half][:, :, n:]
+        cos, sin = angle.cos() * factor, angle.sin() * factor
+        if out is None:
+            parts += [a * cos - b * sin, a * sin + b * cos]
+        else:
+            dest = out[:, :, half]
+            torch.mul(a, cos, out=dest[:, :, :n]).addcmul_(b, sin, value=-1)
+            torch.mul(a, sin, out=dest[:, :, n:]).addcmul_(b, cos)
+    return torch.cat(parts, dim=2) if out is None else out
 
 
 @register_upsampler("attention")
@@ -136,9 +143,14 @@ class AttentionUpsampler(LearnedUpsampler):
         cy, cx = (torch.arange(n, device=dev, dtype=torch.float32) for n in (h, w))
         # logits: <rope(q), rope(k)> / sqrt(d) (appearance, relative position) - |p - c|^2 / (2 sigma_head^2)
         inv_var = self.sigma().pow(-2).view(1, heads, 1, 1, 1)
-        q = torch.cat([apply_rope(q, py, px) / math.sqrt(d),
-                       distance_terms(py, px, query=True).expand(B, heads, 3, H, W) * inv_var], dim=2)
+        distance = distance_terms(py, px, query=True) * inv_var
+        if torch.is_grad_enabled():
+            queries = torch.cat([apply_rope(q, py, px, 1 / math.sqrt(d)), distance.expand(B, -1, -1, -1, -1)], dim=2)
+        else:  # inference: the full-resolution queries filled in place, no copies of that size
+            queries = q.new_empty(B, heads, d + 3, H, W)
+            apply_rope(q, py, px, 1 / math.sqrt(d), out=queries[:, :, :d])
+            queries[:, :, d:] = distance
         k = torch.cat([apply_rope(k, cy, cx), distance_terms(cy, cx, query=False).expand(B, heads, 3, h, w)], dim=2)
         k_eff = min(self.config["kernel_size"], h, w)
-        out = neighbourhood_attention(q, k, lr_feats.float(), k_eff, scale=1.0)
+        out = neighbourhood_attention(queries, k, lr_feats.float(), k_eff, scale=1.0)
         return out.to(lr_feats.dtype)

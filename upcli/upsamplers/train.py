@@ -68,6 +68,7 @@ from .scale_objective import ScaleObjective
 # purposes of the random streams
 _DATA, _VIEW, _PROJ, _SIZE, _VAL, _SCALE, _SOURCE = 1, 2, 3, 4, 5, 6, 7
 TRAINABLE = ("jbu", "pac", "resize-conv", "attention")
+JBU_ARGS = ("guidance", "fixup", "radius")  # train's jbu-only flags
 SCALE_OBJECTIVE = ("attention",)  # trained by the scale objective; the others by multi-view reconstruction
 SCALE_PROJECTION_DIM = 64
 
@@ -140,8 +141,11 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     if scale_objective and min(cfg.input_scales) <= 1:
         raise UsageError(f"--upsampler {cfg.upsampler} learns from shrunk crops: --input-scale must be above 1 "
                          f"(e.g. 2,3,4), got {cfg.input_scales}")
-    if cfg.upsampler != "jbu" and cfg.upsampler_args:
-        raise UsageError(f"--{', --'.join(cfg.upsampler_args)} set the jbu upsampler, not {cfg.upsampler}")
+    jbu_args = [name for name in JBU_ARGS if name in cfg.upsampler_args]
+    if cfg.upsampler != "jbu" and jbu_args:
+        raise UsageError(f"--{', --'.join(jbu_args)} set the jbu upsampler, not {cfg.upsampler}")
+    if cfg.upsampler == "jbu" and set(cfg.upsampler_args) - set(JBU_ARGS):
+        raise UsageError("--arch sets the attention upsampler; jbu takes --guidance, --fixup and --radius")
     if cfg.upsampler_args.get("guidance", "rgb") not in GUIDANCE_KINDS:
         raise UsageError(f"--guidance must be one of {', '.join(GUIDANCE_KINDS)}, "
                          f"got {cfg.upsampler_args['guidance']!r}")
@@ -163,7 +167,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     backbone = backbones[0]
     try:
         upsampler = create_upsampler(cfg.upsampler, backbone=backbone, pretrained=False, **cfg.upsampler_args)
-    except ValueError as err:  # an architecture that does not fit the backbone, e.g. a radius per stage
+    except (TypeError, ValueError) as err:  # an architecture that does not fit, e.g. a radius per stage, a bad --arch
         raise UsageError(f"--upsampler {cfg.upsampler}: {err}") from None
     if scale_objective:
         objective = ScaleObjective(upsampler, cfg.scale_target, cfg.l2_weight).to(device)
