@@ -261,7 +261,7 @@ def test_flipped_bytes_in_a_stored_image_are_found_and_made_again(tmp_path):
     root = make_images(tmp_path / "imgs", 6)
     out = tmp_path / "out"
     run(job_for(root, out))
-    reference = store_bytes(out)
+    reference, manifest = store_bytes(out), (out / "manifest.jsonl").read_text()
     shard = out / "shard-00001.h5"
     with h5py.File(shard, "r") as f:
         key = sorted(f["features"])[1]
@@ -277,9 +277,32 @@ def test_flipped_bytes_in_a_stored_image_are_found_and_made_again(tmp_path):
     assert f"shard-00001.h5: {source} is corrupt (checksum mismatch)" in report["problems"][0]
     assert report["complete_shards"] == 2 and report["stored"] == 4
     assert source not in FeatureStore(out) and (out / "shard-00001.h5.corrupt").exists()
-    result = run(job_for(root, out))  # made again
-    assert result.processed == 2 and store_bytes(out) == reference
-    assert verify_store(out)["problems"] == []
+    result = run(job_for(root, out))  # that image made again, the shard's other image copied
+    assert result.processed == 1 and store_bytes(out) == reference
+    assert (out / "manifest.jsonl").read_text() == manifest
+    assert verify_store(out)["problems"] == [] and not (out / "shard-00001.h5.corrupt").exists()
+
+
+@pytest.mark.parametrize("bad", [[0], [1], [0, 1]])
+def test_only_the_corrupt_images_of_a_set_aside_shard_are_made_again(tmp_path, bad):
+    root = make_images(tmp_path / "imgs", 7)
+    out = tmp_path / "out"
+    run(job_for(root, out, shard_size=3), batch_size=2)
+    reference, manifest = store_bytes(out), (out / "manifest.jsonl").read_text()
+    shard = out / "shard-00001.h5"
+    data = bytearray(shard.read_bytes())
+    with h5py.File(shard, "r") as f:
+        keys = sorted(f["features"])
+        for i in bad:
+            info = f["features"][keys[i]].id.get_chunk_info(0)
+            start = info.byte_offset + info.size // 2
+            data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
+    shard.write_bytes(bytes(data))
+    assert len(verify_store(out)["problems"]) == len(bad)
+    result = run(job_for(root, out, shard_size=3), batch_size=2)
+    assert result.processed == len(bad) and result.skipped_shards == 2
+    assert store_bytes(out) == reference and (out / "manifest.jsonl").read_text() == manifest  # input order kept
+    assert verify_store(out)["problems"] == [] and not (out / "shard-00001.h5.corrupt").exists()
 
 
 def test_two_workers_equal_one(tmp_path):

@@ -34,8 +34,8 @@ from ..errors import EXIT_OK, EXIT_SOME_FAILED, BadImageError, StoreError, Usage
 from ..progress import ProgressReporter, Timings
 from ..runtime import SignalGuard, default_workers, resolve_split
 from .images import IMAGE_EXTENSIONS, ImageRef, printable_name, scan_images
-from .store import (FEATURE_SHARDS, JOB_FORMAT, ShardKind, ShardWriter, clear_store, index_lock, live_writer,
-                    stored_sources, write_atomic, write_index)
+from .store import (FEATURE_SHARDS, JOB_FORMAT, ShardKind, ShardWriter, clear_store, index_lock, intact_images,
+                    live_writer, set_aside_path, stored_sources, write_atomic, write_index)
 
 
 @dataclass
@@ -320,6 +320,7 @@ class _ShardWriterThread(threading.Thread):
         self.error: BaseException | None = None
         self.failures: list[dict] = []
         self._writer: ShardWriter | None = None
+        self._set_aside = None  # the open set-aside shard whose intact images are copied into this one
 
     def put(self, message: tuple) -> None:
         self.check()
@@ -348,7 +349,14 @@ class _ShardWriterThread(threading.Thread):
 
     def _handle(self, kind: str, *args) -> None:
         if kind == "open":
-            self._writer = self.kind.writer(self.out_dir, args[0], self.attrs, self.compression)
+            shard, set_aside = args
+            self._writer = self.kind.writer(self.out_dir, shard, self.attrs, self.compression)
+            if set_aside is not None:
+                import h5py
+
+                self._set_aside = h5py.File(set_aside, "r")
+        elif kind == "copy":
+            self._writer.add_copy(self._set_aside, args[0])
         elif kind == "image":
             source, output = args
             for rel, write in output.files.items():  # previews, saved fields: before the shard can commit
@@ -362,12 +370,20 @@ class _ShardWriterThread(threading.Thread):
         elif kind == "commit":
             path = self._writer.commit()
             self._writer = None
+            if self._set_aside is not None:  # its intact images are in the new shard now
+                set_aside = Path(self._set_aside.filename)
+                self._set_aside.close()
+                set_aside.unlink()
+                self._set_aside = None
             self.reporter.log(f"wrote {path.name}")
 
     def _abort(self) -> None:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        if self._set_aside is not None:
+            self._set_aside.close()
+            self._set_aside = None
 
 
 def _store_error(error: BaseException, writer: ShardWriter | None) -> BaseException:
@@ -425,10 +441,19 @@ def run_job(
     if done:
         reporter.log(f"{job.command}: {len(done)} of {len(mine)} shards already complete, skipping them")
 
+    # a shard that --verify set aside for a corrupt image: its intact images are copied, only the rest made again
+    copies: dict[int, dict[int, str]] = {}  # shard -> {input index: key in the set-aside shard}
+    if kind is FEATURE_SHARDS:
+        for shard in todo:
+            intact = intact_images(set_aside_path(job.out_dir / kind.name(shard)), fingerprint)
+            copies[shard] = {i: intact[job.inputs[i].rel] for i in job.shard_items(shard) if job.inputs[i].rel in intact}
+        if any(copies.values()):
+            reporter.log(f"{job.command}: {sum(map(len, copies.values()))} intact images of set-aside shards are "
+                         f"copied, not made again")
     batches, batch_shards = [], []
     for shard in todo:
-        indices = list(job.shard_items(shard))
-        for start in range(0, len(indices), batch_size):
+        indices = [i for i in job.shard_items(shard) if i not in copies.get(shard, {})]
+        for start in range(0, max(len(indices), 1), batch_size):  # one empty batch where all are copied
             batches.append(indices[start:start + batch_size])
             batch_shards.append(shard)
     loader = DataLoader(
@@ -451,11 +476,16 @@ def run_job(
                 for item in items:
                     item.preview = item.index < preview
                 if shard != current:
-                    writer.put(("open", shard))
+                    to_copy = sorted(copies.get(shard, {}).items())  # (input index, key), in input order
+                    writer.put(("open", shard, set_aside_path(job.out_dir / kind.name(shard)) if to_copy else None))
                     current = shard
+                while to_copy and (not items or to_copy[0][0] < items[0].index):  # the shard keeps input order
+                    writer.put(("copy", to_copy.pop(0)[1]))
                 processed += _run_batch(items, process, writer, reporter, timings, strict, workers > 0)
                 reporter.advance(len(items))
                 if position + 1 == len(batches) or batch_shards[position + 1] != shard:
+                    for _, key in to_copy:
+                        writer.put(("copy", key))
                     writer.put(("commit", shard))
             writer.stop()
             writer.check()

@@ -168,6 +168,11 @@ class ShardWriter:
     def add_failure(self, source: str, reason: str) -> None:
         self.failures.append({"source": source, "reason": reason})
 
+    def add_copy(self, shard, key: str) -> str:
+        """Add image ``key`` of another open shard (``h5py.File``) as it is stored there."""
+        ds = shard["features"][key]
+        return self.add(str(ds.attrs["source"]), ds[()], {k: v for k, v in ds.attrs.items() if k != "source"})
+
     def commit(self) -> Path:
         self._file.attrs["num_images"] = self.num_images
         self._file.attrs["failures"] = json.dumps(self.failures)
@@ -214,6 +219,29 @@ def read_shard_index(path: Path, fingerprint: str | None = None) -> dict | None:
             return {"images": images, "failures": json.loads(attrs.get("failures", "[]"))}
     except (OSError, KeyError, ValueError):
         return None
+
+
+def set_aside_path(path: Path) -> Path:
+    """Where ``verify_store`` puts a shard with a corrupt image: ``shard-N.h5.corrupt``."""
+    return path.with_name(path.name + ".corrupt")
+
+
+def intact_images(path: Path, fingerprint: str) -> dict[str, str]:
+    """source -> key of each image of a set-aside shard of this job that still reads back intact (every chunk's
+    checksum passes); empty if the file is not there, unreadable or of another job."""
+    import h5py
+
+    content = read_shard_index(path, fingerprint)
+    intact = {}
+    if content is not None:
+        with h5py.File(path, "r") as f:
+            for key, source in content["images"]:
+                try:
+                    f["features"][key][()]
+                except OSError:
+                    continue
+                intact[source] = key
+    return intact
 
 
 def image_key(source: str, keep_suffix: bool = False) -> str:
@@ -412,12 +440,12 @@ def verify_store(out_dir: Path, repair: bool = False) -> dict:
                         ds[()]  # every chunk's fletcher32 checksum is checked on reading
                     except OSError:
                         corrupt.append(source)
-            if corrupt:  # set aside: the manifest leaves it out and a re-run makes the shard again
-                aside = path.with_name(path.name + ".corrupt")
+            if corrupt:  # set aside: the manifest leaves it out; a re-run copies the intact images, makes the rest
+                aside = set_aside_path(path)
                 os.replace(path, aside)
                 complete -= 1
                 problems += [f"{path.name}: {src} is corrupt (checksum mismatch); the shard is set aside as "
-                             f"{aside.name}, a re-run makes it again" for src in corrupt]
+                             f"{aside.name}, a re-run makes this image again" for src in corrupt]
                 continue
         stored += len(content["images"])
         failed += len(content["failures"])
