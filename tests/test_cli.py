@@ -367,19 +367,53 @@ def test_a_newline_in_a_file_name_does_not_split_the_log_line(tmp_path):
     assert len(skipped) == 1 and skipped[0].startswith("skipped bad\\x0aname.png: "), result.stderr
 
 
-def test_a_full_disk_during_a_shard_is_one_line_and_keeps_finished_shards(tmp_path):
-    # the disk fills after the first shard (simulated: disk_usage reports what a full disk would); the process
-    # must end with one line and exit 1, never reach HDF5 with a failing write (that crashed it: exit 139)
+def test_a_disk_filled_by_another_writer_after_the_free_space_check_is_still_one_line(tmp_path):
+    # a real full disk, and a free-space check that sees plenty (as when another process takes the space right
+    # after it): the blocks reserved before each image are what keep HDF5 from a failing write (without them, exit
+    # 139 here). Needs a small filesystem: a tmpfs, where this process may mount one.
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root, or no mount permission)")
+    try:
+        imgs = small_images(tmp_path / "imgs", 8)
+        script = ("import shutil, sys\n"
+                  "real = shutil.disk_usage\n"
+                  "shutil.disk_usage = lambda p: real(p)._replace(free=1 << 50)\n"
+                  "sys.argv = ['upcli', *sys.argv[1:]]\n"
+                  "from upcli.cli import main\n"
+                  "main()\n")
+        out = small / "st"
+        run = subprocess.run([sys.executable, "-c", script, "upsample", str(imgs), "--out", str(out), "--size", "96",
+                              "--shard-size", "3", "--workers", "0", "-q"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 1, run.stderr
+        assert run.stderr.strip().splitlines() == [line for line in run.stderr.strip().splitlines()
+                                                   if "disk full; finished shards are kept" in line], run.stderr
+        assert len(FeatureStore(out)) == 3 and not list(out.glob("*.tmp-*"))
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
+@pytest.mark.parametrize("reserves", [True, False])
+def test_a_full_disk_during_a_shard_is_one_line_and_keeps_finished_shards(tmp_path, reserves):
+    # the disk fills after the first shard (simulated: the space reservation fails, or where the filesystem cannot
+    # reserve, disk_usage reports what a full disk would); the process must end with one line and exit 1, never
+    # reach HDF5 with a failing write (that crashed it: exit 139)
     imgs = small_images(tmp_path / "imgs", 4)
     script = (
-        "import shutil, sys\n"
-        "real = shutil.disk_usage\n"
-        "calls = {'n': 0}\n"
-        "def disk_usage(path):\n"
+        "import errno, shutil, sys\n"
+        "import upcli.io.store as store\n"
+        "real, calls = shutil.disk_usage, {'n': 0}\n"
+        "def full_after_two(*args):\n"
         "    calls['n'] += 1\n"
+        f"    if {reserves}:\n"
+        "        if calls['n'] > 2: raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "        return True\n"
+        "    return False\n"
+        "def disk_usage(path):\n"
         "    usage = real(path)\n"
         "    return usage._replace(free=usage.free if calls['n'] <= 2 else 1000)\n"
-        "shutil.disk_usage = disk_usage\n"
+        "store.reserve_space, shutil.disk_usage = full_after_two, disk_usage\n"
         "sys.argv = ['upcli', *sys.argv[1:]]\n"
         "from upcli.cli import main\n"
         "main()\n")

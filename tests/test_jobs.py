@@ -257,6 +257,15 @@ def test_a_shard_with_an_edited_source_is_made_again(tmp_path):
     assert store_bytes(out) == reference and verify_store(out)["problems"] == []
 
 
+def test_finished_shards_keep_no_reserved_space(tmp_path):
+    """Blocks are reserved past each shard's end before every image is written; the commit gives them back."""
+    out = tmp_path / "out"
+    run(job_for(make_images(tmp_path / "imgs", 4), out))
+    for shard in out.glob("shard-*.h5"):
+        st = shard.stat()
+        assert st.st_blocks * 512 < st.st_size + (256 << 10), (shard.name, st.st_blocks * 512, st.st_size)
+
+
 def test_flipped_bytes_in_a_stored_image_are_found_and_made_again(tmp_path):
     root = make_images(tmp_path / "imgs", 6)
     out = tmp_path / "out"

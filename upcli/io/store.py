@@ -36,7 +36,7 @@ from ..errors import BadImageError, StoreError, UsageError, first_line
 
 FORMAT = "upcli-features"
 JOB_FORMAT = "upcli-job"
-_METADATA_MARGIN = 1 << 20  # bytes kept free beside each image's data for HDF5's metadata and the commit
+_METADATA_MARGIN = 1 << 20  # bytes reserved beside each image's data for HDF5's metadata and the commit
 STORE_FILES = ("job.json", "manifest.jsonl", "failures.jsonl", ".index.lock")
 IMAGE_FORMAT = "upcli-images"
 FORMAT_VERSION = 1
@@ -132,6 +132,25 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
+def reserve_space(fd: int, offset: int, nbytes: int) -> bool:
+    """Reserve ``nbytes`` of disk blocks from ``offset`` of an open file without changing its size (Linux
+    ``fallocate(FALLOC_FL_KEEP_SIZE)``): writes into that range can then not meet a full disk, whatever else
+    writes to it meanwhile. Raises ``OSError`` (ENOSPC) when the space is not there; returns False where the
+    platform or filesystem cannot reserve."""
+    import ctypes
+
+    fallocate = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
+    if fallocate is None:
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(fd, 1, offset, nbytes) == 0:  # 1: FALLOC_FL_KEEP_SIZE
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
 class ShardWriter:
     """Writes one shard under a temporary name; ``commit`` renames it into place, ``abort`` deletes it."""
 
@@ -150,9 +169,17 @@ class ShardWriter:
 
     def add(self, source: str, array: np.ndarray, attrs: dict) -> str:
         # HDF5 must never meet a full disk: a failed write leaves objects whose destructors write again, and the
-        # process then crashes. So the space is checked first (our own shards are what fills a disk).
-        free = shutil.disk_usage(self.tmp_path.parent).free
-        if free < array.nbytes + _METADATA_MARGIN:
+        # process then crashes. So the blocks for the image and its metadata are reserved past the file's end
+        # first; where the filesystem cannot reserve, the free space is checked instead (which another writer
+        # could still use up before HDF5 writes).
+        needed = array.nbytes + _METADATA_MARGIN
+        try:
+            reserved = reserve_space(self._file.id.get_vfd_handle(), self._file.id.get_filesize(), needed)
+        except OSError as err:
+            raise OSError(err.errno, f"{err.strerror} ({needed} bytes could not be reserved)",
+                          str(self.tmp_path)) from None
+        free = None if reserved else shutil.disk_usage(self.tmp_path.parent).free
+        if free is not None and free < needed:
             raise OSError(errno.ENOSPC, f"No space left on device ({free} bytes free, {array.nbytes} needed)",
                           str(self.tmp_path))
         key = f"{self.num_images:06d}"
@@ -178,6 +205,7 @@ class ShardWriter:
         self._file.attrs["failures"] = json.dumps(self.failures)
         self._file.attrs["complete"] = True
         self._file.close()
+        os.truncate(self.tmp_path, self.tmp_path.stat().st_size)  # frees the blocks reserved past the end
         fsync_path(self.tmp_path)
         os.replace(self.tmp_path, self.final_path)
         fsync_path(self.final_path.parent)
