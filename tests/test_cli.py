@@ -193,17 +193,23 @@ def test_an_image_whose_features_would_not_fit_in_memory_is_recorded(tmp_path):
 
 
 def read_store(out: Path) -> dict:
+    """source -> (shard, stored bytes: the map, or a compact store's low-res features and image bytes), and the
+    compact store's upsampler copies."""
     result = {}
     for shard in sorted(out.glob("shard-*.h5")):
         with h5py.File(shard, "r") as f:
-            for ds in f["features"].values():
-                result[ds.attrs["source"]] = (shard.name, ds[()].tobytes())
+            for key, ds in f["features"].items():
+                images = f["images"][key][()].tobytes() if "images" in f else None
+                result[ds.attrs["source"]] = (shard.name, ds[()].tobytes(), images)
+    result["upsamplers"] = sorted(p.name for p in out.glob("upsamplers/*"))
     return result
 
 
-def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("store", [[], ["--store", "compact", "--upsampler", "jbu"]], ids=["full", "compact"])
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path, store):
     imgs = small_images(tmp_path / "imgs", 24)
-    base = [sys.executable, "-m", "upcli", "upsample", str(imgs), "--size", "64", "--shard-size", "2", "--workers", "1"]
+    base = [sys.executable, "-m", "upcli", "upsample", str(imgs), "--size", "64", "--shard-size", "2", "--workers", "1",
+            *store]
     reference = subprocess.run(base + ["--out", str(tmp_path / "ref")], capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
     out = str(tmp_path / "out")

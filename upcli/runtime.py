@@ -36,6 +36,13 @@ def resolve_device(device: str):
     return torch.device(device)
 
 
+def inference_autocast(device):
+    """bfloat16 autocast on CUDA, none elsewhere: how features are computed for a store (and rendered from one)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def default_workers() -> int:
     """DataLoader decode processes when ``--workers`` is not given: cores - 1, at most 4."""
     return max(1, min(4, (os.cpu_count() or 2) - 1))

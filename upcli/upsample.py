@@ -3,58 +3,75 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
+
+import numpy as np
 
 from .errors import BadImageError, UsageError
 from .io.images import DEFAULT_SIZE, ImageRef, image_size, load_rgb, parse_size, resize_rgb, target_size
 from .configs import FeatureOptions, JobOptions
 from .io.jobs import Item, JobResult, Output, file_identity, prepare_job, preview_name
 from .io.store import check_feature_bytes, check_feature_format, to_storage
-from .runtime import resolve_device
+from .runtime import inference_autocast, resolve_device
 
 SHARD_SIZE = 16  # images per shard file
 
 
-def load_resized(ref: ImageRef, size: int | None, dim: int) -> dict:
-    """Decode and resize one image (runs in DataLoader workers)."""
+def load_resized(ref: ImageRef, size: int | None, dim: int, keep_bytes: bool = False) -> dict:
+    """Decode and resize one image (runs in DataLoader workers); ``keep_bytes``: also the file's bytes, the
+    ones decoded (a compact store keeps them)."""
     import torch
 
-    rgb = load_rgb(ref.path)
+    data = ref.path.read_bytes() if keep_bytes else None
+    rgb = load_rgb(ref.path, data)
     orig = rgb.shape[:2]
     check_feature_bytes(ref, target_size(*orig, size), dim)
     rgb = resize_rgb(rgb, target_size(*orig, size))
-    return {"image": torch.from_numpy(rgb), "orig_size": tuple(orig)}
+    item = {"image": torch.from_numpy(rgb), "orig_size": tuple(orig)}
+    if keep_bytes:
+        item["bytes"] = np.frombuffer(data, dtype=np.uint8)
+    return item
 
 
 class UpsampleStep:
-    """The model step of the job: backbone, then upsampler, for each group of same-size images."""
+    """The model step of the job: backbone, then upsampler, for each group of same-size images. ``compact``:
+    the backbone only; its low-res features and the image's bytes are stored (the upsampler runs for previews)."""
 
-    def __init__(self, backbone, upsampler, device, dtype: str):
+    def __init__(self, backbone, upsampler, device, dtype: str, compact: dict | None = None):
         self.backbone, self.upsampler, self.device, self.dtype = backbone, upsampler, device, dtype
         self.attrs = {"backbone": backbone.name, "layer": str(backbone.layer), "upsampler": upsampler.name, "dtype": dtype}
+        self.compact = compact  # {"attrs": ..., "files": ...}: what each compact image adds
+        if compact is not None:
+            self.attrs.update(compact["attrs"])
 
     def __call__(self, items: list[Item], timings) -> list[Output]:
         import torch
 
+        from .upsamplers import upsample_features
         from .viz import save_preview
 
         results = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(tuple(item.data["image"].shape[:2]), []).append(i)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         for size, members in groups.items():
             pixels = torch.stack([items[i].data["image"] for i in members]).to(self.device)
             # NCHW-contiguous: a channels-last view would make every map channels-last and its storage a slow transpose
             images = pixels.permute(0, 3, 1, 2).float().div_(255).contiguous()
-            with torch.inference_mode(), autocast:
-                with timings.measure("backbone"):
-                    low = self.backbone(images)
+            with torch.inference_mode(), inference_autocast(self.device), timings.measure("backbone"):
+                low = self.backbone(images)
+            high = None
+            if self.compact is None or any(items[i].preview for i in members):
                 with timings.measure("upsample"):
-                    high = self.upsampler(low, images, size=size)
+                    high = upsample_features(self.upsampler, low, images, size, self.device)
             with timings.measure("to host"):
-                arrays = [to_storage(feats, self.dtype) for feats in high]
+                arrays = [to_storage(feats, self.dtype) for feats in (high if self.compact is None else low)]
             for j, i in enumerate(members):
                 output = Output(arrays[j], {**self.attrs, "orig_size": items[i].data["orig_size"], "size": size})
+                if self.compact is not None:
+                    output.extra["images"] = items[i].data["bytes"]
+                    output.files.update(self.compact["files"])
                 if items[i].preview:
                     output.files[preview_name(items[i].ref.rel)] = functools.partial(
                         save_preview, image=pixels[j].cpu().numpy(), lr_feats=low[j].float().cpu(),
@@ -71,8 +88,10 @@ def upsample_folder(
     upsampler: str = "bilinear",
     upsampler_args: dict | None = None,
     size: int | str | None = DEFAULT_SIZE,
+    store: str = "full",
 ) -> JobResult:
-    """Write image-resolution features for every image under ``folder`` into HDF5 shards in ``options.out``."""
+    """Write image-resolution features for every image under ``folder`` into HDF5 shards in ``options.out``;
+    ``store="compact"``: the low-res features and the image files' bytes, rendered on read (:mod:`.io.compact`)."""
     from .backbones import create_backbone
     from .upsamplers import create_upsampler
 
@@ -96,9 +115,33 @@ def upsample_folder(
         "backbone": f.backbone, "weights": file_identity(f.weights), "layer": str(model.layer), "upsampler": upsampler,
         "upsampler_args": upsampler_args or {}, "size": size or "original", "dtype": f.dtype, "compression": f.compression,
     }
-    step = UpsampleStep(model, up, device, f.dtype)
-    load = functools.partial(load_resized, size=size, dim=model.dim)
+    compact = None
+    if store == "compact":
+        compact = compact_recipe(upsampler, model, Path(options.out), upsampler_args or {}, up)
+        settings.update(store="compact", upsampler_sha256=compact["attrs"]["upsampler_sha256"])
+    elif store != "full":
+        raise UsageError(f"--store must be full or compact, got {store!r}")
+    step = UpsampleStep(model, up, device, f.dtype, compact)
+    load = functools.partial(load_resized, size=size, dim=model.dim, keep_bytes=compact is not None)
     return plan.run(plan.job(settings), load, step, device, f.compression)
+
+
+def compact_recipe(name: str, backbone, out_dir, upsampler_args: dict, upsampler) -> dict:
+    """What each image of a compact store adds: the attrs that say how to render it, and the side file that
+    keeps a copy of the upsampler's checkpoint (by sha256) in the store."""
+    from .io.compact import checkpoint_copy, file_sha256, keep_checkpoint, upsampler_checkpoint
+
+    if upsampler.name == "implicit":
+        raise UsageError("--store compact renders with a deterministic upsampler; implicit fits each image (use "
+                         "`upcli fit-image --save-field`, whose fields are that upsampler's compact form)")
+    checkpoint = upsampler_checkpoint(name, backbone)
+    sha = file_sha256(checkpoint) if checkpoint is not None else ""
+    files = {}
+    if checkpoint is not None:
+        copy = checkpoint_copy(out_dir, sha)
+        files[str(copy.relative_to(out_dir))] = keep_checkpoint(checkpoint, sha)
+    attrs = {"store": "compact", "upsampler_sha256": sha, "upsampler_args": json.dumps(upsampler_args, sort_keys=True)}
+    return {"attrs": attrs, "files": files}
 
 
 def plan_upsample(folder, features: FeatureOptions = FeatureOptions(), size: int | str | None = DEFAULT_SIZE) -> dict:
@@ -112,14 +155,17 @@ def plan_upsample(folder, features: FeatureOptions = FeatureOptions(), size: int
     plan = prepare_job("upsample", folder, JobOptions(out=None), SHARD_SIZE, dry_run=True)
     cfg = get_backbone_cfg(features.backbone, layer=features.layer)
     itemsize = np.dtype("float32").itemsize if features.dtype == "float32" else 2
-    shapes, bad = {}, {}
+    shapes, bad, compact = {}, {}, 0
     for ref in plan.inputs:
         try:
             shapes[ref.rel] = (cfg.dim, *target_size(*image_size(ref.path), size))
         except BadImageError as e:
             bad[ref.rel] = e.reason
+            continue
+        grid = [max(1, round(side / cfg.stride)) for side in shapes[ref.rel][1:]]
+        compact += cfg.dim * grid[0] * grid[1] * itemsize + ref.path.stat().st_size
     total = sum(int(np.prod(shape)) * itemsize for shape in shapes.values())
-    return {"images": len(plan.inputs), "shapes": shapes, "bad": bad, "bytes": total}
+    return {"images": len(plan.inputs), "shapes": shapes, "bad": bad, "bytes": total, "compact_bytes": compact}
 
 
 def upsample_command(folder, options: JobOptions, features: FeatureOptions = FeatureOptions(), *,
@@ -156,7 +202,10 @@ def upsample_command(folder, options: JobOptions, features: FeatureOptions = Fea
             print(f"... and {len(shapes) - 20} more")
         for rel, reason in plan["bad"].items():
             print(f"{rel}\tunreadable: {reason}")
-        print(f"{plan['images']} images, {len(plan['bad'])} unreadable, about {plan['bytes'] / 2**30:.2f} GiB "
-              f"({plan['bytes'] / max(len(shapes), 1) / 2**20:.1f} MiB per image) before compression")
+        n = max(len(shapes), 1)
+        print(f"{plan['images']} images, {len(plan['bad'])} unreadable, before compression: about "
+              f"{plan['bytes'] / 2**30:.2f} GiB with --store full ({plan['bytes'] / n / 2**20:.1f} MiB per image), "
+              f"{plan['compact_bytes'] / 2**30:.3f} GiB with --store compact "
+              f"({plan['compact_bytes'] / n / 2**20:.2f} MiB per image)")
         return 0
     return upsample_folder(folder, options, features, **upsampling).exit_code

@@ -7,6 +7,7 @@ Mpx); Pillow's warning between 1x and 2x (valid 90-179 Mpx photos) is not an err
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -93,13 +94,14 @@ def printable_name(name: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", name)
 
 
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode ``path`` fully to ``uint8 (H, W, 3)`` RGB, upright per EXIF, first frame only.
+def load_rgb(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
+    """Decode ``path`` (or ``data``, the bytes of the file named ``path``) fully to ``uint8 (H, W, 3)`` RGB,
+    upright per EXIF, first frame only.
 
     Transparency is composited over white; 16-bit data is scaled (not clipped) to 8 bits; 32-bit float data in
     [0, 1] is scaled, any other float range stretched.
     """
-    with _decoding(path), Image.open(path) as img:
+    with _decoding(path, data), Image.open(path if data is None else io.BytesIO(data)) as img:
         img.load()  # full decode now, so truncation shows up here
         return _to_rgb_array(ImageOps.exif_transpose(img))
 
@@ -154,8 +156,8 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
 
 
 @contextmanager
-def _decoding(path: str | os.PathLike) -> Iterator[None]:
-    """Turn whatever decoding ``path`` raises into ``BadImageError(path, short reason)``."""
+def _decoding(path: str | os.PathLike, data: bytes | None = None) -> Iterator[None]:
+    """Turn whatever decoding ``path`` (or ``data``, its bytes) raises into ``BadImageError(path, short reason)``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -174,7 +176,7 @@ def _decoding(path: str | os.PathLike) -> Iterator[None]:
     except IsADirectoryError:
         raise BadImageError(path, "is a folder, not a file") from None
     except UnidentifiedImageError:
-        empty = os.path.getsize(path) == 0
+        empty = (len(data) if data is not None else os.path.getsize(path)) == 0
         raise BadImageError(path, "empty file" if empty else "not an image (cannot identify format)") from None
     except (OSError, EOFError) as err:
         truncated = isinstance(err, EOFError) or "truncated" in str(err).lower()

@@ -140,12 +140,14 @@ def file_identity(path) -> dict | None:
 
 @dataclass
 class Output:
-    """What ``process`` gives for one input: the array to store, its attributes, and side files that the writer
-    thread writes: ``{path relative to the output folder: write(path)}`` (previews, saved fields)."""
+    """What ``process`` gives for one input: the array to store, its attributes, side files that the writer
+    thread writes: ``{path relative to the output folder: write(path)}`` (previews, saved fields), and ``extra``
+    arrays of feature shards (``{group: array}``, e.g. a compact store's image bytes)."""
 
     array: Any
     attrs: dict
     files: dict[str, Callable[[Path], None]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # more arrays stored under the same key (compact stores)
 
 
 def preview_name(rel: str) -> str:
@@ -363,7 +365,7 @@ class _ShardWriterThread(threading.Thread):
                 path = self.out_dir / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write(path)
-            self._writer.add(source, output.array, output.attrs)
+            self._writer.add(source, output.array, output.attrs, output.extra)
         elif kind == "failure":
             self._writer.add_failure(*args)
             self.failures.append({"source": args[0], "reason": args[1]})

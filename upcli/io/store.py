@@ -167,12 +167,15 @@ class ShardWriter:
         self._file.attrs.update(attrs)
         self._features = self._file.create_group("features")
 
-    def add(self, source: str, array: np.ndarray, attrs: dict) -> str:
+    def add(self, source: str, array: np.ndarray, attrs: dict, extra: dict[str, np.ndarray] | None = None) -> str:
+        """Store ``array`` as ``/features/KEY`` with ``attrs`` (and ``source``), and each of ``extra`` as
+        ``/NAME/KEY`` (a compact store's image bytes); returns KEY."""
+        extra = extra or {}
         # HDF5 must never meet a full disk: a failed write leaves objects whose destructors write again, and the
         # process then crashes. So the blocks for the image and its metadata are reserved past the file's end
         # first; where the filesystem cannot reserve, the free space is checked instead (which another writer
         # could still use up before HDF5 writes).
-        needed = array.nbytes + _METADATA_MARGIN
+        needed = array.nbytes + sum(a.nbytes for a in extra.values()) + _METADATA_MARGIN
         try:
             reserved = reserve_space(self._file.id.get_vfd_handle(), self._file.id.get_filesize(), needed)
         except OSError as err:
@@ -189,6 +192,8 @@ class ShardWriter:
                                            **self._filters)
         ds.attrs["source"] = source
         ds.attrs.update(attrs)
+        for name, data in extra.items():
+            self._file.require_group(name).create_dataset(key, data=data, fletcher32=True, **self._filters)
         self.num_images += 1
         return key
 
@@ -198,7 +203,8 @@ class ShardWriter:
     def add_copy(self, shard, key: str) -> str:
         """Add image ``key`` of another open shard (``h5py.File``) as it is stored there."""
         ds = shard["features"][key]
-        return self.add(str(ds.attrs["source"]), ds[()], {k: v for k, v in ds.attrs.items() if k != "source"})
+        extra = {name: group[key][()] for name, group in shard.items() if name != "features" and key in group}
+        return self.add(str(ds.attrs["source"]), ds[()], {k: v for k, v in ds.attrs.items() if k != "source"}, extra)
 
     def commit(self) -> Path:
         self._file.attrs["num_images"] = self.num_images
@@ -249,6 +255,14 @@ def read_shard_index(path: Path, fingerprint: str | None = None) -> dict | None:
         return None
 
 
+def read_all(shard, key: str) -> None:
+    """Read every dataset of image ``key`` in an open shard (``/features/KEY`` and a compact store's
+    ``/images/KEY``): HDF5 checks each chunk's fletcher32 checksum, so a changed byte raises ``OSError``."""
+    for group in shard.values():
+        if key in group:
+            group[key][()]
+
+
 def set_aside_path(path: Path) -> Path:
     """Where ``verify_store`` puts a shard with a corrupt image: ``shard-N.h5.corrupt``."""
     return path.with_name(path.name + ".corrupt")
@@ -265,7 +279,7 @@ def intact_images(path: Path, fingerprint: str) -> dict[str, str]:
         with h5py.File(path, "r") as f:
             for key, source in content["images"]:
                 try:
-                    f["features"][key][()]
+                    read_all(f, key)
                 except OSError:
                     continue
                 intact[source] = key
@@ -288,8 +302,11 @@ class ImageShardWriter:
         self.record = {"format": IMAGE_FORMAT, "format_version": FORMAT_VERSION, "shard_index": shard_index,
                        "complete": True, **attrs, "images": [], "failures": []}
 
-    def add(self, source: str, array: np.ndarray, attrs: dict) -> str:
-        """``array``: uint8 (H, W, 3); ``attrs["key"]``, if given, is where it goes (else ``image_key(source)``)."""
+    def add(self, source: str, array: np.ndarray, attrs: dict, extra: dict | None = None) -> str:
+        """``array``: uint8 (H, W, 3); ``attrs["key"]``, if given, is where it goes (else ``image_key(source)``).
+        Image shards keep no ``extra`` arrays."""
+        if extra:
+            raise ValueError(f"image shards keep no extra arrays, got {sorted(extra)}")
         from PIL import Image
 
         attrs = dict(attrs)
@@ -393,6 +410,10 @@ def clear_store(out: Path) -> None:
     if previews.is_dir():
         for path in previews.glob("*.png"):
             path.unlink()
+    copies = out / "upsamplers"  # a compact store's upsampler checkpoints (``compact.CHECKPOINTS``)
+    if copies.is_dir():
+        for path in copies.glob("*.safetensors"):
+            path.unlink()
 
 
 def read_job_record(out_dir: Path) -> dict:
@@ -462,10 +483,13 @@ def verify_store(out_dir: Path, repair: bool = False) -> dict:
             with h5py.File(path, "r") as f:
                 for key, source in content["images"]:
                     ds = f["features"][key]
-                    if ds.ndim != 3 or tuple(ds.shape[1:]) != tuple(ds.attrs["size"]):
+                    compact = ds.attrs.get("store") == "compact"  # low-res features: the size is rendered
+                    if ds.ndim != 3 or (not compact and tuple(ds.shape[1:]) != tuple(ds.attrs["size"])):
                         problems.append(f"{path.name}/{key}: shape {ds.shape} does not match its size attribute")
+                    if compact and key not in f.get("images", {}):
+                        problems.append(f"{path.name}/{key}: a compact store's image bytes are missing")
                     try:
-                        ds[()]  # every chunk's fletcher32 checksum is checked on reading
+                        read_all(f, key)
                     except OSError:
                         corrupt.append(source)
             if corrupt:  # set aside: the manifest leaves it out; a re-run copies the intact images, makes the rest
@@ -510,14 +534,20 @@ def index_lock(out_dir: Path):
 class FeatureStore:
     """Read an upcli output folder: ``store["sub/cat.jpg"]`` or ``store[i]`` gives a (C, H, W) tensor.
 
+    Full and compact stores (``upcli upsample --store compact``) are read alike: a compact store renders each map
+    when it is read, from the low-res features and the image it keeps, with the upsampler the job used (on
+    ``device``, the CPU by default). ``store.get(name, size=(H, W))`` gives another size (a full store's map is
+    resized bilinearly; a compact store renders at that size, above the image's own too).
+
     h5py handles open lazily in each process, so the store can be handed to a DataLoader with workers.
 
     >>> store = FeatureStore("feats/")
     >>> feats = store["cat.jpg"]            # torch.Tensor (C, H, W), float16 by default
+    >>> big = store.get("cat.jpg", size=(896, 1344))
     >>> loader = DataLoader(store, batch_size=None, num_workers=2)
     """
 
-    def __init__(self, root):
+    def __init__(self, root, device=None):
         self.root = Path(root)
         manifest = self.root / "manifest.jsonl"
         if not manifest.is_file():
@@ -527,6 +557,8 @@ class FeatureStore:
         self._index = {r["source"]: (r["shard"], r["key"]) for r in rows}
         self._files: dict = {}
         self._pid = os.getpid()
+        self.device = device
+        self._renderer = None
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -552,7 +584,7 @@ class FeatureStore:
         except KeyError:
             raise KeyError(f"{source!r} is not in {self.root}") from None
         if self._pid != os.getpid():  # forked into a worker: never reuse the parent's handles
-            self._files, self._pid = {}, os.getpid()
+            self._files, self._renderer, self._pid = {}, None, os.getpid()
         if shard not in self._files:
             self._files[shard] = h5py.File(self.root / shard, "r")
         try:
@@ -569,13 +601,38 @@ class FeatureStore:
         return dict(self._dataset(item).attrs)
 
     def __getitem__(self, item):
+        return self.get(item)
+
+    def get(self, item, size: tuple[int, int] | None = None, device=None):
+        """The map of ``item`` (a source name or an index) at ``size`` (``(H, W)``; default: the job's size),
+        rendered on ``device`` (default: the store's) where the store is compact."""
+        import torch
+
         ds = self._dataset(item)
+        attrs = dict(ds.attrs)
+        compact = attrs.get("store") == "compact"
         try:
             data = ds[()]
+            image = ds.file["images"][ds.name.rsplit("/", 1)[1]][()] if compact else None
         except OSError as err:  # a fletcher32 mismatch: a changed byte on disk
             raise StoreError(f"{self.root}: {item!r} is corrupt ({first_line(err)}); `upcli upsample --verify "
                              f"{self.root}` sets its shard aside for a re-run to make again") from None
-        return from_storage(data, str(ds.attrs.get("dtype", ds.dtype.name)))
+        except KeyError:
+            raise StoreError(f"{self.root}: the image bytes of compact entry {item!r} are missing") from None
+        dtype = str(attrs.get("dtype", ds.dtype.name))
+        tensor = from_storage(data, dtype)
+        device = torch.device(device or self.device or "cpu")
+        if compact:
+            if self._renderer is None:
+                from .compact import Renderer
+
+                self._renderer = Renderer(self.root)
+            return self._renderer.render(str(attrs["source"]), attrs, tensor, image, size, device)
+        if size is not None and tuple(size) != tuple(tensor.shape[-2:]):
+            resized = torch.nn.functional.interpolate(tensor[None].to(device).float(), size=tuple(size),
+                                                      mode="bilinear", align_corners=False)[0]
+            return from_storage(to_storage(resized, dtype), dtype)
+        return tensor
 
     def close(self) -> None:
         for f in self._files.values():
@@ -584,5 +641,5 @@ class FeatureStore:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_files"] = {}
+        state["_files"], state["_renderer"] = {}, None
         return state

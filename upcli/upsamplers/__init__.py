@@ -12,7 +12,7 @@ from torch import nn
 
 from .._registry import Registry
 from ..checkpoints import names_checkpoint_file
-from .base import LearnedUpsampler, Upsampler, guidance_at
+from .base import LearnedUpsampler, Upsampler, guidance_at, upsample_features
 
 _UPSAMPLERS: Registry[Upsampler] = Registry("upsampler")
 
@@ -61,5 +61,5 @@ def list_upsamplers(pattern: str = "*") -> list[str]:
 from .checkpoints import load_upsampler, shipped_checkpoint  # noqa: E402
 from . import attention, bilateral, bilinear, implicit, jbu, pac, resize_conv  # noqa: E402, F401
 
-__all__ = ["Upsampler", "create_upsampler", "guidance_at", "list_upsamplers", "register_upsampler",
+__all__ = ["Upsampler", "create_upsampler", "guidance_at", "list_upsamplers", "register_upsampler", "upsample_features",
            "upsampler_class"]

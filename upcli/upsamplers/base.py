@@ -37,6 +37,15 @@ class Upsampler(nn.Module):
         return cls(backbone=backbone, **arch)
 
 
+def upsample_features(upsampler: Upsampler, low: Tensor, images: Tensor, size: tuple[int, int], device) -> Tensor:
+    """``upsampler(low, images, size)`` as ``upcli upsample`` runs it (inference mode, autocast on CUDA): the one
+    way a full store's maps are made and a compact store's rendered."""
+    from ..runtime import inference_autocast
+
+    with torch.inference_mode(), inference_autocast(device):
+        return upsampler(low, images, size=size)
+
+
 def guidance_at(image: Tensor, size: tuple[int, int]) -> Tensor:
     """``image`` resized to ``size`` (bilinear, antialiased when shrinking); unchanged if already that size."""
     if tuple(image.shape[-2:]) == tuple(size):
