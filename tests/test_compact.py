@@ -122,3 +122,21 @@ def test_implicit_has_no_compact_form(images, tmp_path):
     with pytest.raises(UsageError, match="fit-image --save-field"):
         run(images, tmp_path / "c", "compact", "implicit")
 
+
+
+def test_expand_renders_a_compact_store_into_a_full_one(images, tmp_path):
+    from upcli.upsample import expand_store
+
+    run(images, tmp_path / "c", "compact", "jbu")
+    compact = FeatureStore(tmp_path / "c")
+    options = JobOptions(out=tmp_path / "full", shard_size=2)
+    first = expand_store(tmp_path / "c", options)
+    full = FeatureStore(tmp_path / "full")
+    assert first.processed == 3 and sorted(full) == sorted(compact)
+    for name in compact:
+        assert torch.equal(full[name], compact[name])
+        assert "store" not in full.attrs(name) and tuple(full.attrs(name)["size"]) == tuple(full[name].shape[1:])
+    assert verify_store(tmp_path / "full")["problems"] == []
+    assert expand_store(tmp_path / "c", options).processed == 0  # resumes: nothing left
+    with pytest.raises(UsageError, match="not a compact store"):
+        expand_store(tmp_path / "full", JobOptions(out=tmp_path / "again"))

@@ -101,6 +101,8 @@ def _path(value: Optional[Path]) -> Optional[str]:
 
   upcli upsample ./imgs --out feats/ --upsampler jbu --store compact   # ~300x smaller; maps rendered on read
 
+  upcli upsample --expand feats/ --out feats-full/                     # a compact store made full
+
   upcli upsample --verify feats/
 """)
 @with_flags((JobOptions, None), (FeatureOptions, None))
@@ -116,6 +118,7 @@ def upsample(
     dry_run: Annotated[bool, typer.Option(help="Print images, output shapes and disk use; write nothing.")] = False,
     verify: Annotated[Optional[Path], typer.Option(help="Check a finished store and rebuild its manifest.", file_okay=False)] = None,
     repair: Annotated[bool, typer.Option(help="With --verify: rebuild the manifest from job.json even where the shards are of another job.")] = False,
+    expand: Annotated[Optional[Path], typer.Option(help="Render a compact store's maps into a full store at --out (resumable, like any job).", file_okay=False)] = None,
     list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List backbone names and exit.")] = False,
 ) -> None:
     """Run a backbone over a folder and write features at image resolution to HDF5 shards."""
@@ -124,7 +127,7 @@ def upsample(
     upsampler_args = {k: v for k, v in {"sigma_spatial": sigma_spatial, "sigma_color": sigma_color}.items() if v is not None}
     with errors("upsample"):
         code = upsample_command(folder, JobOptions(**job), FeatureOptions(**features), list_backbones=list_backbones,
-                                verify=verify, repair=repair, dry_run=dry_run, upsampler=upsampler,
+                                verify=verify, repair=repair, expand=expand, dry_run=dry_run, upsampler=upsampler,
                                 upsampler_args=upsampler_args, size=size, store=store)
     raise typer.Exit(code)
 

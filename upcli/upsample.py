@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -144,6 +145,40 @@ def compact_recipe(name: str, backbone, out_dir, upsampler_args: dict, upsampler
     return {"attrs": attrs, "files": files}
 
 
+def expand_store(compact_dir, options: JobOptions) -> JobResult:
+    """Render every map of a compact store into a full store at ``options.out``: a job of its own (resumable,
+    splittable, ``--verify``), whose inputs are the compact store's entries, stamped by the shards that hold them."""
+    from .io.images import ImageRef
+    from .io.jobs import JobPlan
+    from .io.store import FeatureStore, read_job_record, to_storage
+    from .runtime import resolve_split
+
+    record = read_job_record(compact_dir)
+    if record["settings"].get("store") != "compact":
+        raise UsageError(f"--expand {compact_dir}: not a compact store (upcli upsample --store compact)")
+    if options.out is None:
+        raise UsageError("--expand needs --out DIR for the full store")
+    store = FeatureStore(compact_dir)
+    device = resolve_device(options.device)
+    inputs = [ImageRef(store.shard_path(name), name) for name in store]
+    settings = {**record["settings"], "store": "full", "expanded_from": record["fingerprint"]}
+    options = dataclasses.replace(options, workers=0)  # nothing to decode: the entries are read as rendered
+    plan = JobPlan("upsample", options, store.root, inputs, options.shard_size or SHARD_SIZE,
+                   resolve_split(options.num_shards, options.shard_index), {})
+    compact_only = ("source", "store", "upsampler_sha256", "upsampler_args")
+
+    def render(items: list[Item], timings) -> list[Output]:
+        outputs = []
+        for item in items:
+            with timings.measure("upsample"):
+                feats = store.get(item.ref.rel, device=device)
+            attrs = {k: v for k, v in store.attrs(item.ref.rel).items() if k not in compact_only}
+            outputs.append(Output(to_storage(feats, settings["dtype"]), attrs))
+        return outputs
+
+    return plan.run(plan.job(settings), lambda ref: None, render, device, settings["compression"])
+
+
 def plan_upsample(folder, features: FeatureOptions = FeatureOptions(), size: int | str | None = DEFAULT_SIZE) -> dict:
     """What ``upsample_folder`` would write, from image headers alone (``--dry-run``)."""
     import numpy as np
@@ -170,9 +205,10 @@ def plan_upsample(folder, features: FeatureOptions = FeatureOptions(), size: int
 
 def upsample_command(folder, options: JobOptions, features: FeatureOptions = FeatureOptions(), *,
                      list_backbones: bool = False, verify=None, repair: bool = False, dry_run: bool = False,
-                     **upsampling) -> int:
-    """All of ``upcli upsample``: ``--list-backbones``, ``--verify DIR [--repair]``, ``--dry-run`` or the job (``upsampling``:
-    the keywords of :func:`upsample_folder`). Prints what the mode reports and returns the exit code."""
+                     expand=None, **upsampling) -> int:
+    """All of ``upcli upsample``: ``--list-backbones``, ``--verify DIR [--repair]``, ``--expand DIR``, ``--dry-run``
+    or the job (``upsampling``: the keywords of :func:`upsample_folder`). Prints what the mode reports and returns
+    the exit code."""
     import sys
 
     if list_backbones:
@@ -193,6 +229,10 @@ def upsample_command(folder, options: JobOptions, features: FeatureOptions = Fea
         return 1 if report["problems"] else 0
     if repair:
         raise UsageError("--repair goes with --verify DIR")
+    if expand is not None:
+        if folder is not None:
+            raise UsageError("--expand DIR renders a compact store: give no image folder")
+        return expand_store(expand, options).exit_code
     if dry_run:
         plan = plan_upsample(folder, features, upsampling.get("size", DEFAULT_SIZE))
         shapes = list(plan["shapes"].items())

@@ -600,6 +600,11 @@ class FeatureStore:
     def attrs(self, item) -> dict:
         return dict(self._dataset(item).attrs)
 
+    def shard_path(self, item) -> Path:
+        """The shard file that holds ``item`` (a source name or an index)."""
+        source = self.sources[item] if isinstance(item, int) else item
+        return self.root / self._index[source][0]
+
     def __getitem__(self, item):
         return self.get(item)
 
