@@ -140,3 +140,26 @@ def test_expand_renders_a_compact_store_into_a_full_one(images, tmp_path):
     assert expand_store(tmp_path / "c", options).processed == 0  # resumes: nothing left
     with pytest.raises(UsageError, match="not a compact store"):
         expand_store(tmp_path / "full", JobOptions(out=tmp_path / "again"))
+
+
+def test_fit_image_compact_keeps_the_fields_and_renders_them(images, tmp_path):
+    """fit-image's compact form is its saved field, the low-res features and the image bytes (guided by the whole
+    image, as fit-image renders): equal to its full store within float16 rounding."""
+    from upcli.fit_image import fit_images
+    from upcli.upsamplers.implicit import FitConfig
+
+    tiny = FitConfig(steps=4, views=4, views_per_step=2, points_per_cell=2, fit_size=64, proj_dim=16, width=16)
+    kw = dict(fit=tiny, scale=1.5)
+    fit_images(images, JobOptions(tmp_path / "full", workers=0, quiet=True), **kw)
+    fit_images(images, JobOptions(tmp_path / "c", workers=0, quiet=True), store="compact", **kw)
+    full, compact = FeatureStore(tmp_path / "full"), FeatureStore(tmp_path / "c")
+    for name in full:
+        assert_within_float16_rounding(full[name], compact[name])
+        assert (tmp_path / "c" / "fields" / f"{name}.safetensors").is_file()
+    assert verify_store(tmp_path / "c")["problems"] == []
+    field = tmp_path / "c" / "fields" / "wide.png.safetensors"
+    field.write_bytes(field.read_bytes()[:-1] + b"x")
+    with pytest.raises(StoreError, match="fields/wide.png.safetensors is altered"):
+        FeatureStore(tmp_path / "c")["wide.png"]
+    with pytest.raises(UsageError, match="--store compact keeps the fields it fits"):
+        fit_images(images, JobOptions(tmp_path / "x", workers=0), store="compact", from_fields=tmp_path / "c" / "fields")

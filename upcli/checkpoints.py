@@ -48,15 +48,19 @@ def names_checkpoint_file(name: str, registered: Container[str]) -> bool:
 
 # ---- upcli's format ----------------------------------------------------------------------------------------
 
-def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], config: dict) -> None:
-    """Write ``tensors`` and ``config`` to ``path`` (safetensors), atomically."""
+def checkpoint_bytes(tensors: dict[str, Tensor], config: dict) -> bytes:
+    """``tensors`` and ``config`` as the bytes of a checkpoint file (safetensors)."""
     from safetensors.torch import save
 
+    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **config}
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"upcli": json.dumps(meta)})
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], config: dict) -> None:
+    """Write ``tensors`` and ``config`` to ``path`` (safetensors), atomically."""
     from .io.store import write_atomic
 
-    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **config}
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"upcli": json.dumps(meta)})
-    write_atomic(Path(path), data)
+    write_atomic(Path(path), checkpoint_bytes(tensors, config))
 
 
 def read_config(path: str | Path, kind: str | None = None) -> dict:

@@ -150,13 +150,14 @@ def fit_image(
     scale: Annotated[Optional[float], typer.Option(help="Output size as a multiple of the image's own, e.g. 2 (instead of --size).")] = None,
     save_field: Annotated[bool, typer.Option("--save-field", help="Keep each fitted field in OUT/fields/ for re-rendering.")] = False,
     from_fields: Annotated[Optional[Path], typer.Option(help="Render the fields saved by an earlier --save-field run instead of fitting.", file_okay=False)] = None,
+    store: Annotated[str, typer.Option(help="full: the dense maps; compact: each fitted field (in OUT/fields, as --save-field), the low-res features and the image bytes, the maps rendered when read.")] = "full",
 ) -> None:
     """Fit FeatUp's implicit upsampler to each image and write its features at any resolution (HDF5 store)."""
     from .fit_image import fit_images
 
     with errors("fit-image"):
         result = fit_images(images, JobOptions(**job), FeatureOptions(**features), FitConfig(**fit), size=size, scale=scale,
-                            save_fields=save_field, from_fields=from_fields)
+                            save_fields=save_field, from_fields=from_fields, store=store)
     raise typer.Exit(result.exit_code)
 
 

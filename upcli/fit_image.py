@@ -9,6 +9,7 @@ With ``save_fields``, each fitted field goes to ``OUT/fields/<image path>.safete
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,36 +35,45 @@ def field_path(field_dir: Path, rel: str) -> Path:
 
 
 def load_for_fit(ref: ImageRef, size: int | None, scale: float | None, stride: int, dim: int,
-                 from_fields: Path | None = None) -> dict:
-    """Decode one image (DataLoader worker) and check that it can be fitted (or its field found) and stored."""
+                 from_fields: Path | None = None, keep_bytes: bool = False) -> dict:
+    """Decode one image (DataLoader worker) and check that it can be fitted (or its field found) and stored;
+    ``keep_bytes``: also the file's bytes, the ones decoded (a compact store keeps them)."""
+    import numpy as np
     import torch
 
     if from_fields is not None and not field_path(from_fields, ref.rel).is_file():
         raise BadImageError(ref.path, f"no saved field {field_path(from_fields, ref.rel)}")
-    rgb = load_rgb(ref.path)
+    data = ref.path.read_bytes() if keep_bytes else None
+    rgb = load_rgb(ref.path, data)
     orig = rgb.shape[:2]
     if min(orig) < stride:
         raise BadImageError(ref.path, f"image is {orig[1]}x{orig[0]} px, smaller than one cell of the backbone's "
                                       f"grid ({stride} px)")
     out = output_size(orig, size, scale)
     check_feature_bytes(ref, out, dim)
-    return {"image": torch.from_numpy(rgb), "orig_size": tuple(orig), "size": out}
+    item = {"image": torch.from_numpy(rgb), "orig_size": tuple(orig), "size": out}
+    if keep_bytes:
+        item["bytes"] = np.frombuffer(data, dtype=np.uint8)
+    return item
 
 
 class FitStep:
-    """The model step: fit (or load) each image's field, render it at the output size."""
+    """The model step: fit (or load) each image's field, render it at the output size. ``compact``: store the
+    field (as ``--save-field`` does), the low-res features and the image's bytes instead (rendered on read)."""
 
     def __init__(self, backbone, cfg: FitConfig, device, dtype: str, save_fields: bool, from_fields: Path | None,
-                 reporter):
+                 reporter, compact: bool = False):
         self.backbone, self.cfg, self.device, self.dtype = backbone, cfg, device, dtype
         self.save_fields, self.from_fields, self.reporter = save_fields, from_fields, reporter
+        self.compact = compact
         self.attrs = {"backbone": backbone.name, "layer": str(backbone.layer), "upsampler": "implicit", "dtype": dtype}
 
     def __call__(self, items: list[Item], timings) -> list[Output]:
         import torch
 
+        from .io.store import write_atomic
         from .upsamplers import guidance_at
-        from .upsamplers.checkpoints import load_upsampler, save_upsampler
+        from .upsamplers.checkpoints import load_upsampler, save_upsampler, upsampler_bytes
         from .upsamplers.implicit import fit_field
         from .viz import save_preview
 
@@ -81,19 +91,31 @@ class FitStep:
                     fit = fit_field(self.backbone, image, self.cfg)
                 field = fit.upsampler
                 extra = {"fit_seconds": round(fit.seconds, 3), "fit_loss": round(sum(fit.losses[-10:]) / len(fit.losses[-10:]), 6)}
-                if self.save_fields:
-                    files[str(field_path(Path("fields"), item.ref.rel))] = functools.partial(
-                        save_upsampler, upsampler=field, backbone=self.backbone, extra={"source": item.ref.rel})
-            with timings.measure("render"), torch.inference_mode():
-                high = field(None, image, size)
+                saved = str(field_path(Path("fields"), item.ref.rel))
+                if self.compact:  # the store keeps the field and renders it on read: its sha256 says which
+                    data = upsampler_bytes(field, self.backbone, {"source": item.ref.rel})
+                    files[saved] = functools.partial(write_atomic, data=data)
+                    extra.update(store="compact", upsampler_checkpoint=saved, guidance="original",
+                                 upsampler_sha256=hashlib.sha256(data).hexdigest(), upsampler_args="{}")
+                elif self.save_fields:
+                    files[saved] = functools.partial(save_upsampler, upsampler=field, backbone=self.backbone,
+                                                     extra={"source": item.ref.rel})
+            high = None
+            if not self.compact or item.preview:
+                with timings.measure("render"), torch.inference_mode():
+                    high = field(None, image, size)
             with timings.measure("to host"):
-                array = to_storage(high[0], self.dtype)
+                array = to_storage(field.lr_feats[0] if self.compact else high[0], self.dtype)
             if item.preview:
                 pixels = guidance_at(image, tuple(high.shape[-2:]))[0].mul(255).round().clamp(0, 255).byte()
                 files[preview_name(item.ref.rel)] = functools.partial(
                     save_preview, image=pixels.permute(1, 2, 0).cpu().numpy(), lr_feats=field.lr_feats[0].float().cpu(),
                     hr_feats=high[0].float().cpu())
-            results.append(Output(array, {**self.attrs, **extra, "orig_size": item.data["orig_size"], "size": size}, files))
+            output = Output(array, {**self.attrs, **extra, "orig_size": item.data["orig_size"], "size": size}, files)
+            if self.compact:
+                output.attrs["upsampler"] = "implicit-field"
+                output.extra["images"] = item.data["bytes"]
+            results.append(output)
             if extra:
                 self.reporter.log(f"fitted {printable_name(item.ref.rel)} in {extra['fit_seconds']:.1f} s, loss {extra['fit_loss']:.4f}")
         return results
@@ -109,10 +131,13 @@ def fit_images(
     scale: float | None = None,
     save_fields: bool = False,
     from_fields: str | Path | None = None,
+    store: str = "full",
 ) -> JobResult:
     """Fit an implicit field to each image (a file, or every image under a folder) and store its features.
 
-    The output size is ``size`` (shorter side, or "original"), or ``scale`` times the image; by default 448."""
+    The output size is ``size`` (shorter side, or "original"), or ``scale`` times the image; by default 448.
+    ``store="compact"`` keeps each image's field (in ``OUT/fields``, as ``save_fields``), its low-res features
+    and its bytes, and the maps are rendered on read (:mod:`.io.compact`)."""
     from .backbones import create_backbone
     from .upsamplers import create_upsampler
 
@@ -129,6 +154,10 @@ def fit_images(
         raise UsageError("--from-fields renders saved fields; it cannot be combined with --save-field")
     if from_fields is not None and fit != FitConfig():
         raise UsageError("--from-fields renders saved fields: the fit options (--steps, --views, ...) do not apply")
+    if store not in ("full", "compact"):
+        raise UsageError(f"--store must be full or compact, got {store!r}")
+    if store == "compact" and from_fields is not None:
+        raise UsageError("--store compact keeps the fields it fits; --from-fields renders saved ones into a full store")
     if from_fields is not None and not Path(from_fields).is_dir():
         raise UsageError(f"--from-fields {str(from_fields)!r} is not a folder")
     plan = prepare_job("fit-image", images, options, SHARD_SIZE,
@@ -142,9 +171,11 @@ def fit_images(
         "size": size or "original", "scale": scale, "dtype": f.dtype, "compression": f.compression,
         **({"from_fields": str(Path(from_fields).resolve())} if from_fields is not None else {"fit": asdict(fit)}),
         **({"save_fields": True} if save_fields else {}),  # only when set: stores made without it still resume
+        **({"store": "compact"} if store == "compact" else {}),
     }
     from_fields = Path(from_fields) if from_fields is not None else None
-    step = FitStep(model, fit, device, f.dtype, save_fields, from_fields, plan.reporter)
+    compact = store == "compact"
+    step = FitStep(model, fit, device, f.dtype, save_fields, from_fields, plan.reporter, compact)
     load = functools.partial(load_for_fit, size=size, scale=scale, stride=model.stride, dim=model.dim,
-                             from_fields=from_fields)
+                             from_fields=from_fields, keep_bytes=compact)
     return plan.run(plan.job(settings), load, step, device, f.compression)

@@ -137,11 +137,12 @@ def compact_recipe(name: str, backbone, out_dir, upsampler_args: dict, upsampler
                          "`upcli fit-image --save-field`, whose fields are that upsampler's compact form)")
     checkpoint = upsampler_checkpoint(name, backbone)
     sha = file_sha256(checkpoint) if checkpoint is not None else ""
-    files = {}
+    files, relative = {}, ""
     if checkpoint is not None:
-        copy = checkpoint_copy(out_dir, sha)
-        files[str(copy.relative_to(out_dir))] = keep_checkpoint(checkpoint, sha)
-    attrs = {"store": "compact", "upsampler_sha256": sha, "upsampler_args": json.dumps(upsampler_args, sort_keys=True)}
+        relative = str(checkpoint_copy(out_dir, sha).relative_to(out_dir))
+        files[relative] = keep_checkpoint(checkpoint, sha)
+    attrs = {"store": "compact", "upsampler_checkpoint": relative, "upsampler_sha256": sha,
+             "upsampler_args": json.dumps(upsampler_args, sort_keys=True), "guidance": "resized"}
     return {"attrs": attrs, "files": files}
 
 

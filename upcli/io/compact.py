@@ -5,13 +5,15 @@ map is rendered when it is read (:class:`~upcli.io.store.FeatureStore`), by the 
 
     /features/KEY   (C, h, w) low-res features in the stored dtype; a full store's attrs (source, orig_size,
                     size = the (H, W) that ``store[name]`` renders, backbone, layer, upsampler, dtype) and
-                    store = "compact", upsampler_args (JSON), upsampler_sha256 ("" when the upsampler has no
-                    checkpoint: bilinear, bilateral)
-    /images/KEY     uint8 [n]: the image file's exact bytes, decoded at read time as ``upsample`` decodes them
+                    store = "compact", upsampler_args (JSON), upsampler_checkpoint (its path in the store, "" when
+                    the upsampler has none: bilinear, bilateral) and upsampler_sha256, guidance ("resized": the
+                    image resized to the output size, as ``upsample`` guides; "original": as ``fit-image`` does)
+    /images/KEY     uint8 [n]: the image file's exact bytes, decoded at read time as the job decoded them
                     (upright per EXIF, then bicubic to the size asked)
 
-and beside the shards ``upsamplers/<sha256>.safetensors``, a copy of the upsampler's checkpoint: the store stays
-readable after the file it came from changes or goes. A copy that is missing or altered is refused.
+The checkpoint lives in the store: ``upsamplers/<sha256>.safetensors`` for ``upsample`` (a copy: the store stays
+readable after the file it came from changes or goes), ``fields/<image>.safetensors`` for ``fit-image`` (each
+image's fitted field, as ``--save-field`` keeps it). One that is missing or altered is refused.
 """
 
 from __future__ import annotations
@@ -83,22 +85,24 @@ class Renderer:
         """The upsampler that wrote these attrs' image, checked against the store's copy of its checkpoint."""
         from ..upsamplers import create_upsampler
 
-        sha = str(attrs.get("upsampler_sha256", ""))
+        sha, checkpoint = str(attrs.get("upsampler_sha256", "")), str(attrs.get("upsampler_checkpoint", ""))
         args = json.loads(attrs.get("upsampler_args", "{}"))
         recipe = (str(attrs["upsampler"]), sha, json.dumps(args, sort_keys=True), dim, str(device))
         if recipe not in self._upsamplers:
             backbone = SimpleNamespace(name=str(attrs["backbone"]), layer=str(attrs["layer"]), dim=dim)
-            if sha:
-                copy = checkpoint_copy(self.root, sha)
-                if not copy.is_file():
+            if checkpoint:
+                path = self.root / checkpoint
+                if not path.is_file():
                     raise StoreError(f"{self.root}: the upsampler checkpoint with sha256 {sha} is missing "
-                                     f"({CHECKPOINTS}/{copy.name}); this compact store cannot be rendered")
-                if file_sha256(copy) != sha:
-                    raise StoreError(f"{self.root}: {CHECKPOINTS}/{copy.name} is altered (its sha256 is not "
-                                     f"{sha}); this compact store cannot be rendered")
-                up = create_upsampler(str(copy), backbone=backbone)
+                                     f"({checkpoint}); this compact store cannot be rendered")
+                if file_sha256(path) != sha:
+                    raise StoreError(f"{self.root}: {checkpoint} is altered (its sha256 is not {sha}); this compact "
+                                     f"store cannot be rendered")
+                up = create_upsampler(str(path), backbone=backbone)
             else:
                 up = create_upsampler(str(attrs["upsampler"]), backbone=backbone, **args)
+            if len(self._upsamplers) >= 8:  # fit-image stores have one per image: keep the latest few
+                self._upsamplers.pop(next(iter(self._upsamplers)))
             self._upsamplers[recipe] = up.to(device).eval()
         return self._upsamplers[recipe]
 
@@ -115,7 +119,8 @@ class Renderer:
             rgb = load_rgb(source, data.tobytes())
         except BadImageError as err:
             raise StoreError(f"{self.root}: the stored image of {source!r} cannot be decoded ({err.reason})") from None
-        pixels = torch.from_numpy(resize_rgb(rgb, size)).to(device)
+        original = attrs.get("guidance", "resized") == "original"
+        pixels = torch.from_numpy(rgb if original else resize_rgb(rgb, size)).to(device)
         images = pixels.permute(2, 0, 1)[None].float().div_(255).contiguous()
         dtype = str(attrs.get("dtype", "float16"))
         up = self.upsampler(attrs, low.shape[0], device)

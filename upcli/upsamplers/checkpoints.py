@@ -14,6 +14,7 @@ from importlib import resources
 from ..checkpoints import (
     build_checked,
     check_finite,
+    checkpoint_bytes,
     load_checkpoint,
     read_config,
     save_checkpoint,
@@ -87,6 +88,11 @@ def upsampler_config(upsampler: Upsampler, backbone) -> dict:
 
 def save_upsampler(path, upsampler: Upsampler, backbone, extra: dict | None = None) -> None:
     save_checkpoint(path, upsampler.state_dict(), {**upsampler_config(upsampler, backbone), **(extra or {})})
+
+
+def upsampler_bytes(upsampler: Upsampler, backbone, extra: dict | None = None) -> bytes:
+    """What :func:`save_upsampler` writes, as bytes (to hash them before they are written)."""
+    return checkpoint_bytes(upsampler.state_dict(), {**upsampler_config(upsampler, backbone), **(extra or {})})
 
 
 def load_upsampler(path, backbone=None, name: str | None = None, pretrained: bool = True, **arch) -> Upsampler:
