@@ -163,3 +163,14 @@ def test_fit_image_compact_keeps_the_fields_and_renders_them(images, tmp_path):
         FeatureStore(tmp_path / "c")["wide.png"]
     with pytest.raises(UsageError, match="--store compact keeps the fields it fits"):
         fit_images(images, JobOptions(tmp_path / "x", workers=0), store="compact", from_fields=tmp_path / "c" / "fields")
+
+
+def test_dtype_on_read(images, tmp_path):
+    run(images, tmp_path / "full", "full", "jbu")
+    run(images, tmp_path / "c", "compact", "jbu")
+    full, compact = FeatureStore(tmp_path / "full"), FeatureStore(tmp_path / "c", dtype=torch.float32)
+    assert full["wide.png"].dtype == torch.float16 and full.get("wide.png", dtype=torch.float32).dtype == torch.float32
+    exact = compact["wide.png"]  # not rounded to the stored float16
+    assert exact.dtype == torch.float32 and not torch.equal(exact, exact.half().float())
+    assert_within_float16_rounding(full["wide.png"], exact)
+    assert torch.equal(compact.get("wide.png", dtype=torch.float16), FeatureStore(tmp_path / "c")["wide.png"])

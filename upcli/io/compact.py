@@ -107,12 +107,12 @@ class Renderer:
         return self._upsamplers[recipe]
 
     def render(self, source: str, attrs: dict, low, data: np.ndarray, size: tuple[int, int] | None, device):
-        """The dense map of ``source`` at ``size`` (default: the size the job was asked for), in the stored dtype."""
+        """The dense map of ``source`` at ``size`` (default: the size the job was asked for), as the upsampler
+        gives it (float32; the caller rounds it to the stored dtype where asked)."""
         import torch
 
         from ..upsamplers import upsample_features
         from .images import load_rgb, resize_rgb
-        from .store import from_storage, to_storage
 
         size = tuple(int(s) for s in (size if size is not None else attrs["size"]))
         try:
@@ -122,10 +122,8 @@ class Renderer:
         original = attrs.get("guidance", "resized") == "original"
         pixels = torch.from_numpy(rgb if original else resize_rgb(rgb, size)).to(device)
         images = pixels.permute(2, 0, 1)[None].float().div_(255).contiguous()
-        dtype = str(attrs.get("dtype", "float16"))
         up = self.upsampler(attrs, low.shape[0], device)
-        high = upsample_features(up, low[None].to(device).float(), images, size, device)
-        return from_storage(to_storage(high[0], dtype), dtype)
+        return upsample_features(up, low[None].to(device).float(), images, size, device)[0]
 
     def __getstate__(self):  # a DataLoader worker builds its own upsamplers
         return {"root": self.root, "_upsamplers": {}}

@@ -547,7 +547,7 @@ class FeatureStore:
     >>> loader = DataLoader(store, batch_size=None, num_workers=2)
     """
 
-    def __init__(self, root, device=None):
+    def __init__(self, root, device=None, dtype=None):
         self.root = Path(root)
         manifest = self.root / "manifest.jsonl"
         if not manifest.is_file():
@@ -557,7 +557,7 @@ class FeatureStore:
         self._index = {r["source"]: (r["shard"], r["key"]) for r in rows}
         self._files: dict = {}
         self._pid = os.getpid()
-        self.device = device
+        self.device, self.dtype = device, dtype
         self._renderer = None
 
     def __len__(self) -> int:
@@ -608,9 +608,11 @@ class FeatureStore:
     def __getitem__(self, item):
         return self.get(item)
 
-    def get(self, item, size: tuple[int, int] | None = None, device=None):
+    def get(self, item, size: tuple[int, int] | None = None, device=None, dtype=None):
         """The map of ``item`` (a source name or an index) at ``size`` (``(H, W)``; default: the job's size),
-        rendered on ``device`` (default: the store's) where the store is compact."""
+        rendered on ``device`` (default: the store's) where the store is compact, as ``dtype`` (default: the
+        store's; the stored one if neither is given: a compact store's maps are then rounded to it as a full
+        store's were, an extra pass that ``dtype=torch.float32`` skips)."""
         import torch
 
         ds = self._dataset(item)
@@ -624,20 +626,22 @@ class FeatureStore:
                              f"{self.root}` sets its shard aside for a re-run to make again") from None
         except KeyError:
             raise StoreError(f"{self.root}: the image bytes of compact entry {item!r} are missing") from None
-        dtype = str(attrs.get("dtype", ds.dtype.name))
-        tensor = from_storage(data, dtype)
+        stored = str(attrs.get("dtype", ds.dtype.name))
+        tensor = from_storage(data, stored)
         device = torch.device(device or self.device or "cpu")
+        dtype = dtype or self.dtype
         if compact:
             if self._renderer is None:
                 from .compact import Renderer
 
                 self._renderer = Renderer(self.root)
-            return self._renderer.render(str(attrs["source"]), attrs, tensor, image, size, device)
-        if size is not None and tuple(size) != tuple(tensor.shape[-2:]):
-            resized = torch.nn.functional.interpolate(tensor[None].to(device).float(), size=tuple(size),
-                                                      mode="bilinear", align_corners=False)[0]
-            return from_storage(to_storage(resized, dtype), dtype)
-        return tensor
+            high = self._renderer.render(str(attrs["source"]), attrs, tensor, image, size, device)
+        elif size is not None and tuple(size) != tuple(tensor.shape[-2:]):
+            high = torch.nn.functional.interpolate(tensor[None].to(device).float(), size=tuple(size),
+                                                   mode="bilinear", align_corners=False)[0]
+        else:
+            return tensor if dtype is None else tensor.to(dtype)
+        return from_storage(to_storage(high, stored), stored) if dtype is None else high.to(dtype)
 
     def close(self) -> None:
         for f in self._files.values():
