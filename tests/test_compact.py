@@ -174,3 +174,15 @@ def test_dtype_on_read(images, tmp_path):
     assert exact.dtype == torch.float32 and not torch.equal(exact, exact.half().float())
     assert_within_float16_rounding(full["wide.png"], exact)
     assert torch.equal(compact.get("wide.png", dtype=torch.float16), FeatureStore(tmp_path / "c")["wide.png"])
+
+
+def test_a_split_compact_job_equals_one_worker(images, tmp_path):
+    one = run(images, tmp_path / "one", "compact", "jbu")
+    for part in range(2):
+        options = JobOptions(out=tmp_path / "two", workers=0, shard_size=1, num_shards=2, shard_index=part)
+        upsample_folder(images, options, FeatureOptions(), upsampler="jbu", size=48, store="compact")
+    single, split = FeatureStore(tmp_path / "one"), FeatureStore(tmp_path / "two")
+    assert one.processed == 3 and sorted(split) == sorted(single)
+    for name in single:
+        assert torch.equal(split[name], single[name])
+    assert verify_store(tmp_path / "two")["problems"] == []
