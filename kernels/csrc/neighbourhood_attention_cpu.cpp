@@ -133,17 +133,6 @@ void window_product(const T* A, const int64_t* rows, const int64_t* cols, int64_
   }
 }
 
-// sum_x a[x] * b[x] over np (a multiple of L) entries.
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t np) {
-  using S = Simd<T>;
-  typename S::V acc = {};
-  for (int64_t x = 0; x < np; x += S::L) acc += S::load(a + x) * S::load(b + x);
-  T sum = 0;
-  for (int i = 0; i < S::L; ++i) sum += acc[i];
-  return sum;
-}
-
 // rows [rows][n] of src (stride `stride`) into dst [rows][np], zero-padded.
 template <typename T>
 inline void copy_padded(T* dst, const T* src, int64_t stride, int64_t rows, int64_t n, int64_t np) {
@@ -178,7 +167,7 @@ struct Scratch {
 template <typename T>
 void segment_probabilities(Scratch<T>& sc, const T* query, const T* key, const Shape& s, int64_t b, int64_t y,
                            int64_t x0, int64_t n, int64_t sy, int64_t sx, T scale) {
-  const int64_t taps = s.taps(), plane = s.H * s.W, cells = s.h * s.w, np = round_up(n, Simd<T>::L);
+  const int64_t taps = s.taps(), plane = s.H * s.W, cells = s.h * s.w, np = sc.np;
   for (int64_t ti = 0; ti < s.k; ++ti)
     for (int64_t tj = 0; tj < s.k; ++tj) sc.cell[ti * s.k + tj] = (sy + ti) * s.w + sx + tj;
   T* __restrict p = sc.p.data();
@@ -218,7 +207,7 @@ void forward_impl(const T* query, const T* key, const T* value, T* out, const Sh
       [&](Scratch<T>& sc, int64_t task) {
         const int64_t b = task / s.H, y = task % s.H, sy = window_start(y, s.H, s.h, s.k);
         for (size_t g = 0; g < seg.size(); ++g) {
-          const int64_t x0 = seg.first[g], n = seg.first[g + 1] - x0, np = round_up(n, Simd<T>::L);
+          const int64_t x0 = seg.first[g], n = seg.first[g + 1] - x0, np = sc.np;
           segment_probabilities(sc, query, key, s, b, y, x0, n, sy, seg.start[g], scale);
           // out[c][x] = sum_t value[c, cell t] * p[t][x]
           window_product(value + b * s.C * cells, sc.dim.data(), sc.cell.data(), s.C, taps, sc.p.data(), np,
@@ -229,16 +218,39 @@ void forward_impl(const T* query, const T* key, const T* value, T* out, const Sh
 
 template <typename T>
 struct BackwardScratch : Scratch<T> {
-  // grad_out of the segment [C][np]; dp [k*k][np]; per-thread grad_key [B, heads, d, h, w] and grad_value
-  // [B, C, h, w]
-  std::vector<T> gs, dp, gk, gv;
+  // grad_out of the segment [C][np]; dp [k*k][np]; a probability matrix transposed [np][tp] (tp: k*k padded to
+  // whole vectors); window gradients before their scatter [max(C, d)][tp]; per-thread grad_key [B, heads, d, h, w]
+  // and grad_value [B, C, h, w]
+  int64_t tp = 0;
+  std::vector<T> gs, dp, pt, wgrad, gk, gv;
+  std::vector<int64_t> rows, pixels;  // row i of a [.][np] matrix at i * np; pixel x at x
   BackwardScratch() = default;
   BackwardScratch(const Shape& s, int64_t widest)
       : Scratch<T>(s, widest),
+        tp(round_up(s.taps(), Simd<T>::L)),
         gs(s.C * this->np),
         dp(s.taps() * this->np),
+        pt(this->np * tp),
+        wgrad(std::max(s.C, s.d) * tp),
         gk(s.B * s.heads * s.d * s.h * s.w),
-        gv(s.B * s.C * s.h * s.w) {}
+        gv(s.B * s.C * s.h * s.w),
+        rows(std::max(s.C, s.d)),
+        pixels(this->np) {
+    for (size_t i = 0; i < rows.size(); ++i) rows[i] = int64_t(i) * this->np;
+    for (size_t x = 0; x < pixels.size(); ++x) pixels[x] = int64_t(x);
+  }
+
+  // window[i, cell t] += sum_x a[i][x] * p[t][x] for i < m, t < k*k: the product as a [np] x [tp] tile product
+  // (p transposed first), then scattered to the window's cells.
+  void add_window_product(T* window, int64_t cells, const T* a, int64_t m, const T* p, const Shape& s) {
+    const int64_t taps = s.taps(), np = this->np;
+    std::fill(pt.begin(), pt.end(), T(0));
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t x = 0; x < np; ++x) pt[x * tp + t] = p[t * np + x];
+    window_product(a, rows.data(), pixels.data(), m, np, pt.data(), tp, wgrad.data(), tp, taps);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t t = 0; t < taps; ++t) window[i * cells + this->cell[t]] += wgrad[i * tp + t];
+  }
 };
 
 template <typename T>
@@ -252,7 +264,7 @@ void backward_impl(const T* grad, const T* query, const T* key, const T* value, 
       [&](BackwardScratch<T>& sc, int64_t task) {
         const int64_t b = task / s.H, y = task % s.H, sy = window_start(y, s.H, s.h, s.k);
         for (size_t g = 0; g < seg.size(); ++g) {
-          const int64_t x0 = seg.first[g], n = seg.first[g + 1] - x0, np = round_up(n, Simd<T>::L);
+          const int64_t x0 = seg.first[g], n = seg.first[g + 1] - x0, np = sc.np;
           segment_probabilities(sc, query, key, s, b, y, x0, n, sy, seg.start[g], scale);
           copy_padded(sc.gs.data(), grad + b * s.C * plane + y * s.W + x0, plane, s.C, n, np);
           // dp[t][x] = sum_c value[c, cell t] * g[c][x] / heads
@@ -261,10 +273,7 @@ void backward_impl(const T* grad, const T* query, const T* key, const T* value, 
                          np, np);
           for (int64_t i = 0; i < taps * np; ++i) dp[i] *= inv_heads;
           // grad_value[c, cell t] += sum_x p[t][x] * g[c][x]
-          for (int64_t c = 0; c < s.C; ++c) {
-            T* gvc = sc.gv.data() + (b * s.C + c) * cells;
-            for (int64_t t = 0; t < taps; ++t) gvc[sc.cell[t]] += dot(sc.p.data() + t * np, sc.gs.data() + c * np, np);
-          }
+          sc.add_window_product(sc.gv.data() + b * s.C * cells, cells, sc.gs.data(), s.C, sc.p.data(), s);
           for (int64_t hd = 0; hd < s.heads; ++hd) {
             // dl = p_n * (dp - sum_t p_n dp) * scale, in place of p_n (zero on the padding: dp is)
             T* __restrict ph = sc.ph.data() + hd * taps * np;
@@ -278,11 +287,7 @@ void backward_impl(const T* grad, const T* query, const T* key, const T* value, 
             const int64_t offset = (b * s.heads + hd) * s.d;
             window_product(key + offset * cells, sc.dim.data(), sc.cell.data(), s.d, taps, ph, np,
                            gq + offset * plane + y * s.W + x0, plane, n);
-            const T* qs = sc.qs.data() + hd * s.d * np;
-            for (int64_t j = 0; j < s.d; ++j) {
-              T* gkj = sc.gk.data() + (offset + j) * cells;
-              for (int64_t t = 0; t < taps; ++t) gkj[sc.cell[t]] += dot(ph + t * np, qs + j * np, np);
-            }
+            sc.add_window_product(sc.gk.data() + offset * cells, cells, sc.qs.data() + hd * s.d * np, s.d, ph, s);
           }
         }
       });
