@@ -119,7 +119,7 @@ def test_compact_resumes_and_is_another_job_than_full(images, tmp_path):
 
 
 def test_implicit_has_no_compact_form(images, tmp_path):
-    with pytest.raises(UsageError, match="fit-image --save-field"):
+    with pytest.raises(UsageError, match="fit-image --store compact"):
         run(images, tmp_path / "c", "compact", "implicit")
 
 

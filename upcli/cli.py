@@ -109,7 +109,7 @@ def _path(value: Optional[Path]) -> Optional[str]:
 def upsample(
     job: dict,
     features: dict,
-    folder: Annotated[Optional[Path], typer.Argument(help="Folder of images (scanned recursively), or one image.", show_default=False)] = None,
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Images: files, folders (scanned recursively) and quoted glob patterns ('imgs/**/*.jpg'), any number; or --files-from.", show_default=False)] = None,
     upsampler: Annotated[str, typer.Option(help="bilinear, bilateral, jbu or pac (the checkpoint shipped for the backbone), attention (one shipped model for every backbone and layer), implicit (a field fitted to each image: slow, see fit-image), or a checkpoint PATH from upcli train (jbu, pac, resize-conv, attention).")] = "bilinear",
     sigma_spatial: Annotated[Optional[float], typer.Option(help="bilateral: spatial sigma in low-res pixels.")] = None,
     sigma_color: Annotated[Optional[float], typer.Option(help="bilateral: colour sigma on [0, 1] RGB.")] = None,
@@ -121,12 +121,12 @@ def upsample(
     expand: Annotated[Optional[Path], typer.Option(help="Render a compact store's maps into a full store at --out (resumable, like any job).", file_okay=False)] = None,
     list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List backbone names and exit.")] = False,
 ) -> None:
-    """Run a backbone over a folder and write features at image resolution to HDF5 shards."""
+    """Run a backbone over images and write features at image resolution to HDF5 shards."""
     from .upsample import upsample_command
 
     upsampler_args = {k: v for k, v in {"sigma_spatial": sigma_spatial, "sigma_color": sigma_color}.items() if v is not None}
     with errors("upsample"):
-        code = upsample_command(folder, JobOptions(**job), FeatureOptions(**features), list_backbones=list_backbones,
+        code = upsample_command(inputs, JobOptions(**job), FeatureOptions(**features), list_backbones=list_backbones,
                                 verify=verify, repair=repair, expand=expand, dry_run=dry_run, upsampler=upsampler,
                                 upsampler_args=upsampler_args, size=size, store=store)
     raise typer.Exit(code)
@@ -145,7 +145,7 @@ def fit_image(
     job: dict,
     features: dict,
     fit: dict,
-    images: Annotated[Path, typer.Argument(help="An image, or a folder of images (scanned recursively).", show_default=False)],
+    images: Annotated[Optional[list[str]], typer.Argument(help="Images: files, folders (scanned recursively) and quoted glob patterns ('imgs/**/*.jpg'), any number; or --files-from.", show_default=False)] = None,
     size: Annotated[Optional[str], typer.Option(help=f"Shorter side of the output in pixels (any, also above the image's), or 'original'. (default: {DEFAULT_SIZE})", show_default=False)] = None,
     scale: Annotated[Optional[float], typer.Option(help="Output size as a multiple of the image's own, e.g. 2 (instead of --size).")] = None,
     save_field: Annotated[bool, typer.Option("--save-field", help="Keep each fitted field in OUT/fields/ for re-rendering.")] = False,
@@ -175,7 +175,7 @@ def fit_image(
 def sr(
     job: dict,
     zssr: dict,
-    images: Annotated[Path, typer.Argument(help="A low-resolution image, or a folder of them (scanned recursively).", show_default=False)],
+    images: Annotated[Optional[list[str]], typer.Argument(help="Low-resolution images: files, folders (scanned recursively) and quoted glob patterns, any number; or --files-from.", show_default=False)] = None,
     scale: Annotated[int, typer.Option(help="Upscaling factor: 2, 3 or 4.")] = 2,
     zero_shot: Annotated[bool, typer.Option("--zero-shot", help="Learn from each test image: ZSSR, or MZSR's adaptation with --init.")] = False,
     init: Annotated[Optional[Path], typer.Option(help="A network made by `upcli pretrain mzsr`.", dir_okay=False)] = None,

@@ -28,6 +28,12 @@ class JobOptions:
     split, and how it reports."""
 
     out: Path | None = option(None, "Output folder: job.json, shards (or PNGs), manifest.", flag=("--out", "-o"))
+    files_from: str | None = option(None, "A file listing input images, one per line ('-': standard input); relative "
+                                          "paths are relative to the list's folder.", show_default=False)
+    include: list[str] | None = option(None, "Keep only the inputs whose path (relative to the inputs' common folder) "
+                                             "matches this pattern, e.g. 'train/*'; repeatable.", show_default=False)
+    exclude: list[str] | None = option(None, "Leave out the inputs whose path matches this pattern, e.g. '*annot/*'; "
+                                             "repeatable.", show_default=False)
     shard_size: int | None = option(None, "Images per shard file. (default: 16 for upsample; 1 for fit-image and sr, "
                                           "so an interruption loses one image at most)", show_default=False)
     batch_size: int = option(1, "Images per model call (same-size images are batched).")

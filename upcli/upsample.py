@@ -1,4 +1,4 @@
-"""``upcli upsample``: a backbone over an image folder, features upsampled to image resolution, into HDF5 shards."""
+"""``upcli upsample``: a backbone over images, features upsampled to image resolution, into HDF5 shards."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,25 +82,39 @@ class UpsampleStep:
         return results
 
 
-def upsample_folder(
-    folder,
-    options: JobOptions,
-    features: FeatureOptions = FeatureOptions(),
-    *,
-    upsampler: str = "bilinear",
-    upsampler_args: dict | None = None,
-    size: int | str | None = DEFAULT_SIZE,
-    store: str = "full",
-) -> JobResult:
-    """Write image-resolution features for every image under ``folder`` into HDF5 shards in ``options.out``;
-    ``store="compact"``: the low-res features and the image files' bytes, rendered on read (:mod:`.io.compact`)."""
+@dataclasses.dataclass
+class PreparedUpsample:
+    """An ``upsample`` job that passed every check made before its first image (:func:`prepare_upsample`)."""
+
+    plan: Any
+    job: Any
+    step: UpsampleStep
+    load: Any
+    device: Any
+    compression: str
+
+    def run(self) -> JobResult:
+        return self.plan.run(self.job, self.load, self.step, self.device, self.compression)
+
+
+def prepare_upsample(images, options: JobOptions, features: FeatureOptions = FeatureOptions(), *,
+                     upsampler: str = "bilinear", upsampler_args: dict | None = None,
+                     size: int | str | None = DEFAULT_SIZE, store: str = "full", dry_run: bool = False) -> PreparedUpsample:
+    """Every check that ``upsample`` makes before its first image, in its order, writing nothing: the options, the
+    inputs and this process's part of a split, the backbone's weights, the upsampler for this backbone, and
+    ``--out`` (free, or this same job's). The job and ``--dry-run`` both start here, so a dry run fails where
+    the job would, with the same line and exit code. ``dry_run``: ``--out`` may be absent."""
     from .backbones import create_backbone
+    from .io.jobs import check_out_dir
     from .upsamplers import create_upsampler
 
     size = parse_size(size)
     f = features
     check_feature_format(f.dtype, f.compression)
-    plan = prepare_job("upsample", folder, options, SHARD_SIZE, checkpoints={"backbone": f.backbone, "upsampler": upsampler})
+    if store not in ("full", "compact"):
+        raise UsageError(f"--store must be full or compact, got {store!r}")
+    plan = prepare_job("upsample", images, options, SHARD_SIZE, checkpoints={"backbone": f.backbone, "upsampler": upsampler},
+                       dry_run=dry_run)
     if upsampler_args and upsampler != "bilateral":
         raise UsageError(f"--sigma-spatial and --sigma-color set the bilateral upsampler, not {upsampler}")
     if upsampler == "implicit-field":
@@ -116,31 +131,37 @@ def upsample_folder(
         "backbone": f.backbone, "weights": file_identity(f.weights), "layer": str(model.layer), "upsampler": upsampler,
         "upsampler_args": upsampler_args or {}, "size": size or "original", "dtype": f.dtype, "compression": f.compression,
     }
-    compact = None
-    if store == "compact":
-        compact = compact_recipe(upsampler, model, Path(options.out), upsampler_args or {}, up)
+    compact = compact_recipe(upsampler, model, upsampler_args or {}, up) if store == "compact" else None
+    if compact is not None:
         settings.update(store="compact", upsampler_sha256=compact["attrs"]["upsampler_sha256"])
-    elif store != "full":
-        raise UsageError(f"--store must be full or compact, got {store!r}")
+    job = plan.job(settings)
+    if options.out is not None:
+        check_out_dir(job, options.overwrite)
     step = UpsampleStep(model, up, device, f.dtype, compact)
     load = functools.partial(load_resized, size=size, dim=model.dim, keep_bytes=compact is not None)
-    return plan.run(plan.job(settings), load, step, device, f.compression)
+    return PreparedUpsample(plan, job, step, load, device, f.compression)
 
 
-def compact_recipe(name: str, backbone, out_dir, upsampler_args: dict, upsampler) -> dict:
+def upsample_folder(images, options: JobOptions, features: FeatureOptions = FeatureOptions(), **upsampling) -> JobResult:
+    """Write image-resolution features of ``images`` (files, folders or patterns: see
+    :func:`upcli.io.images.collect_images`; ``options`` may filter and add to them) into HDF5 shards in
+    ``options.out``; ``store="compact"``: the low-res features and the image files' bytes, rendered on read
+    (:mod:`.io.compact`). ``upsampling``: the keywords of :func:`prepare_upsample`."""
+    return prepare_upsample(images, options, features, **upsampling).run()
+
+
+def compact_recipe(name: str, backbone, upsampler_args: dict, upsampler) -> dict:
     """What each image of a compact store adds: the attrs that say how to render it, and the side file that
     keeps a copy of the upsampler's checkpoint (by sha256) in the store."""
-    from .io.compact import checkpoint_copy, file_sha256, keep_checkpoint, upsampler_checkpoint
+    from .io.compact import CHECKPOINTS, file_sha256, keep_checkpoint, upsampler_checkpoint
 
     if upsampler.name == "implicit":
         raise UsageError("--store compact renders with a deterministic upsampler; implicit fits each image (use "
-                         "`upcli fit-image --save-field`, whose fields are that upsampler's compact form)")
+                         "`upcli fit-image --store compact`, which keeps each image's field)")
     checkpoint = upsampler_checkpoint(name, backbone)
     sha = file_sha256(checkpoint) if checkpoint is not None else ""
-    files, relative = {}, ""
-    if checkpoint is not None:
-        relative = str(checkpoint_copy(out_dir, sha).relative_to(out_dir))
-        files[relative] = keep_checkpoint(checkpoint, sha)
+    relative = f"{CHECKPOINTS}/{sha}.safetensors" if checkpoint is not None else ""
+    files = {relative: keep_checkpoint(checkpoint, sha)} if checkpoint is not None else {}
     attrs = {"store": "compact", "upsampler_checkpoint": relative, "upsampler_sha256": sha,
              "upsampler_args": json.dumps(upsampler_args, sort_keys=True), "guidance": "resized"}
     return {"attrs": attrs, "files": files}
@@ -180,31 +201,32 @@ def expand_store(compact_dir, options: JobOptions) -> JobResult:
     return plan.run(plan.job(settings), lambda ref: None, render, device, settings["compression"])
 
 
-def plan_upsample(folder, features: FeatureOptions = FeatureOptions(), size: int | str | None = DEFAULT_SIZE) -> dict:
-    """What ``upsample_folder`` would write, from image headers alone (``--dry-run``)."""
+def plan_upsample(images, features: FeatureOptions = FeatureOptions(), size: int | str | None = DEFAULT_SIZE,
+                  options: JobOptions = JobOptions(), **upsampling) -> dict:
+    """What ``upsample_folder`` would write (``--dry-run``): every check of :func:`prepare_upsample`, then this
+    process's part of the inputs with their output shapes, from image headers alone, and the bytes of both
+    store kinds."""
     import numpy as np
 
-    from .backbones import get_backbone_cfg
-
-    size = parse_size(size)
-    check_feature_format(features.dtype, features.compression)
-    plan = prepare_job("upsample", folder, JobOptions(out=None), SHARD_SIZE, dry_run=True)
-    cfg = get_backbone_cfg(features.backbone, layer=features.layer)
+    prepared = prepare_upsample(images, options, features, size=size, dry_run=True, **upsampling)
+    model, size = prepared.step.backbone, parse_size(size)
     itemsize = np.dtype("float32").itemsize if features.dtype == "float32" else 2
+    mine = prepared.job.part_inputs(prepared.plan.split)
     shapes, bad, compact = {}, {}, 0
-    for ref in plan.inputs:
+    for ref in mine:
         try:
-            shapes[ref.rel] = (cfg.dim, *target_size(*image_size(ref.path), size))
+            shapes[ref.rel] = (model.dim, *target_size(*image_size(ref.path), size))
         except BadImageError as e:
             bad[ref.rel] = e.reason
             continue
-        grid = [max(1, round(side / cfg.stride)) for side in shapes[ref.rel][1:]]
-        compact += cfg.dim * grid[0] * grid[1] * itemsize + ref.path.stat().st_size
+        grid = [max(1, round(side / model.stride)) for side in shapes[ref.rel][1:]]
+        compact += model.dim * grid[0] * grid[1] * itemsize + ref.path.stat().st_size
     total = sum(int(np.prod(shape)) * itemsize for shape in shapes.values())
-    return {"images": len(plan.inputs), "shapes": shapes, "bad": bad, "bytes": total, "compact_bytes": compact}
+    return {"images": len(mine), "shapes": shapes, "bad": bad, "bytes": total, "compact_bytes": compact,
+            "split": prepared.plan.split, "of": len(prepared.job.inputs)}
 
 
-def upsample_command(folder, options: JobOptions, features: FeatureOptions = FeatureOptions(), *,
+def upsample_command(images, options: JobOptions, features: FeatureOptions = FeatureOptions(), *,
                      list_backbones: bool = False, verify=None, repair: bool = False, dry_run: bool = False,
                      expand=None, **upsampling) -> int:
     """All of ``upcli upsample``: ``--list-backbones``, ``--verify DIR [--repair]``, ``--expand DIR``, ``--dry-run``
@@ -231,11 +253,11 @@ def upsample_command(folder, options: JobOptions, features: FeatureOptions = Fea
     if repair:
         raise UsageError("--repair goes with --verify DIR")
     if expand is not None:
-        if folder is not None:
-            raise UsageError("--expand DIR renders a compact store: give no image folder")
+        if images:
+            raise UsageError("--expand DIR renders a compact store: give no images")
         return expand_store(expand, options).exit_code
     if dry_run:
-        plan = plan_upsample(folder, features, upsampling.get("size", DEFAULT_SIZE))
+        plan = plan_upsample(images, features, options=options, **upsampling)
         shapes = list(plan["shapes"].items())
         for rel, shape in shapes[:20]:
             print(f"{rel}\t{'x'.join(map(str, shape))}")
@@ -243,10 +265,13 @@ def upsample_command(folder, options: JobOptions, features: FeatureOptions = Fea
             print(f"... and {len(shapes) - 20} more")
         for rel, reason in plan["bad"].items():
             print(f"{rel}\tunreadable: {reason}")
+        part, parts = plan["split"]
+        if parts > 1:
+            print(f"part {part} of {parts}: {plan['images']} of the {plan['of']} images")
         n = max(len(shapes), 1)
         print(f"{plan['images']} images, {len(plan['bad'])} unreadable, before compression: about "
               f"{plan['bytes'] / 2**30:.2f} GiB with --store full ({plan['bytes'] / n / 2**20:.1f} MiB per image), "
               f"{plan['compact_bytes'] / 2**30:.3f} GiB with --store compact "
               f"({plan['compact_bytes'] / n / 2**20:.2f} MiB per image)")
         return 0
-    return upsample_folder(folder, options, features, **upsampling).exit_code
+    return upsample_folder(images, options, features, **upsampling).exit_code

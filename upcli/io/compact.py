@@ -53,10 +53,6 @@ def upsampler_checkpoint(name: str, backbone) -> Path | None:
     return None
 
 
-def checkpoint_copy(out_dir: Path, sha256: str) -> Path:
-    return Path(out_dir) / CHECKPOINTS / f"{sha256}.safetensors"
-
-
 def keep_checkpoint(source: Path, sha256: str):
     """A side-file writer (``Output.files``) that copies the upsampler's checkpoint into the store once."""
 

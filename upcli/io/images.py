@@ -78,6 +78,73 @@ def scan_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
     return sorted(refs, key=lambda ref: ref.rel)
 
 
+def collect_images(sources, files_from: str | os.PathLike | None = None, include=(), exclude=(),
+                   skip: str | os.PathLike | None = None) -> tuple[Path, list[ImageRef]]:
+    """The inputs of a job: ``(root, refs)``, the refs sorted by ``rel``, their path relative to ``root``, the
+    common folder of all sources (a folder given alone is the root; a file given alone, its folder).
+
+    ``sources``: files, folders (scanned recursively by :func:`scan_images`, leaving out ``skip``, e.g. the output
+    folder) and glob patterns (``*``, ``?``, ``[...]``, ``**``; expanded here, so a quoted pattern works as a
+    shell's would; the files they match must have an image extension). ``files_from``: a file listing one path
+    per line (``-``: standard input), relative to the list's folder (to the working folder for stdin) or
+    absolute; a listed file that is missing stays an input, reported when it is read. ``include`` / ``exclude``:
+    glob patterns on ``rel`` (``train/*``); an input is kept if it matches one of ``include`` (when given) and
+    none of ``exclude``. A path given twice is listed once. Raises ``UsageError`` for a missing source, a
+    pattern that matches nothing, or no input left."""
+    import fnmatch
+    import glob
+    import sys
+
+    files: dict[str, tuple[Path, Path | None]] = {}  # absolute path -> (path, the folder it was found in)
+    folders: list[Path] = []
+
+    def add(path: Path, named: bool, listed: bool = False) -> None:
+        path = Path(os.path.abspath(path))
+        if path.is_dir():
+            folders.append(path)
+            for ref in scan_images(path, skip):
+                files.setdefault(str(ref.path), (ref.path, path))
+        elif path.is_file() or listed:
+            if named or path.name.lower().endswith(IMAGE_EXTENSIONS):
+                files.setdefault(str(path), (path, None))
+        elif named:
+            raise UsageError(f"{str(path)!r} does not exist")
+
+    for source in [sources] if isinstance(sources, (str, os.PathLike)) else list(sources or ()):
+        text = os.path.expanduser(str(source))
+        if glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise UsageError(f"{text!r}: no file or folder matches this pattern")
+            for match in matches:
+                add(Path(match), named=False)
+        else:
+            add(Path(text), named=True)
+    if files_from is not None:
+        if str(files_from) == "-":
+            lines, base = sys.stdin.read().splitlines(), Path.cwd()
+        else:
+            try:
+                lines, base = Path(files_from).read_text(encoding="utf-8").splitlines(), Path(files_from).parent
+            except (OSError, UnicodeDecodeError) as err:
+                raise UsageError(f"--files-from {str(files_from)!r}: cannot read it ({err})") from None
+        for line in lines:
+            if line.strip():
+                add(base / os.path.expanduser(line.strip()), named=True, listed=True)
+    if not files:
+        raise UsageError(f"no images found in {', '.join(map(str, sources or [files_from]))} (looked for "
+                         f"{', '.join(IMAGE_EXTENSIONS)})")
+    parents = folders + [path.parent for path, found_in in files.values() if found_in is None]
+    root = Path(os.path.commonpath([str(p) for p in parents]))
+    refs = [ImageRef(path=path, rel=path.relative_to(root).as_posix()) for path, _ in files.values()]
+    refs = [ref for ref in refs if (not include or any(fnmatch.fnmatchcase(ref.rel, pat) for pat in include))
+            and not any(fnmatch.fnmatchcase(ref.rel, pat) for pat in exclude or ())]
+    if not refs:
+        raise UsageError(f"--include {list(include or [])} / --exclude {list(exclude or [])} leave no image of the "
+                         f"{len(files)} found")
+    return root, sorted(refs, key=lambda ref: ref.rel)
+
+
 def _special_file(path: Path) -> bool:
     """Whether ``path`` (followed through links) is a FIFO, socket or device; ``False`` where it cannot be stat'ed."""
     try:

@@ -33,7 +33,7 @@ from ..configs import JobOptions
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, BadImageError, StoreError, UsageError
 from ..progress import ProgressReporter, Timings
 from ..runtime import SignalGuard, default_workers, resolve_split
-from .images import IMAGE_EXTENSIONS, ImageRef, printable_name, scan_images
+from .images import ImageRef, collect_images, printable_name
 from .store import (FEATURE_SHARDS, JOB_FORMAT, ShardKind, ShardWriter, clear_store, index_lock, intact_images,
                     live_writer, set_aside_path, stored_sources, write_atomic, write_index)
 
@@ -53,7 +53,8 @@ class JobPlan:
     def job(self, settings: dict, kind: ShardKind = FEATURE_SHARDS) -> "Job":
         """The job with these settings (the digests added), stored as ``kind``."""
         settings = {**settings, **self.digests}
-        return Job(Path(self.options.out), self.root, self.command, self.inputs, settings, self.shard_size, kind)
+        out = Path(self.options.out) if self.options.out is not None else None  # None: a dry run without --out
+        return Job(out, self.root, self.command, self.inputs, settings, self.shard_size, kind)
 
     @functools.cached_property
     def reporter(self) -> ProgressReporter:
@@ -82,8 +83,8 @@ def prepare_job(command: str, source, options: JobOptions, default_shard_size: i
     ``options.out``), take this worker's part of the split, and hash the checkpoint files named in ``checkpoints``
     (``{"upsampler": spec, ...}``; specs that are not files are left out). Writes nothing; a ``dry_run`` needs no
     ``out``."""
-    if source is None or options.out is None and not dry_run:
-        raise UsageError("give an image FOLDER (or one image) and --out DIR")
+    if (not source and options.files_from is None) or options.out is None and not dry_run:
+        raise UsageError("give images (files, folders, patterns or --files-from LIST) and --out DIR")
     shard_size = default_shard_size if options.shard_size is None else options.shard_size
     for flag, value in (("--shard-size", shard_size), ("--batch-size", options.batch_size)):
         if value < 1:
@@ -92,7 +93,7 @@ def prepare_job(command: str, source, options: JobOptions, default_shard_size: i
         raise UsageError(f"--preview must be 0 or more, got {options.preview}")
     split = resolve_split(options.num_shards, options.shard_index)
     check_run(options.workers or 0, options.overwrite, split[1])
-    root, inputs = scan_inputs(Path(source), options.out)
+    root, inputs = collect_images(source, options.files_from, options.include, options.exclude, options.out)
     return JobPlan(command, options, root, inputs, shard_size, split, checkpoint_digests(**(checkpoints or {})))
 
 
@@ -102,16 +103,6 @@ def check_run(workers: int, overwrite: bool, parts: int) -> None:
         raise UsageError(f"--workers must be 0 or more, got {workers}")
     if overwrite and parts > 1:
         raise UsageError("--overwrite cannot be combined with a split of the work: clear --out once, then start the workers")
-
-
-def scan_inputs(path: Path, exclude=None) -> tuple[Path, list[ImageRef]]:
-    """The root and image list of IMAGE_OR_FOLDER: one file, or every image under a folder (leaving out ``exclude``)."""
-    if path.is_file():
-        return path.parent.resolve(), [ImageRef(path=path.resolve(), rel=path.name)]
-    inputs = scan_images(path, exclude)
-    if not inputs:
-        raise UsageError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return path.resolve(), inputs
 
 
 def checkpoint_digests(**specs) -> dict:
@@ -180,6 +171,11 @@ class Job:
     def shard_items(self, shard: int) -> range:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, len(self.inputs)))
 
+    def part_inputs(self, split: tuple[int, int]) -> list[ImageRef]:
+        """The inputs that part ``split = (index, count)`` of a split job makes: those of its shards."""
+        part, parts = split
+        return [self.inputs[i] for s in range(part, self.num_shards, parts) for i in self.shard_items(s)]
+
     def record(self) -> dict:
         return {
             "format": JOB_FORMAT, "version": 1, "upcli_version": __version__, "command": self.command,
@@ -232,6 +228,29 @@ def _file_stamp(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+def _check_job_file(out: Path, record: dict) -> bool:
+    """Whether ``out`` holds a job.json (then of this job: another job's is a one-line ``StoreError``)."""
+    job_file = out / "job.json"
+    if not job_file.exists():
+        return False
+    try:
+        old = json.loads(job_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise StoreError(f"{job_file}: unreadable ({type(e).__name__}); use --overwrite to start over") from None
+    if not isinstance(old, dict) or old.get("fingerprint") != record["fingerprint"]:
+        what = _difference(old, record) if isinstance(old, dict) else "not a job record"
+        raise StoreError(f"{out} holds another job ({what}); use --overwrite to replace it, or another --out")
+    return True
+
+
+def check_out_dir(job: Job, overwrite: bool) -> None:
+    """What :func:`prepare_out_dir` refuses, checked without writing anything (``--dry-run``)."""
+    if job.out_dir.exists() and not job.out_dir.is_dir():
+        raise StoreError(f"--out {job.out_dir}: exists and is not a folder")
+    if not overwrite:
+        _check_job_file(job.out_dir, job.record())
+
+
 def prepare_out_dir(job: Job, overwrite: bool) -> None:
     """Create the folder and its job.json, or check that the one there is this job's."""
     out = job.out_dir
@@ -244,14 +263,7 @@ def prepare_out_dir(job: Job, overwrite: bool) -> None:
     job_file = out / "job.json"
     record = job.record()
     with index_lock(out):  # check and write as one step: two jobs started at once cannot both pass
-        if job_file.exists() and not overwrite:
-            try:
-                old = json.loads(job_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError, RecursionError) as e:
-                raise StoreError(f"{job_file}: unreadable ({type(e).__name__}); use --overwrite to start over") from None
-            if not isinstance(old, dict) or old.get("fingerprint") != record["fingerprint"]:
-                what = _difference(old, record) if isinstance(old, dict) else "not a job record"
-                raise StoreError(f"{out} holds another job ({what}); use --overwrite to replace it, or another --out")
+        if not overwrite and _check_job_file(out, record):
             return
         if overwrite:
             clear_store(out)
