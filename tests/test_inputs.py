@@ -103,3 +103,42 @@ def test_cli_upsample_dry_run_with_several_inputs_and_include(tmp_path):
     two = subprocess.run([sys.executable, "-m", "upcli", "upsample", str(root / "train"), str(root / "val"),
                           "--dry-run"], capture_output=True, text=True, timeout=120)
     assert two.returncode == 0 and "4 images" in two.stdout, two.stderr
+
+
+def test_features_in_one_call_equal_the_store(tmp_path):
+    """upcli.features(path | PIL | array | tensor) gives what upsample stores, before its float16."""
+    import torch
+
+    import upcli
+    from upcli.configs import FeatureOptions
+    from upcli.io import FeatureStore
+    from upcli.upsample import upsample_folder
+
+    root = dataset(tmp_path / "d") / "train"
+    upsample_folder(root / "a.png", JobOptions(out=tmp_path / "o", workers=0, quiet=True), FeatureOptions(),
+                    upsampler="jbu", size=40)
+    stored = FeatureStore(tmp_path / "o")["a.png"]
+    feats = upcli.features(root / "a.png", upsampler="jbu", size=40)
+    assert feats.shape == stored.shape == (320, 40, 50) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats.half(), stored, rtol=0, atol=0)
+    pil = Image.open(root / "a.png")
+    assert torch.equal(upcli.features(pil, upsampler="jbu", size=40), feats)
+    tensor = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float() / 255
+    assert torch.equal(upcli.features(tensor, upsampler="jbu", size=40), feats)
+    with pytest.raises(ValueError, match="expected an image tensor"):
+        upcli.features(tensor[0])
+
+
+def test_a_learned_upsampler_without_backbone_names_the_missing_argument():
+    from upcli.errors import WeightsError
+    from upcli.upsamplers import create_upsampler
+
+    with pytest.raises(WeightsError, match=r"create_upsampler\('jbu'\) needs backbone="):
+        create_upsampler("jbu")
+
+
+def test_version_flag():
+    import upcli
+
+    run = subprocess.run([sys.executable, "-m", "upcli", "--version"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == f"upcli {upcli.__version__}"

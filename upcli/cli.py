@@ -21,7 +21,7 @@ from .errors import EXIT_INTERRUPTED, UpcliError
 from .io.images import DEFAULT_SIZE
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+    no_args_is_help=True, add_completion=True, pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Feature upsampling, zero-shot super-resolution and pretraining for computer vision.",
 )
@@ -29,6 +29,20 @@ pretrain_app = typer.Typer(no_args_is_help=True, help="Pretrain models: iTPN (hi
 convert_app = typer.Typer(no_args_is_help=True, help="Convert other tools' checkpoints into upcli checkpoints.")
 app.add_typer(pretrain_app, name="pretrain")
 app.add_typer(convert_app, name="convert")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"upcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print upcli's version and exit.")] = False) -> None:
+    """Feature upsampling, zero-shot super-resolution and pretraining for computer vision."""
 
 RESUME_JOB = "interrupted; finished results are kept, re-run the same command to resume"
 RESUME_TRAINING = "interrupted; the last steps are checkpointed, add --resume to the same command to continue"

@@ -36,6 +36,9 @@ def shipped_checkpoint(name: str, backbone) -> str:
             raise WeightsError(f"no {name} checkpoint ships yet; train one and pass --upsampler CKPT, or pass "
                                f"pretrained=False for fresh (untrained) weights")
         return str(path)
+    if backbone is None:
+        raise WeightsError(f"create_upsampler({name!r}) needs backbone= (a model from create_backbone: the {name} "
+                           f"checkpoint shipped for it is loaded), or checkpoint=PATH, or pretrained=False with dim=")
     backbone_name = getattr(backbone, "name", None)
     path = resources.files("upcli") / "weights" / f"{name}-{backbone_name}.safetensors"
     if backbone_name is None or not path.is_file():
