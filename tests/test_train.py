@@ -359,3 +359,18 @@ def test_shrink_to_a_whole_number_of_cells():
     images = torch.rand(1, 3, 96, 160)
     assert shrink(images, 3, stride=16).shape[-2:] == (32, 48)
     assert shrink(images, 4, stride=32).shape[-2:] == (64, 64)  # never under 2 cells
+
+
+def test_train_log_lines_are_timestamped_every_log_every_and_name_the_loss(tmp_path):
+    import re
+
+    run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out", str(tmp_path / "j.safetensors"),
+                          "--steps", "2", "--image-size", "64", "--batch-size", "1", "--log-every", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    steps = [line for line in run.stderr.splitlines() if "/2 steps" in line]
+    assert len(steps) == 2, run.stderr  # --log-every 0: a line per step
+    for line in steps:
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d train: ", line), line
+        assert "(Gaussian NLL, can be negative), reconstruction error " in line, line
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in run.stderr.strip().splitlines())

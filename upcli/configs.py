@@ -72,6 +72,7 @@ class TrainingOptions:
     overwrite: bool = option(False, "Start a new run in place of an existing --out.")
     device: str = option("auto", "auto, cpu or cuda[:N].")
     quiet: bool = option(False, "Only errors.", flag=("--quiet", "-q"))
+    log_every: float = option(10.0, "Seconds between progress lines when stderr is not a terminal.")
 
     def config(self) -> dict:
         """What a training config takes of these."""
@@ -79,7 +80,7 @@ class TrainingOptions:
 
     def run(self) -> dict:
         """What a training function takes of these."""
-        return {"resume": self.resume, "overwrite": self.overwrite, "quiet": self.quiet}
+        return {"resume": self.resume, "overwrite": self.overwrite, "quiet": self.quiet, "log_every": self.log_every}
 
 
 @dataclass(frozen=True)

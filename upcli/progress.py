@@ -30,7 +30,8 @@ class Timings:
 
 
 class ProgressReporter:
-    """Counts finished items; draws a rich bar when stderr is a terminal, else logs a line every ``log_every`` s."""
+    """Counts finished items; draws a rich bar when stderr is a terminal, else logs a timestamped line every
+    ``log_every`` s."""
 
     def __init__(self, description: str, quiet: bool = False, log_every: float = 30.0, stream=None,
                  unit: str = "images"):
@@ -75,13 +76,14 @@ class ProgressReporter:
             self.log(f"{self.description}: {self.done}/{self.total} {self.unit}, {rate}, eta {_hms(left)}")
 
     def log(self, message: str) -> None:
-        """A line that is always worth showing (a skipped file, a finished shard), unless quiet."""
+        """A line that is always worth showing (a skipped file, a finished shard), unless quiet; in a log (no
+        terminal) it starts with the local time, ``YYYY-MM-DD HH:MM:SS``."""
         if self.quiet:
             return
         if self._bar is not None:
             self._bar.console.print(message, markup=False, highlight=False)
         else:
-            print(message, file=self.stream, flush=True)
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -295,7 +295,7 @@ def preview_dir(out: str | Path) -> Path:
 
 # ---- the loop ---------------------------------------------------------------------------------------------
 
-def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> TrainResult:
+def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False, log_every: float = 10.0) -> TrainResult:
     """Run (or continue) ``upcli pretrain itpn``; writes ``cfg.out`` (network + decoder) and its ``.train`` state."""
     cfg.check()
     device = resolve_device(cfg.device)
@@ -303,7 +303,7 @@ def pretrain_itpn(cfg: ITPNPretrainConfig, resume: bool = False, quiet: bool = F
     try:
         mine = dist.local_batch(cfg.batch_size, "--batch-size")
         prepare_output(cfg.out, resume, overwrite)
-        reporter = ProgressReporter("pretrain itpn", quiet=quiet or not dist.is_main, unit="steps", log_every=30.0)
+        reporter = ProgressReporter("pretrain itpn", quiet=quiet or not dist.is_main, unit="steps", log_every=log_every)
         pool = ImagePool(cfg.images, 2 * cfg.image_size, reporter, stream=None)
         steps = cfg.steps or (math.ceil(cfg.epochs * len(pool) / cfg.batch_size) if cfg.epochs else cfg.default_steps)
         torch.manual_seed(cfg.seed)  # the same initial weights on every process

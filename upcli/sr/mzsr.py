@@ -126,7 +126,7 @@ def task_loss(net: SRNet, support, query, cfg: MZSRConfig, weights: list[float])
     return total
 
 
-def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> TrainResult:
+def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False, log_every: float = 10.0) -> TrainResult:
     """Run (or continue) ``upcli pretrain mzsr``; writes ``cfg.out`` (the network) and its ``.train`` state."""
     cfg.check()
     device = resolve_device(cfg.device)
@@ -144,7 +144,7 @@ def pretrain_mzsr(cfg: MZSRConfig, resume: bool = False, quiet: bool = False, ov
     start, optimizer = 0, None
     if resume:
         start, optimizer = _resume(cfg, net, out, state_path)
-    reporter = ProgressReporter("pretrain mzsr", quiet=quiet or not dist.is_main, unit="steps", log_every=10.0)
+    reporter = ProgressReporter("pretrain mzsr", quiet=quiet or not dist.is_main, unit="steps", log_every=log_every)
     pool = ImagePool(cfg.images, None, reporter)
     my_tasks = range(dist.rank, cfg.tasks, dist.world_size)
 

@@ -215,6 +215,8 @@ def view_error(hr_feats: Tensor, image: Tensor, backbone: nn.Module, views: int 
 class MultiViewObjective(nn.Module):
     """The trainable parts of the objective around an upsampler: downsampler and uncertainty net."""
 
+    loss_name = "Gaussian NLL, can be negative"
+
     def __init__(self, upsampler: nn.Module, dim: int, downsampler: str = "attention", projection_dim: int = 30):
         super().__init__()
         self.upsampler = upsampler
@@ -247,7 +249,7 @@ class MultiViewObjective(nn.Module):
             hr = self.upsampler(lr_feats, image, size)
             saliency = self.downsampler.saliency(hr)
             seen_views = [torch.einsum("bchw,bcp->bphw", hr, proj.to(hr)) for proj in projs]
-        total = hr.new_zeros(())
+        total, error = hr.new_zeros(()), 0.0
         for (theta, target, _), proj, seen in zip(views, projs, seen_views):
             if saliency is not None:
                 seen = torch.cat([seen, saliency], dim=1)
@@ -258,4 +260,6 @@ class MultiViewObjective(nn.Module):
                 pred = self.downsampler.pool(seen[:, :-1], seen[:, -1:], tuple(target.shape[-2:]))
             err = (pred - torch.einsum("bchw,bcp->bphw", target, proj)) / _rms(target)
             total = total + gaussian_nll(err, self.scale_net(target) + 0.1)
+            error += float(err.detach().square().mean())
+        self.last_error = error / len(views)  # the mean squared error relative to the target's scale: comparable
         return total / len(views)

@@ -39,6 +39,8 @@ class ScaleObjective(nn.Module):
     """The scale objective around an upsampler whose weights never see the features (no trainable parts of its
     own)."""
 
+    loss_name = "1 - cos + relative L2"
+
     def __init__(self, upsampler: nn.Module, target: str = "pooled", l2_weight: float = 1.0):
         super().__init__()
         if target not in SCALE_TARGETS:

@@ -120,7 +120,7 @@ def make_views(backbone, images, cfg: TrainConfig, step: int, samples: range, di
     return views
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite: bool = False, log_every: float = 10.0) -> TrainResult:
     """Run (or continue) training; returns a ``TrainResult``. Writes ``cfg.out`` and its ``.train`` state."""
     from ..backbones import create_backbone
     from . import create_upsampler
@@ -178,7 +178,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
     if resume:
         start = _resume(cfg, objective, optimizer, out, state_path)
     side = max(max(s) for s in cfg.image_sizes)
-    reporter = ProgressReporter("train", quiet=quiet or not dist.is_main, unit="steps", log_every=10.0)
+    reporter = ProgressReporter("train", quiet=quiet or not dist.is_main, unit="steps", log_every=log_every)
     pool = ImagePool(cfg.images, side, reporter, stream=None)  # large sets are decoded at each draw, not held
     val_set = None
     if cfg.val:
@@ -220,11 +220,14 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, overwrite
             value = ensure_finite(global_mean(loss.detach(), dist.world_size), step, out)
             history.append(value)
             done = step + 1
-            run.step_done(done, f"loss {value:.4f}")
+            status = f"loss {value:.4f} ({objective.loss_name})"
+            if not scale_objective:  # the NLL depends on the learned uncertainty; this error compares across runs
+                status += f", reconstruction error {global_mean(loss.new_tensor(objective.last_error), dist.world_size):.4f}"
+            run.step_done(done, status)
             if done % cfg.save_every == 0 or done == cfg.steps:
                 if val_set is not None:
                     val_loss = val_set.loss(objective)
-                    reporter.log(f"step {done}: train loss {value:.4f}, val loss {val_loss:.4f}")
+                    reporter.log(f"step {done}: train loss {value:.4f}, val loss {val_loss:.4f} ({objective.loss_name})")
                 run.checkpoint(done, train_loss=value, val_loss=val_loss)
                 if val_loss is not None and val_loss < best_val:
                     best_val = val_loss
