@@ -471,3 +471,17 @@ def test_pretrain_under_torchrun_matches_one_process(tmp_path, torchrun, plain_s
     a, b = load_sr_net(tmp_path / "one.safetensors")[0], load_sr_net(tmp_path / "two.safetensors")[0]
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_piped_zssr_logs_timestamped_iterations_every_log_every(tmp_path):
+    import re
+
+    image = tmp_path / "small.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(image)
+    run = run_cli("sr", image, "--zero-shot", "--max-iters", "5", "--log-every", "0", "--out", tmp_path / "o",
+                  "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines), run.stderr
+    steps = [line.split(" ", 2)[2] for line in lines if "iterations" in line]
+    assert steps == [f"sr: small.png: {i}/5 iterations" for i in range(1, 6)], run.stderr

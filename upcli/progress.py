@@ -75,6 +75,11 @@ class ProgressReporter:
             left = (self.total - self.done) / max(self.rate(), 1e-9)
             self.log(f"{self.description}: {self.done}/{self.total} {self.unit}, {rate}, eta {_hms(left)}")
 
+    def steps_of(self, label: str, unit: str = "iterations") -> StepProgress:
+        """Progress of the steps inside one item (ZSSR's iterations on one image): call it ``(done, total)``,
+        close it when the item is done."""
+        return StepProgress(self, label, unit)
+
     def log(self, message: str) -> None:
         """A line that is always worth showing (a skipped file, a finished shard), unless quiet; in a log (no
         terminal) it starts with the local time, ``YYYY-MM-DD HH:MM:SS``."""
@@ -89,6 +94,33 @@ class ProgressReporter:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+class StepProgress:
+    """The steps inside one item: a second bar under the reporter's on a terminal, else a timestamped line every
+    ``log_every`` seconds (``reporter: label: done/total unit``)."""
+
+    def __init__(self, reporter: ProgressReporter, label: str, unit: str):
+        self.reporter, self.label, self.unit = reporter, label, unit
+        self._task = None
+        self._last_log = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        r = self.reporter
+        if r.quiet:
+            return
+        if r._bar is not None:
+            if self._task is None:
+                self._task = r._bar.add_task(f"  {self.label}", total=total, rate="")
+            r._bar.update(self._task, completed=done, total=total, rate=f"{self.unit}")
+        elif time.monotonic() - self._last_log >= r.log_every:
+            self._last_log = time.monotonic()
+            r.log(f"{r.description}: {self.label}: {done}/{total} {self.unit}")
+
+    def close(self) -> None:
+        if self._task is not None and self.reporter._bar is not None:
+            self.reporter._bar.remove_task(self._task)
+        self._task = None
 
 
 def _hms(seconds: float) -> str:

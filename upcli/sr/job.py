@@ -52,8 +52,12 @@ class SRStep:
         for item in items:
             lr = item.data["image"].to(self.device).permute(2, 0, 1)[None].float().div_(255)
             start = time.perf_counter()
-            with timings.measure(self.name):
-                sr, info = self.method(lr, self.degradation)
+            progress = self.reporter.steps_of(printable_name(item.ref.rel))
+            try:
+                with timings.measure(self.name):
+                    sr, info = self.method(lr, self.degradation, progress=progress)
+            finally:
+                progress.close()
             seconds = time.perf_counter() - start
             pixels = sr[0].mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
             attrs = {"key": self.keys[item.ref.rel], "method": self.name, "scale": self.degradation.scale, "seconds": round(seconds, 3),

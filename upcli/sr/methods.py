@@ -1,6 +1,7 @@
 """The SR methods behind ``upcli sr`` and ``examples/sr_benchmark.py``, by name (``create_sr_method``).
 
-Each is called as ``method(lr, degradation) -> (sr, info)`` with ``lr`` (1, 3, h, w) in [0, 1]:
+Each is called as ``method(lr, degradation, progress=None) -> (sr, info)`` with ``lr`` (1, 3, h, w) in [0, 1];
+``progress(done, total)``, where given, hears of each training step (ZSSR's iterations, MZSR's adaptation):
 
 - ``bicubic``: MATLAB bicubic interpolation;
 - ``feedforward``: one pass of a pretrained network (``init``, made by ``upcli pretrain mzsr``);
@@ -39,7 +40,7 @@ class Bicubic:
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
 
-    def __call__(self, lr: torch.Tensor, degradation: Degradation):
+    def __call__(self, lr: torch.Tensor, degradation: Degradation, progress=None):
         size = (lr.shape[-2] * degradation.scale, lr.shape[-1] * degradation.scale)
         return upscale(lr, size).clamp(0, 1), {}
 
@@ -51,7 +52,7 @@ class FeedForward:
         self.net = net.to(device).eval()
         self.device = torch.device(device)
 
-    def __call__(self, lr: torch.Tensor, degradation: Degradation):
+    def __call__(self, lr: torch.Tensor, degradation: Degradation, progress=None):
         _check_scale(self.meta, degradation)
         return super_resolve(self.net, lr, degradation), {}
 
@@ -63,11 +64,11 @@ class ZSSR:
         self.init = load_sr_net(init)[0] if init is not None else None
         self.device = torch.device(device)
 
-    def __call__(self, lr: torch.Tensor, degradation: Degradation):
+    def __call__(self, lr: torch.Tensor, degradation: Degradation, progress=None):
         import copy
 
         net = copy.deepcopy(self.init) if self.init is not None else None
-        result = zssr(lr, degradation, self.config, net=net)
+        result = zssr(lr, degradation, self.config, net=net, progress=progress)
         return result.sr, {"iterations": result.iterations, "train_seconds": round(result.seconds, 3),
                            "final_loss": round(sum(result.losses[-20:]) / max(len(result.losses[-20:]), 1), 6)}
 
@@ -82,10 +83,10 @@ class MZSR:
         self.steps = steps
         self.device = torch.device(device)
 
-    def __call__(self, lr: torch.Tensor, degradation: Degradation):
+    def __call__(self, lr: torch.Tensor, degradation: Degradation, progress=None):
         _check_scale(self.meta, degradation)
         start = time.perf_counter()
-        net, losses = adapt(self.net, lr, degradation, self.steps)
+        net, losses = adapt(self.net, lr, degradation, self.steps, progress=progress)
         sr = super_resolve(net, lr, degradation)
         return sr, {"steps": self.steps, "adapt_seconds": round(time.perf_counter() - start, 3),
                     "son_loss": round(losses[-1], 6) if losses else None}

@@ -53,8 +53,9 @@ def step_sizes(subsample: str, steps: int) -> list[float]:
 
 
 def adapt(net: SRNet, lr: torch.Tensor, degradation: Degradation, steps: int,
-          learning_rates: list[float] | None = None) -> tuple[SRNet, list[float]]:
-    """A copy of ``net`` after ``steps`` SGD steps on the pair (upscale(degradation(lr)) -> lr); and the losses."""
+          learning_rates: list[float] | None = None, progress=None) -> tuple[SRNet, list[float]]:
+    """A copy of ``net`` after ``steps`` SGD steps on the pair (upscale(degradation(lr)) -> lr); and the losses.
+    ``progress(done, steps)`` is called after each step."""
     net = copy.deepcopy(net).train()
     if steps == 0:
         return net, []
@@ -71,6 +72,8 @@ def adapt(net: SRNet, lr: torch.Tensor, degradation: Degradation, steps: int,
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if progress is not None:
+            progress(j + 1, steps)
     return net.eval(), losses
 
 
