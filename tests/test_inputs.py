@@ -142,3 +142,52 @@ def test_version_flag():
 
     run = subprocess.run([sys.executable, "-m", "upcli", "--version"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == f"upcli {upcli.__version__}"
+
+
+def test_the_reader_batches_named_maps_of_one_size_and_converts_dtype(tmp_path):
+    """FeatureStore(with_names, size, dtype) under a shuffling DataLoader; a bfloat16 store read as float32, and
+    with plain h5py by the README's recipe."""
+    import h5py
+    import torch
+
+    from upcli.configs import FeatureOptions
+    from upcli.io import FeatureStore
+    from upcli.upsample import upsample_folder
+
+    root = dataset(tmp_path / "d")
+    upsample_folder(root, JobOptions(out=tmp_path / "o", workers=0, quiet=True), FeatureOptions(dtype="bfloat16"),
+                    size=24)
+    plain = FeatureStore(tmp_path / "o")
+    assert plain["train/a.png"].dtype == torch.bfloat16
+    store = FeatureStore(tmp_path / "o", dtype=torch.float32, size=(16, 20), with_names=True)
+    loader = torch.utils.data.DataLoader(store, batch_size=2, shuffle=True, num_workers=0,
+                                         generator=torch.Generator().manual_seed(0))
+    seen = []
+    for names, batch in loader:
+        assert batch.dtype == torch.float32 and batch.shape[1:] == (320, 16, 20)
+        for name, feats in zip(names, batch):
+            assert torch.equal(feats, plain.get(name, size=(16, 20), dtype=torch.float32))
+        seen += names
+    assert sorted(seen) == sorted(plain) and seen != sorted(seen)  # every map once, shuffled
+    assert store["val/a.png"][1].numpy().dtype == np.float32
+    # the README's recipe: bfloat16 maps are stored as their uint16 bits
+    with h5py.File(next((tmp_path / "o").glob("shard-*.h5")), "r") as f:
+        ds = next(iter(f["features"].values()))
+        bits = ds[()]
+        as_float = (bits.astype(np.uint32) << 16).view(np.float32)
+        assert np.array_equal(as_float, plain[str(ds.attrs["source"])].float().numpy())
+
+
+def test_upsample_size_hxw_gives_every_map_that_size(tmp_path):
+    from upcli.configs import FeatureOptions
+    from upcli.io import FeatureStore
+    from upcli.upsample import upsample_folder
+
+    root = dataset(tmp_path / "d")
+    (root / "val" / "wide.png").parent.mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((10, 40, 3), np.uint8)).save(root / "val" / "wide.png")
+    upsample_folder(root / "val", JobOptions(out=tmp_path / "o", workers=0, quiet=True), FeatureOptions(), size="24x32")
+    store = FeatureStore(tmp_path / "o")
+    assert {tuple(store[name].shape) for name in store} == {(320, 24, 32)} and len(store) == 3
+    with pytest.raises(UsageError, match="--size must be a positive integer, HxW"):
+        upsample_folder(root, JobOptions(out=tmp_path / "x"), FeatureOptions(), size="24x")

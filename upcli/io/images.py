@@ -182,10 +182,13 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         return h, w
 
 
-def target_size(h: int, w: int, size: int | None) -> tuple[int, int]:
-    """``(H, W)`` with the shorter side equal to ``size`` and the aspect kept; ``None`` keeps ``(h, w)``."""
+def target_size(h: int, w: int, size: int | tuple[int, int] | None) -> tuple[int, int]:
+    """``(H, W)`` with the shorter side equal to ``size`` and the aspect kept; ``None`` keeps ``(h, w)``; an
+    ``(H, W)`` pair is the size itself (every image alike, aspect not kept)."""
     if size is None:
         return h, w
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
     if size <= 0:
         raise UsageError(f"image size must be a positive integer, got {size}")
 
@@ -255,14 +258,22 @@ def _decoding(path: str | os.PathLike, data: bytes | None = None) -> Iterator[No
 DEFAULT_SIZE = 448  # --size: the output's shorter side
 
 
-def parse_size(value: str | int | None) -> int | None:
-    """``--size``: a positive int (shorter side) or "original"."""
+def parse_size(value: str | int | tuple | None) -> int | tuple[int, int] | None:
+    """``--size``: a positive int (the shorter side, aspect kept), ``HxW`` (every output that size, for
+    batching), or "original"."""
     if value is None or value == "original":
         return None
+    message = f"--size must be a positive integer, HxW (e.g. 448x640) or 'original', got {value!r}"
     try:
-        size = int(value)
+        if isinstance(value, (tuple, list)) or "x" in str(value):
+            parts = value if isinstance(value, (tuple, list)) else str(value).lower().split("x")
+            size = tuple(int(p) for p in parts)
+            if len(size) != 2:
+                raise ValueError
+        else:
+            size = int(value)
     except (TypeError, ValueError):
-        raise UsageError(f"--size must be a positive integer or 'original', got {value!r}") from None
-    if size < 1:
-        raise UsageError(f"--size must be a positive integer or 'original', got {value!r}")
+        raise UsageError(message) from None
+    if min(size if isinstance(size, tuple) else (size,)) < 1:
+        raise UsageError(message)
     return size

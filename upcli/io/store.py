@@ -539,15 +539,21 @@ class FeatureStore:
     ``device``, the CPU by default). ``store.get(name, size=(H, W))`` gives another size (a full store's map is
     resized bilinearly; a compact store renders at that size, above the image's own too).
 
+    Options for training loops: ``dtype`` converts on read (``torch.float32``: what most models want; bfloat16
+    stores come back as ``torch.bfloat16`` otherwise), ``size=(H, W)`` gives every map that size (so that a
+    DataLoader can batch them), ``with_names=True`` makes each item ``(source name, tensor)`` (to match features
+    to labels under ``shuffle=True``).
+
     h5py handles open lazily in each process, so the store can be handed to a DataLoader with workers.
 
     >>> store = FeatureStore("feats/")
     >>> feats = store["cat.jpg"]            # torch.Tensor (C, H, W), float16 by default
     >>> big = store.get("cat.jpg", size=(896, 1344))
-    >>> loader = DataLoader(store, batch_size=None, num_workers=2)
+    >>> loader = DataLoader(FeatureStore("feats/", dtype=torch.float32, size=(224, 224), with_names=True),
+    ...                     batch_size=8, shuffle=True, num_workers=2)   # batches of (names, (8, C, 224, 224))
     """
 
-    def __init__(self, root, device=None, dtype=None):
+    def __init__(self, root, device=None, dtype=None, size: tuple[int, int] | None = None, with_names: bool = False):
         self.root = Path(root)
         manifest = self.root / "manifest.jsonl"
         if not manifest.is_file():
@@ -557,7 +563,7 @@ class FeatureStore:
         self._index = {r["source"]: (r["shard"], r["key"]) for r in rows}
         self._files: dict = {}
         self._pid = os.getpid()
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.size, self.with_names = device, dtype, size, with_names
         self._renderer = None
 
     def __len__(self) -> int:
@@ -573,7 +579,7 @@ class FeatureStore:
         return list(self.sources)
 
     def items(self):
-        return ((s, self[s]) for s in self.sources)
+        return ((s, self.get(s)) for s in self.sources)
 
     def _dataset(self, item):
         import h5py
@@ -606,7 +612,9 @@ class FeatureStore:
         return self.root / self._index[source][0]
 
     def __getitem__(self, item):
-        return self.get(item)
+        """``store[name]`` or ``store[i]``: the map with the store's options; ``(name, map)`` with ``with_names``."""
+        tensor = self.get(item)
+        return (self.sources[item] if isinstance(item, int) else item, tensor) if self.with_names else tensor
 
     def get(self, item, size: tuple[int, int] | None = None, device=None, dtype=None):
         """The map of ``item`` (a source name or an index) at ``size`` (``(H, W)``; default: the job's size),
@@ -629,7 +637,7 @@ class FeatureStore:
         stored = str(attrs.get("dtype", ds.dtype.name))
         tensor = from_storage(data, stored)
         device = torch.device(device or self.device or "cpu")
-        dtype = dtype or self.dtype
+        dtype, size = dtype or self.dtype, size or self.size
         if compact:
             if self._renderer is None:
                 from .compact import Renderer
