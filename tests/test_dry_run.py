@@ -67,6 +67,7 @@ def test_a_slurm_array_task_lists_its_own_part(tmp_path):
     assert dry.returncode == 0, dry.stderr
     listed = [line.split("\t")[0] for line in dry.stdout.splitlines() if "\t" in line]
     assert listed == ["im2.png", "im3.png", "im6.png", "im7.png"]  # shards 1 and 3 of 4
-    assert "part 1 of 2: 4 of the 8 images" in dry.stdout
+    assert "part 1 of 2 (SLURM array: SLURM_ARRAY_TASK_ID=1" in dry.stdout and "4 of the 8 images" in dry.stdout
     bad = upcli(imgs, "--dry-run", env={"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "2"})
-    assert bad.returncode == 2 and "--shard-index must be in [0, 2)" in bad.stderr
+    assert bad.returncode == 2 and "SLURM array: SLURM_ARRAY_TASK_ID=5" in bad.stderr, bad.stderr
+    assert "gives part 5, not in [0, 2)" in bad.stderr and "--shard-index" not in bad.stderr

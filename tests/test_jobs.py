@@ -19,7 +19,7 @@ from upcli.io import FeatureStore
 from upcli.io.images import load_rgb, scan_images
 from upcli.io.jobs import Job, Output, run_job
 from upcli.io.store import ShardWriter, verify_store
-from upcli.runtime import resolve_split
+from upcli.runtime import split_from
 from upcli.progress import ProgressReporter
 
 
@@ -370,16 +370,39 @@ def test_reader_under_dataloader_with_two_workers(tmp_path):
         assert torch.equal(feats, store[i])
 
 
-def test_resolve_split_from_flags_and_env():
-    assert resolve_split(4, 1, env={}) == (1, 4)
-    assert resolve_split(env={}) == (0, 1)
-    assert resolve_split(env={"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3)
-    assert resolve_split(env={"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}) == (3, 4)
-    assert resolve_split(env={"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "2"}) == (3, 4)
+def test_split_from_flags_and_env_says_where_it_came_from():
+    assert split_from(4, 1, env={}) == (1, 4, "--num-shards/--shard-index")
+    assert split_from(env={}) == (0, 1, "no split")
+    assert split_from(env={"RANK": "2", "WORLD_SIZE": "3"}) == (2, 3, "torchrun: RANK=2, WORLD_SIZE=3")
+    assert split_from(env={"SLURM_NTASKS": "4", "SLURM_PROCID": "3"})[:2] == (3, 4)
+    array = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "2"}
+    assert split_from(env=array) == (3, 4, "SLURM array: SLURM_ARRAY_TASK_ID=5, SLURM_ARRAY_TASK_MIN=2, "
+                                           "SLURM_ARRAY_TASK_COUNT=4")
     with pytest.raises(UsageError, match="shard-index"):
-        resolve_split(2, 2, env={})
+        split_from(2, 2, env={})
     with pytest.raises(UsageError, match="go together"):
-        resolve_split(2, None, env={})
+        split_from(2, None, env={})
+    with pytest.raises(UsageError, match=r"^SLURM array: SLURM_ARRAY_TASK_ID=5, .*COUNT=2 gives part 5, not in \[0, 2\)$"):
+        split_from(env={"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "2"})
+    with pytest.raises(UsageError, match="RANK='x' in the environment is not a whole number"):
+        split_from(env={"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_a_split_job_logs_its_part_and_where_it_came_from(tmp_path, monkeypatch):
+    import io
+
+    from upcli.configs import JobOptions
+    from upcli.io.jobs import prepare_job
+
+    root = make_images(tmp_path / "imgs", 6)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    plan = prepare_job("test", root, JobOptions(out=tmp_path / "out", workers=0), 2)
+    log = io.StringIO()
+    plan.reporter.stream = log
+    plan.run(job_for(root, tmp_path / "out"), load, Step())
+    assert ("test: part 1 of 2 (SLURM array: SLURM_ARRAY_TASK_ID=1, SLURM_ARRAY_TASK_MIN=0, "
+            "SLURM_ARRAY_TASK_COUNT=2): 2 of the 6 inputs, shards 1, 3, ... of 3") in log.getvalue()
 
 
 def test_a_job_mismatch_names_only_the_options_that_differ():

@@ -50,25 +50,42 @@ def default_workers() -> int:
 
 # ---- splitting a job ---------------------------------------------------------------------------------------
 
-def resolve_split(count: int | None = None, index: int | None = None, env=os.environ) -> tuple[int, int]:
-    """(part index, part count): from the flags, else torchrun, else SLURM tasks or a SLURM array, else (0, 1)."""
+def split_from(count: int | None = None, index: int | None = None, env=os.environ) -> tuple[int, int, str]:
+    """``(part index, part count, where they came from)``: the flags, else torchrun, else SLURM tasks or a SLURM
+    array, else one part. A bad value is a one-line ``UsageError`` that names where it came from."""
+    origin = "--num-shards/--shard-index"
     if count is None and index is None:
         if "WORLD_SIZE" in env and "RANK" in env:
-            count, index = int(env["WORLD_SIZE"]), int(env["RANK"])
-        elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-            count, index = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
+            origin = f"torchrun: RANK={env['RANK']}, WORLD_SIZE={env['WORLD_SIZE']}"
+            count, index = _env_int(env, "WORLD_SIZE"), _env_int(env, "RANK")
+        elif "SLURM_PROCID" in env and _env_int(env, "SLURM_NTASKS", "1") > 1:
+            origin = f"SLURM tasks: SLURM_PROCID={env['SLURM_PROCID']}, SLURM_NTASKS={env['SLURM_NTASKS']}"
+            count, index = _env_int(env, "SLURM_NTASKS"), _env_int(env, "SLURM_PROCID")
         elif "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-            count = int(env["SLURM_ARRAY_TASK_COUNT"])
-            index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            first = env.get("SLURM_ARRAY_TASK_MIN", "0")
+            origin = (f"SLURM array: SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']}, SLURM_ARRAY_TASK_MIN={first}, "
+                      f"SLURM_ARRAY_TASK_COUNT={env['SLURM_ARRAY_TASK_COUNT']}")
+            count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+            index = _env_int(env, "SLURM_ARRAY_TASK_ID") - _env_int(env, "SLURM_ARRAY_TASK_MIN", "0")
         else:
-            count, index = 1, 0
+            return 0, 1, "no split"
     if count is not None and count < 1:
-        raise UsageError(f"--num-shards must be at least 1, got {count}")
+        raise UsageError(f"--num-shards must be at least 1, got {count}" if origin.startswith("--") else
+                         f"{origin} gives {count} parts; it must be at least 1")
     if count is None or index is None:
         raise UsageError("--num-shards and --shard-index go together")
     if not 0 <= index < count:
-        raise UsageError(f"--shard-index must be in [0, {count}) for --num-shards {count}, got {index}")
-    return index, count
+        raise UsageError(f"--shard-index must be in [0, {count}) for --num-shards {count}, got {index}"
+                         if origin.startswith("--") else f"{origin} gives part {index}, not in [0, {count})")
+    return index, count, origin
+
+
+def _env_int(env, name: str, default: str | None = None) -> int:
+    value = env.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name}={value!r} in the environment is not a whole number") from None
 
 
 # ---- training processes ------------------------------------------------------------------------------------

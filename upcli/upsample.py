@@ -173,7 +173,7 @@ def expand_store(compact_dir, options: JobOptions) -> JobResult:
     from .io.images import ImageRef
     from .io.jobs import JobPlan
     from .io.store import FeatureStore, read_job_record, to_storage
-    from .runtime import resolve_split
+    from .runtime import split_from
 
     record = read_job_record(compact_dir)
     if record["settings"].get("store") != "compact":
@@ -185,8 +185,8 @@ def expand_store(compact_dir, options: JobOptions) -> JobResult:
     inputs = [ImageRef(store.shard_path(name), name) for name in store]
     settings = {**record["settings"], "store": "full", "expanded_from": record["fingerprint"]}
     options = dataclasses.replace(options, workers=0)  # nothing to decode: the entries are read as rendered
-    plan = JobPlan("upsample", options, store.root, inputs, options.shard_size or SHARD_SIZE,
-                   resolve_split(options.num_shards, options.shard_index), {})
+    *split, origin = split_from(options.num_shards, options.shard_index)
+    plan = JobPlan("upsample", options, store.root, inputs, options.shard_size or SHARD_SIZE, tuple(split), {}, origin)
     compact_only = ("source", "store", "upsampler_sha256", "upsampler_args")
 
     def render(items: list[Item], timings) -> list[Output]:
@@ -223,7 +223,7 @@ def plan_upsample(images, features: FeatureOptions = FeatureOptions(), size: int
         compact += model.dim * grid[0] * grid[1] * itemsize + ref.path.stat().st_size
     total = sum(int(np.prod(shape)) * itemsize for shape in shapes.values())
     return {"images": len(mine), "shapes": shapes, "bad": bad, "bytes": total, "compact_bytes": compact,
-            "split": prepared.plan.split, "of": len(prepared.job.inputs)}
+            "split": prepared.plan.split, "split_origin": prepared.plan.split_origin, "of": len(prepared.job.inputs)}
 
 
 def upsample_command(images, options: JobOptions, features: FeatureOptions = FeatureOptions(), *,
@@ -267,7 +267,7 @@ def upsample_command(images, options: JobOptions, features: FeatureOptions = Fea
             print(f"{rel}\tunreadable: {reason}")
         part, parts = plan["split"]
         if parts > 1:
-            print(f"part {part} of {parts}: {plan['images']} of the {plan['of']} images")
+            print(f"part {part} of {parts} ({plan['split_origin']}): {plan['images']} of the {plan['of']} images")
         n = max(len(shapes), 1)
         print(f"{plan['images']} images, {len(plan['bad'])} unreadable, before compression: about "
               f"{plan['bytes'] / 2**30:.2f} GiB with --store full ({plan['bytes'] / n / 2**20:.1f} MiB per image), "

@@ -32,7 +32,7 @@ from .. import __version__
 from ..configs import JobOptions
 from ..errors import EXIT_OK, EXIT_SOME_FAILED, BadImageError, StoreError, UsageError
 from ..progress import ProgressReporter, Timings
-from ..runtime import SignalGuard, default_workers, resolve_split
+from ..runtime import SignalGuard, default_workers, split_from
 from .images import ImageRef, collect_images, printable_name
 from .store import (FEATURE_SHARDS, JOB_FORMAT, ShardKind, ShardWriter, clear_store, index_lock, intact_images,
                     live_writer, set_aside_path, stored_sources, write_atomic, write_index)
@@ -49,6 +49,7 @@ class JobPlan:
     shard_size: int
     split: tuple[int, int]
     digests: dict
+    split_origin: str = "no split"  # where the split came from (flags, torchrun, SLURM), for the log
 
     def job(self, settings: dict, kind: ShardKind = FEATURE_SHARDS) -> "Job":
         """The job with these settings (the digests added), stored as ``kind``."""
@@ -69,6 +70,11 @@ class JobPlan:
             import torch
 
             sync = torch.cuda.synchronize
+        part, parts = self.split
+        if parts > 1:
+            mine = len(job.part_inputs(self.split))
+            self.reporter.log(f"{self.command}: part {part} of {parts} ({self.split_origin}): {mine} of the "
+                              f"{len(job.inputs)} inputs, shards {part}, {part + parts}, ... of {job.num_shards}")
         result = run_job(job, load, process, split=self.split, compression=compression, batch_size=o.batch_size,
                          workers=default_workers() if o.workers is None else o.workers, strict=o.strict,
                          overwrite=o.overwrite, reporter=self.reporter, timings=Timings(sync), preview=o.preview)
@@ -91,10 +97,11 @@ def prepare_job(command: str, source, options: JobOptions, default_shard_size: i
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if options.preview < 0:
         raise UsageError(f"--preview must be 0 or more, got {options.preview}")
-    split = resolve_split(options.num_shards, options.shard_index)
+    *split, origin = split_from(options.num_shards, options.shard_index)
     check_run(options.workers or 0, options.overwrite, split[1])
     root, inputs = collect_images(source, options.files_from, options.include, options.exclude, options.out)
-    return JobPlan(command, options, root, inputs, shard_size, split, checkpoint_digests(**(checkpoints or {})))
+    return JobPlan(command, options, root, inputs, shard_size, tuple(split), checkpoint_digests(**(checkpoints or {})),
+                   origin)
 
 
 def check_run(workers: int, overwrite: bool, parts: int) -> None:
