@@ -111,6 +111,8 @@ def _path(value: Optional[Path]) -> Optional[str]:
 
   upcli upsample examples/images --out feats/ --upsampler bilateral --preview 2
 
+  upcli upsample examples/images --out feats/ --upsampler jbu --preview 4 --compare bilinear,attention   # side by side
+
   upcli upsample ./imgs --out feats/ --num-shards 8 --shard-index 3   # one of 8 workers
 
   upcli upsample ./imgs --out feats/ --upsampler jbu --store compact   # ~300x smaller; maps rendered on read
@@ -129,6 +131,7 @@ def upsample(
     sigma_color: Annotated[Optional[float], typer.Option(help="bilateral: colour sigma on [0, 1] RGB.")] = None,
     size: Annotated[str, typer.Option(help="Shorter side of the output in pixels, or 'original'.")] = str(DEFAULT_SIZE),
     store: Annotated[str, typer.Option(help="full: the dense maps; compact: the low-res features and the image bytes, a few hundred times smaller, the maps rendered when read (FeatureStore, same calls).")] = "full",
+    compare: Annotated[Optional[str], typer.Option(help="More upsamplers to show beside --upsampler in the previews, e.g. bilinear,bilateral (with --preview N; the store holds --upsampler's only).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(help="Print images, output shapes and disk use; write nothing.")] = False,
     verify: Annotated[Optional[Path], typer.Option(help="Check a finished store and rebuild its manifest.", file_okay=False)] = None,
     repair: Annotated[bool, typer.Option(help="With --verify: rebuild the manifest from job.json even where the shards are of another job.")] = False,
@@ -142,7 +145,7 @@ def upsample(
     with errors("upsample"):
         code = upsample_command(inputs, JobOptions(**job), FeatureOptions(**features), list_backbones=list_backbones,
                                 verify=verify, repair=repair, expand=expand, dry_run=dry_run, upsampler=upsampler,
-                                upsampler_args=upsampler_args, size=size, store=store)
+                                upsampler_args=upsampler_args, size=size, store=store, compare=compare)
     raise typer.Exit(code)
 
 

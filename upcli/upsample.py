@@ -40,8 +40,9 @@ class UpsampleStep:
     """The model step of the job: backbone, then upsampler, for each group of same-size images. ``compact``:
     the backbone only; its low-res features and the image's bytes are stored (the upsampler runs for previews)."""
 
-    def __init__(self, backbone, upsampler, device, dtype: str, compact: dict | None = None):
+    def __init__(self, backbone, upsampler, device, dtype: str, compact: dict | None = None, compare: dict | None = None):
         self.backbone, self.upsampler, self.device, self.dtype = backbone, upsampler, device, dtype
+        self.compare = compare or {}  # more upsamplers, by name, shown beside this one in the previews
         self.attrs = {"backbone": backbone.name, "layer": str(backbone.layer), "upsampler": upsampler.name, "dtype": dtype}
         self.compact = compact  # {"attrs": ..., "files": ...}: what each compact image adds
         if compact is not None:
@@ -75,9 +76,11 @@ class UpsampleStep:
                     output.extra["images"] = items[i].data["bytes"]
                     output.files.update(self.compact["files"])
                 if items[i].preview:
+                    shown = {self.upsampler.name: high[j].float().cpu()}
+                    for name, other in self.compare.items():
+                        shown[name] = upsample_features(other, low[j:j + 1], images[j:j + 1], size, self.device)[0].float().cpu()
                     output.files[preview_name(items[i].ref.rel)] = functools.partial(
-                        save_preview, image=pixels[j].cpu().numpy(), lr_feats=low[j].float().cpu(),
-                        hr_feats=high[j].float().cpu())
+                        save_preview, image=pixels[j].cpu().numpy(), lr_feats=low[j].float().cpu(), hr_feats=shown)
                 results[i] = output
         return results
 
@@ -99,11 +102,13 @@ class PreparedUpsample:
 
 def prepare_upsample(images, options: JobOptions, features: FeatureOptions = FeatureOptions(), *,
                      upsampler: str = "bilinear", upsampler_args: dict | None = None,
-                     size: int | str | None = DEFAULT_SIZE, store: str = "full", dry_run: bool = False) -> PreparedUpsample:
+                     size: int | str | None = DEFAULT_SIZE, store: str = "full", compare: str | None = None,
+                     dry_run: bool = False) -> PreparedUpsample:
     """Every check that ``upsample`` makes before its first image, in its order, writing nothing: the options, the
     inputs and this process's part of a split, the backbone's weights, the upsampler for this backbone, and
     ``--out`` (free, or this same job's). The job and ``--dry-run`` both start here, so a dry run fails where
-    the job would, with the same line and exit code. ``dry_run``: ``--out`` may be absent."""
+    the job would, with the same line and exit code. ``dry_run``: ``--out`` may be absent. ``compare``: a comma
+    list of more upsamplers shown beside this one in the previews (the store holds this one's only)."""
     from .backbones import create_backbone
     from .io.jobs import check_out_dir
     from .upsamplers import create_upsampler
@@ -137,7 +142,11 @@ def prepare_upsample(images, options: JobOptions, features: FeatureOptions = Fea
     job = plan.job(settings)
     if options.out is not None:
         check_out_dir(job, options.overwrite)
-    step = UpsampleStep(model, up, device, f.dtype, compact)
+    others = [name for name in (compare or "").split(",") if name]
+    if others and not options.preview:
+        raise UsageError("--compare shows other upsamplers in the previews: give --preview N too")
+    others = {name: create_upsampler(name, backbone=model).to(device).eval() for name in others}
+    step = UpsampleStep(model, up, device, f.dtype, compact, others)
     load = functools.partial(load_resized, size=size, dim=model.dim, keep_bytes=compact is not None)
     return PreparedUpsample(plan, job, step, load, device, f.compression)
 

@@ -14,19 +14,22 @@ from .io.store import write_atomic
 
 _MAX_FIT_PIXELS = 50_000
 _PIXEL_CHUNK = 8192  # pixels per step, so no map is ever copied whole to float32/float64
+_LABEL_HEIGHT = 14  # pixels of the strip above each preview panel
 
 
-def pca_rgb(maps: list[Tensor], k: int = 3) -> list[np.ndarray]:
-    """Colour ``Tensor[C, h, w]`` maps by ONE PCA fitted over all of them -> ``uint8 (h, w, k)`` each.
+def pca_rgb(maps: list[Tensor], k: int = 3, fit: list[Tensor] | None = None) -> list[np.ndarray]:
+    """Colour ``Tensor[C, h, w]`` maps by ONE PCA -> ``uint8 (h, w, k)`` each, fitted over ``fit`` (default: all
+    the maps). Previews fit it on the low-res features alone, so every upsampler of one image gets its colours.
 
     The fit uses at most 50k pixels (a fixed-seed sample, so it is deterministic). Each component is
     scaled to 0..255 between its 1st and 99th percentile over that sample, the same for every map, so
     colours are comparable across maps. Components beyond ``C`` are black.
     """
     flats = [m.detach().cpu().reshape(m.shape[0], -1) for m in maps]
-    if len({f.shape[0] for f in flats}) != 1:
-        raise ValueError(f"maps must have the same channel count, got {[f.shape[0] for f in flats]}")
-    sample = _sample_pixels(flats)
+    fitted = flats if fit is None else [m.detach().cpu().reshape(m.shape[0], -1) for m in fit]
+    if len({f.shape[0] for f in flats + fitted}) != 1:
+        raise ValueError(f"maps must have the same channel count, got {[f.shape[0] for f in flats + fitted]}")
+    sample = _sample_pixels(fitted)
 
     mean, basis = principal_axes(sample, k)
     sample_proj = torch.cat([_project(chunk, mean, basis) for chunk in sample], dim=1)  # (k, n)
@@ -70,19 +73,32 @@ def edge_sharpness(feats: Tensor, image: Tensor, top: float = 0.1) -> float:
     return float(feature_grad[edges].mean() / feature_grad[~edges].mean().clamp_min(1e-12))
 
 
-def save_preview(path: str | Path, image: np.ndarray, lr_feats: Tensor, hr_feats: Tensor) -> None:
-    """Write one PNG: the image | low-res features | high-res features, side by side.
+def save_preview(path: str | Path, image: np.ndarray, lr_feats: Tensor, hr_feats: Tensor | dict[str, Tensor]) -> None:
+    """Write one PNG: the image | the low-res features | the high-res features (one panel per upsampler when
+    ``hr_feats`` is ``{name: Tensor[C, H, W]}``), side by side, each panel labelled above.
 
-    Both feature maps (``Tensor[C, h, w]`` and ``Tensor[C, H, W]``) are coloured by one shared PCA and
-    shown at the image size (nearest neighbour). The file appears atomically.
+    Every map is coloured by one PCA fitted on the low-res features (``Tensor[C, h, w]``), so the colours of an
+    image are the same in every run and for every upsampler, and shown at the image size (nearest neighbour).
+    The file appears atomically.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     height, width = image.shape[:2]
-    lr_rgb, hr_rgb = pca_rgb([lr_feats, hr_feats])
-    panels = [image] + [_nearest(rgb, (height, width)) for rgb in (lr_rgb, hr_rgb)]
+    high = hr_feats if isinstance(hr_feats, dict) else {"upsampled": hr_feats}
+    colours = pca_rgb([lr_feats, *high.values()], fit=[lr_feats])
+    labels = ["image", f"low-res {lr_feats.shape[1]}x{lr_feats.shape[2]}"] + [
+        f"{name} {m.shape[1]}x{m.shape[2]}" for name, m in high.items()]
+    panels = [image] + [_nearest(rgb, (height, width)) for rgb in colours]
+    save_png(path, np.concatenate([_labelled(panel, label) for panel, label in zip(panels, labels)], axis=1))
 
-    save_png(path, np.concatenate(panels, axis=1))
+
+def _labelled(panel: np.ndarray, label: str) -> np.ndarray:
+    """``panel`` under a white strip with ``label`` in black (Pillow's built-in font)."""
+    from PIL import ImageDraw
+
+    strip = Image.new("RGB", (panel.shape[1], _LABEL_HEIGHT), "white")
+    ImageDraw.Draw(strip).text((3, 2), label, fill="black")
+    return np.concatenate([np.asarray(strip), panel], axis=0)
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> None:
