@@ -485,3 +485,13 @@ def test_piped_zssr_logs_timestamped_iterations_every_log_every(tmp_path):
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines), run.stderr
     steps = [line.split(" ", 2)[2] for line in lines if "iterations" in line]
     assert steps == [f"sr: small.png: {i}/5 iterations" for i in range(1, 6)], run.stderr
+
+
+def test_pretrain_mzsr_logs_a_timestamped_line_every_log_every(tmp_path, capsys):
+    import re
+
+    root = training_folder(tmp_path / "train")
+    pretrain_mzsr(tiny(root, tmp_path / "m.safetensors"), log_every=0)
+    lines = capsys.readouterr().err.strip().splitlines()
+    steps = [line for line in lines if "/5 steps" in line]
+    assert len(steps) == 5 and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d pretrain mzsr: ", line) for line in steps)
