@@ -114,7 +114,7 @@ def test_compact_resumes_and_is_another_job_than_full(images, tmp_path):
     assert first.processed == 3 and again.processed == 0 and again.skipped_shards == first.skipped_shards + 1
     with pytest.raises(StoreError, match="holds another job .*store.*--overwrite"):
         run(images, out, "full", "jbu")
-    with pytest.raises(UsageError, match="--store must be full or compact"):
+    with pytest.raises(UsageError, match="--store must be one of full, compact"):
         run(images, tmp_path / "x", "tiny")
 
 

@@ -17,6 +17,7 @@ from .configs import FeatureOptions, FitConfig, JobOptions
 from .errors import BadImageError, UsageError
 from .io.images import DEFAULT_SIZE, ImageRef, load_rgb, parse_size, printable_name, target_size
 from .io.jobs import Item, JobResult, Output, file_identity, prepare_job, preview_name
+from .io.compact import STORES
 from .io.store import check_feature_bytes, check_feature_format, to_storage
 from .runtime import resolve_device
 
@@ -154,8 +155,8 @@ def fit_images(
         raise UsageError("--from-fields renders saved fields; it cannot be combined with --save-field")
     if from_fields is not None and fit != FitConfig():
         raise UsageError("--from-fields renders saved fields: the fit options (--steps, --views, ...) do not apply")
-    if store not in ("full", "compact"):
-        raise UsageError(f"--store must be full or compact, got {store!r}")
+    if store not in STORES:
+        raise UsageError(f"--store must be one of {', '.join(STORES)}, got {store!r}")
     if store == "compact" and from_fields is not None:
         raise UsageError("--store compact keeps the fields it fits; --from-fields renders saved ones into a full store")
     if from_fields is not None and not Path(from_fields).is_dir():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ from .errors import BadImageError, UsageError
 from .io.images import DEFAULT_SIZE, ImageRef, image_size, load_rgb, parse_size, resize_rgb, target_size
 from .configs import FeatureOptions, JobOptions
 from .io.jobs import Item, JobResult, Output, file_identity, prepare_job, preview_name
+from .io.compact import STORES
 from .io.store import check_feature_bytes, check_feature_format, to_storage
 from .runtime import inference_autocast, resolve_device
 
@@ -116,8 +116,8 @@ def prepare_upsample(images, options: JobOptions, features: FeatureOptions = Fea
     size = parse_size(size)
     f = features
     check_feature_format(f.dtype, f.compression)
-    if store not in ("full", "compact"):
-        raise UsageError(f"--store must be full or compact, got {store!r}")
+    if store not in STORES:
+        raise UsageError(f"--store must be one of {', '.join(STORES)}, got {store!r}")
     plan = prepare_job("upsample", images, options, SHARD_SIZE, checkpoints={"backbone": f.backbone, "upsampler": upsampler},
                        dry_run=dry_run)
     if upsampler_args and upsampler != "bilateral":

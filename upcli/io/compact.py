@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +28,7 @@ import numpy as np
 from ..errors import BadImageError, StoreError
 from .store import write_atomic
 
-STORES = ("full", "compact")
+STORES = ("full", "compact")  # the kinds of feature store (``--store``)
 CHECKPOINTS = "upsamplers"  # the folder of a compact store's upsampler copies
 
 
@@ -64,10 +63,6 @@ def keep_checkpoint(source: Path, sha256: str):
             write_atomic(path, data)
 
     return write
-
-
-def image_bytes(path: Path) -> np.ndarray:
-    return np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
 
 
 class Renderer:
@@ -120,11 +115,3 @@ class Renderer:
         images = pixels.permute(2, 0, 1)[None].float().div_(255).contiguous()
         up = self.upsampler(attrs, low.shape[0], device)
         return upsample_features(up, low[None].to(device).float(), images, size, device)[0]
-
-    def __getstate__(self):  # a DataLoader worker builds its own upsamplers
-        return {"root": self.root, "_upsamplers": {}}
-
-
-def compact_bytes(dim: int, grid: tuple[int, int], itemsize: int, path: Path) -> int:
-    """What one image takes in a compact store (before compression): its low-res features and its file."""
-    return dim * grid[0] * grid[1] * itemsize + os.path.getsize(path)
