@@ -11,14 +11,15 @@
 //   backward(grad_out, query, key, value, k, scale)           -> (grad_query, grad_key, grad_value)
 //
 // How the work is laid out:
-// * Tasks are output rows (b, y); threads take them from an atomic counter. A row splits into segments of
-//   pixels that share one window (the same centre column cell): per segment the window's keys are gathered once
-//   into [heads][d][k*k], and every hot loop runs unit-stride over the segment's pixels x (contiguous in the
-//   query, the output and the gradients), so the compiler vectorises them.
+// * Tasks are output rows (b, y). A row splits into segments of pixels that share one window (the same centre
+//   column cell); every hot loop runs unit-stride over the segment's pixels x (contiguous in the query, the
+//   output and the gradients), as small tile products whose left factor is read through window-offset tables.
 // * Per segment and head: logits [k*k][n], a softmax per pixel over the taps, heads averaged into p [k*k][n];
 //   then out[c][x] = sum_t p[t][x] * value[c, tap t] for every channel. Nothing per tap outlives its segment.
 // * Backward recomputes p per segment. grad_value and grad_key (window cells shared by many rows) are summed
 //   into per-thread buffers, reduced at the end; grad_query is written in place (each pixel has one owner).
+//   The forward's threads take rows from a counter; the backward's take fixed blocks of rows, so its sums are
+//   the same in every run (training resumes bit-exactly).
 // * Accumulation is in the tensor's dtype (float32 or float64); the caller upcasts half types.
 
 #include <ATen/Dispatch.h>
@@ -66,16 +67,23 @@ struct Segments {
   size_t size() const { return start.size(); }
 };
 
-// Runs task(state, t) for t in [0, ntasks) on torch's intra-op threads, dynamically; returns the states.
+// Runs task(state, t) for t in [0, ntasks) on torch's intra-op threads; returns the per-worker states. Dynamic:
+// workers take tasks from a counter (balanced; for outputs that each task owns). Static: worker w takes the w-th
+// contiguous block, in order, so what each worker's state sums up, and so the result, is the same in every run
+// with this thread count (for per-worker partial sums, as the backward's window gradients).
 template <typename State, typename MakeState, typename Task>
-std::vector<State> run_tasks(int64_t ntasks, const MakeState& make_state, const Task& task) {
+std::vector<State> run_tasks(int64_t ntasks, const MakeState& make_state, const Task& task, bool dynamic) {
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
   std::vector<State> states(nthreads);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nthreads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t worker = begin; worker < end; ++worker) {
       states[worker] = make_state();
-      for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) task(states[worker], t);
+      if (dynamic) {
+        for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) task(states[worker], t);
+      } else {
+        for (int64_t t = worker * ntasks / nthreads; t < (worker + 1) * ntasks / nthreads; ++t) task(states[worker], t);
+      }
     }
   });
   return states;
@@ -213,7 +221,7 @@ void forward_impl(const T* query, const T* key, const T* value, T* out, const Sh
           window_product(value + b * s.C * cells, sc.dim.data(), sc.cell.data(), s.C, taps, sc.p.data(), np,
                          out + b * s.C * plane + y * s.W + x0, plane, n);
         }
-      });
+      }, /*dynamic=*/true);
 }
 
 template <typename T>
@@ -290,7 +298,7 @@ void backward_impl(const T* grad, const T* query, const T* key, const T* value, 
             sc.add_window_product(sc.gk.data() + offset * cells, cells, sc.qs.data() + hd * s.d * np, s.d, ph, s);
           }
         }
-      });
+      }, /*dynamic=*/false);
   // reduce the per-thread window gradients
   const int64_t nk = s.B * s.heads * s.d * cells, nv = s.B * s.C * cells;
   at::parallel_for(0, nk + nv, 4096, [&](int64_t begin, int64_t end) {
