@@ -38,3 +38,23 @@ def torchrun():
                               capture_output=True, text=True, timeout=300)
 
     return run
+
+
+@pytest.fixture
+def cli():
+    """``cli(*args, env=...)``: ``upcli ARGS`` in this process (no interpreter start-up), with ``returncode``,
+    ``stdout`` and ``stderr`` as ``subprocess.run`` gives them. For tests of what the command prints and returns;
+    signals and start-up itself need a real subprocess."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from upcli.cli import app
+
+    def run(*args, env=None):
+        result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+
+    return run

@@ -1,6 +1,5 @@
 """The backbone-agnostic neighbourhood-attention upsampler: fresh weights, and the shipped checkpoint."""
 
-import math
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -128,11 +128,10 @@ def test_a_bad_option_leaves_nothing_that_blocks_the_corrected_command(tmp_path)
     assert len(other.stderr.strip().splitlines()) == 1 and "size" not in other.stderr.split("(", 1)[1], other.stderr
 
 
-def test_corrupt_image_is_reported_and_exit_3(tmp_path):
+def test_corrupt_image_is_reported_and_exit_3(cli, tmp_path):
     imgs = small_images(tmp_path / "imgs", 3)
     (imgs / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    result = subprocess.run([sys.executable, "-m", "upcli", "upsample", imgs, "--out", tmp_path / "out", "--size", "32",
-                             "--workers", "0", "--log-every", "1000"], capture_output=True, text=True)
+    result = cli("upsample", imgs, "--out", tmp_path / "out", "--size", "32", "--workers", "0", "--log-every", "1000")
     assert result.returncode == 3, result.stderr
     assert result.stderr.count("b/broken.jpg") == 1
     failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
@@ -140,13 +139,12 @@ def test_corrupt_image_is_reported_and_exit_3(tmp_path):
     assert len(FeatureStore(tmp_path / "out")) == 3
 
 
-def test_a_file_name_that_is_not_utf8_is_recorded_not_fatal(tmp_path):
+def test_a_file_name_that_is_not_utf8_is_recorded_not_fatal(cli, tmp_path):
     imgs = small_images(tmp_path / "imgs", 2)
     latin1 = Path(os.fsdecode(os.fsencode(imgs / "a") + b"/caf\xe9.png"))
     latin1.write_bytes((imgs / "a" / "im1.png").read_bytes())
     for _ in range(2):  # and a second run resumes instead of failing at the same image
-        result = subprocess.run([sys.executable, "-m", "upcli", "upsample", imgs, "--out", tmp_path / "out", "--size",
-                                 "32", "--workers", "0"], capture_output=True, text=True)
+        result = cli("upsample", imgs, "--out", tmp_path / "out", "--size", "32", "--workers", "0")
         assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
     failures = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
     assert [f["reason"] for f in failures] == ["the file name is not valid UTF-8; rename the file"]
@@ -206,11 +204,11 @@ def read_store(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("store", [[], ["--store", "compact", "--upsampler", "jbu"]], ids=["full", "compact"])
-def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path, store):
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(cli, tmp_path, store):
     imgs = small_images(tmp_path / "imgs", 24)
-    base = [sys.executable, "-m", "upcli", "upsample", str(imgs), "--size", "64", "--shard-size", "2", "--workers", "1",
-            *store]
-    reference = subprocess.run(base + ["--out", str(tmp_path / "ref")], capture_output=True, text=True)
+    args = ["upsample", str(imgs), "--size", "64", "--shard-size", "2", "--workers", "1", *store]
+    base = [sys.executable, "-m", "upcli", *args]
+    reference = cli(*args, "--out", tmp_path / "ref")
     assert reference.returncode == 0, reference.stderr
     out = str(tmp_path / "out")
     rng = random.Random(0)
@@ -229,7 +227,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path, st
     assert final.returncode == 0, final.stderr
     assert read_store(Path(out)) == read_store(tmp_path / "ref")
     assert not list(Path(out).glob("*.tmp-*"))
-    verify = subprocess.run([sys.executable, "-m", "upcli", "upsample", "--verify", out], capture_output=True, text=True)
+    verify = cli("upsample", "--verify", out)
     assert verify.returncode == 0 and "24 stored, 0 failed, of 24 inputs" in verify.stdout
 
 

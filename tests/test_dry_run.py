@@ -1,16 +1,12 @@
 """``upcli upsample --dry-run`` makes every check the real run makes before its first image (one function for
 both): it fails where the run fails, with the same line and exit code, and lists only this process's part."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from test_backbones import dinov2_hub_state_dict
 
 
@@ -21,13 +17,13 @@ def images(root: Path, n: int = 8) -> Path:
     return root
 
 
-def upcli(*args, env=None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "upcli", "upsample", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=full_env)
+@pytest.fixture
+def upcli(cli):
+    """``upcli upsample ARGS``, offline."""
+    return lambda *args, env=None: cli("upsample", *args, env={"HF_HUB_OFFLINE": "1", **(env or {})})
 
 
-def same_failure(args: list, out: Path) -> str:
+def same_failure(upcli, args: list, out: Path) -> str:
     """The dry run and the real run fail alike; returns their one line."""
     dry, real = upcli(*args, "--dry-run"), upcli(*args, "--out", out)
     assert dry.returncode == real.returncode != 0, (dry.stderr, real.stderr)
@@ -36,20 +32,20 @@ def same_failure(args: list, out: Path) -> str:
     return dry.stderr.strip()
 
 
-def test_missing_weights_offline(tmp_path):
-    line = same_failure([images(tmp_path / "imgs"), "--backbone", "dinov2"], tmp_path / "o")
+def test_missing_weights_offline(upcli, tmp_path):
+    line = same_failure(upcli, [images(tmp_path / "imgs"), "--backbone", "dinov2"], tmp_path / "o")
     assert "could not download weights for dinov2" in line
 
 
-def test_no_jbu_checkpoint_for_this_backbone(tmp_path):
+def test_no_jbu_checkpoint_for_this_backbone(upcli, tmp_path):
     weights = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(dinov2_hub_state_dict(depth=12), weights)  # the whole ViT-S/14 layout, random values
-    line = same_failure([images(tmp_path / "imgs"), "--backbone", "dinov2", "--weights", weights, "--layer", "0",
+    line = same_failure(upcli, [images(tmp_path / "imgs"), "--backbone", "dinov2", "--weights", weights, "--layer", "0",
                          "--upsampler", "jbu"], tmp_path / "o")
     assert "no jbu checkpoint ships for backbone 'dinov2'" in line
 
 
-def test_an_out_that_holds_another_job(tmp_path):
+def test_an_out_that_holds_another_job(upcli, tmp_path):
     imgs = images(tmp_path / "imgs", 2)
     assert upcli(imgs, "--out", tmp_path / "o", "--size", "32").returncode == 0
     dry = upcli(imgs, "--out", tmp_path / "o", "--size", "48", "--dry-run")
@@ -60,7 +56,7 @@ def test_an_out_that_holds_another_job(tmp_path):
     assert same.returncode == 0, same.stderr
 
 
-def test_a_slurm_array_task_lists_its_own_part(tmp_path):
+def test_a_slurm_array_task_lists_its_own_part(upcli, tmp_path):
     imgs = images(tmp_path / "imgs", 8)
     env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"}
     dry = upcli(imgs, "--dry-run", "--shard-size", "2", "--size", "32", env=env)

@@ -3,8 +3,6 @@ anything the config asks for is allocated."""
 
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -108,13 +106,12 @@ def test_non_finite_weights_are_refused(tmp_path):
     refused(rewrite(path, config, tensors), f"tensor '{key}' has NaN or infinite values")
 
 
-def test_the_cli_shows_one_line(tmp_path):
+def test_the_cli_shows_one_line(cli, tmp_path):
     path = tmp_path / "x.safetensors"
     save_upsampler(path, create_upsampler("attention", pretrained=False), None)  # fits any backbone
     rewrite(path, {**read_config(path), "width": 10**6})
     examples = Path(__file__).resolve().parents[1] / "examples" / "images"
-    run = subprocess.run([sys.executable, "-m", "upcli", "upsample", str(examples), "--upsampler", str(path),
-                          "--out", str(tmp_path / "o"), "--workers", "0"], capture_output=True, text=True, timeout=120)
+    run = cli("upsample", examples, "--upsampler", path, "--out", tmp_path / "o", "--workers", "0")
     assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "but its config makes it" in run.stderr
 

@@ -93,15 +93,13 @@ def test_every_job_command_takes_the_same_inputs(tmp_path, command):
     assert plan.root == root and [r.rel for r in plan.inputs] == ["train/a.png", "val/a.png"]
 
 
-def test_cli_upsample_dry_run_with_several_inputs_and_include(tmp_path):
+def test_cli_upsample_dry_run_with_several_inputs_and_include(cli, tmp_path):
     root = dataset(tmp_path / "d")
-    run = subprocess.run([sys.executable, "-m", "upcli", "upsample", str(root), "--include", "train/*", "--include",
-                          "val/*", "--exclude", "*/deep/*", "--dry-run"], capture_output=True, text=True, timeout=120)
+    run = cli("upsample", root, "--include", "train/*", "--include", "val/*", "--exclude", "*/deep/*", "--dry-run")
     assert run.returncode == 0, run.stderr
     listed = [line.split("\t")[0] for line in run.stdout.splitlines() if "\t" in line]
     assert listed == ["train/a.png", "train/b.jpg", "val/a.png"]
-    two = subprocess.run([sys.executable, "-m", "upcli", "upsample", str(root / "train"), str(root / "val"),
-                          "--dry-run"], capture_output=True, text=True, timeout=120)
+    two = cli("upsample", root / "train", root / "val", "--dry-run")
     assert two.returncode == 0 and "4 images" in two.stdout, two.stderr
 
 

@@ -11,14 +11,28 @@ import torch
 from safetensors.torch import load_file
 
 from upcli.backbones import create_backbone, get_backbone_cfg
-from upcli.backbones.itpn import (ITPN, LEVEL_STRIDES, LEVELS, arch_config, random_ids_keep, sincos_embedding,
-                                  to_map, to_tokens)
+from upcli.backbones.itpn import (
+    ITPN,
+    LEVEL_STRIDES,
+    LEVELS,
+    arch_config,
+    random_ids_keep,
+    sincos_embedding,
+    to_map,
+    to_tokens,
+)
 from upcli.checkpoints import read_config
 from upcli.errors import UsageError
 from upcli.io import FeatureStore
 from upcli.io.pool import ImagePool
 from upcli.pretrain import itpn as itpn_pretrain
-from upcli.pretrain.itpn import ITPNPretrainConfig, build_pretrainer, learning_rate, patch_pixels, pretrain_itpn
+from upcli.pretrain.itpn import (
+    ITPNPretrainConfig,
+    build_pretrainer,
+    learning_rate,
+    patch_pixels,
+    pretrain_itpn,
+)
 from upcli.training import train_state_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,24 +288,19 @@ def test_ddp_on_two_processes_matches_one(tmp_path, torchrun, plain_sgd):
     assert moved > 1e-4
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "upcli.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ENV)
-
-
-def test_cli_pretrains_and_upsample_reads_the_itpn_backbone(tmp_path):
+def test_cli_pretrains_and_upsample_reads_the_itpn_backbone(cli, tmp_path):
     ckpt = tmp_path / "itpn.safetensors"
-    run = run_cli("pretrain", "itpn", EXAMPLES, "--out", ckpt, "--steps", "1", "--batch-size", "2", "--image-size",
+    run = cli("pretrain", "itpn", EXAMPLES, "--out", ckpt, "--steps", "1", "--batch-size", "2", "--image-size",
                   "32", "--device", "cpu")
     assert run.returncode == 0, run.stderr
     assert "images/s" in run.stderr
     config = read_config(ckpt)
     assert config["kind"] == "itpn" and config["arch"] == "tiny" and config["training"]["step"] == 1
-    again = run_cli("pretrain", "itpn", EXAMPLES, "--out", ckpt, "--steps", "1", "--batch-size", "2", "--image-size",
+    again = cli("pretrain", "itpn", EXAMPLES, "--out", ckpt, "--steps", "1", "--batch-size", "2", "--image-size",
                     "32", "--device", "cpu", "--resume")
     assert again.returncode == 0 and "already at step 1 of 1; nothing to do" in again.stderr, again.stderr
     out = tmp_path / "feats"
-    up = run_cli("upsample", EXAMPLES, "--backbone", f"itpn:{ckpt}", "--out", out, "--size", "64", "--workers", "0",
+    up = cli("upsample", EXAMPLES, "--backbone", f"itpn:{ckpt}", "--out", out, "--size", "64", "--workers", "0",
                  "-q")
     assert up.returncode == 0, up.stderr
     store = FeatureStore(out)
@@ -305,24 +314,24 @@ def test_cli_pretrains_and_upsample_reads_the_itpn_backbone(tmp_path):
     state = load_file(ckpt)
     assert torch.equal(backbone.model.out4.mlp.fc1.weight, state["backbone.out4.mlp.fc1.weight"])
     # train and fit-image take it too (stride 4: two JBU stages)
-    jbu = run_cli("train", EXAMPLES, "--backbone", f"itpn:{ckpt}", "--out", tmp_path / "jbu.safetensors", "--steps",
+    jbu = cli("train", EXAMPLES, "--backbone", f"itpn:{ckpt}", "--out", tmp_path / "jbu.safetensors", "--steps",
                   "1", "--batch-size", "1", "--image-size", "64", "--views", "1", "--device", "cpu", "-q")
     assert jbu.returncode == 0, jbu.stderr
     assert read_config(tmp_path / "jbu.safetensors")["backbone"] == f"itpn:{ckpt}"
-    fit = run_cli("fit-image", EXAMPLES / "chelsea.png", "--backbone", f"itpn:{ckpt}", "--layer", "p16", "--out",
+    fit = cli("fit-image", EXAMPLES / "chelsea.png", "--backbone", f"itpn:{ckpt}", "--layer", "p16", "--out",
                   tmp_path / "fit", "--steps", "2", "--views", "2", "--size", "64", "--device", "cpu", "-q")
     assert fit.returncode == 0, fit.stderr
     assert FeatureStore(tmp_path / "fit")["chelsea.png"].shape[0] == 128
-    bad = run_cli("upsample", EXAMPLES, "--backbone", f"itpn:{tmp_path / 'none.safetensors'}", "--out", tmp_path / "x")
+    bad = cli("upsample", EXAMPLES, "--backbone", f"itpn:{tmp_path / 'none.safetensors'}", "--out", tmp_path / "x")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-    missing = run_cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "new.safetensors", "--resume", "--device", "cpu")
+    missing = cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "new.safetensors", "--resume", "--device", "cpu")
     (tmp_path / "file").write_text("")
-    unwritable = run_cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "file" / "i.safetensors", "--device", "cpu")
+    unwritable = cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "file" / "i.safetensors", "--device", "cpu")
     assert unwritable.returncode == 2 and "is a file, not a folder" in unwritable.stderr, unwritable.stderr
     assert missing.returncode == 2 and "no checkpoint to resume" in missing.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
-    nothing = run_cli("pretrain", "itpn", empty, "--out", tmp_path / "e.safetensors")
+    nothing = cli("pretrain", "itpn", empty, "--out", tmp_path / "e.safetensors")
     assert nothing.returncode != 0 and len(nothing.stderr.strip().splitlines()) == 1, nothing.stderr
-    size = run_cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "e.safetensors", "--image-size", "100")
+    size = cli("pretrain", "itpn", EXAMPLES, "--out", tmp_path / "e.safetensors", "--image-size", "100")
     assert size.returncode == 2 and "multiple of 16" in size.stderr

@@ -333,22 +333,16 @@ def test_untrained_pac_upsampler_is_repeated_bilinear_2x_and_learns_to_adapt():
     assert up.stages[0].up.weight.grad.abs().sum() > 0
 
 
-def test_train_pac_writes_a_checkpoint_that_upsample_uses(tmp_path):
-    import subprocess
-    import sys
-
+def test_train_pac_writes_a_checkpoint_that_upsample_uses(cli, tmp_path):
     from upcli.io import FeatureStore
 
     examples = Path(__file__).resolve().parents[1] / "examples" / "images"
     ckpt = tmp_path / "pac.safetensors"
-    run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(examples), "--upsampler", "pac", "--out",
-                          str(ckpt), "--steps", "2", "--batch-size", "1", "--image-size", "64", "--views", "1",
-                          "--device", "cpu", "-q"], capture_output=True, text=True, timeout=300)
+    run = cli("train", examples, "--upsampler", "pac", "--out", ckpt, "--steps", "2", "--batch-size", "1",
+              "--image-size", "64", "--views", "1", "--device", "cpu", "-q")
     assert run.returncode == 0, run.stderr
     out = tmp_path / "feats"
-    up = subprocess.run([sys.executable, "-m", "upcli.cli", "upsample", str(examples), "--upsampler", str(ckpt),
-                         "--out", str(out), "--size", "96", "--workers", "0", "-q"], capture_output=True, text=True,
-                        timeout=300)
+    up = cli("upsample", examples, "--upsampler", ckpt, "--out", out, "--size", "96", "--workers", "0", "-q")
     assert up.returncode == 0, up.stderr
     store = FeatureStore(out)
     assert len(store) == 4 and all(store[s].shape[0] == 320 and min(store[s].shape[1:]) == 96 for s in store)

@@ -326,16 +326,14 @@ def sr_folder(root: Path) -> Path:
     return root
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "upcli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
-def test_sr_command_writes_pngs_records_a_corrupt_image_and_resumes(tmp_path):
+def test_sr_command_writes_pngs_records_a_corrupt_image_and_resumes(cli, tmp_path):
     images = sr_folder(tmp_path / "lr")
     ckpt = tmp_path / "mzsr.safetensors"
     save_sr_net(ckpt, mzsr_net(), {"scale": 2, "subsample": "bicubic"})
     out = tmp_path / "out"
-    run = run_cli("sr", images, "--zero-shot", "--init", ckpt, "--steps", "2", "--out", out, "--preview", "2", "--device", "cpu")
+    run = cli("sr", images, "--zero-shot", "--init", ckpt, "--steps", "2", "--out", out, "--preview", "2", "--device", "cpu")
     assert run.returncode == 3, run.stderr
     cat, coffee = load_rgb(images / "cat.png"), load_rgb(images / "sub" / "coffee.jpg")
     assert load_rgb(out / "cat.png").shape == (cat.shape[0] * 2, cat.shape[1] * 2, 3)
@@ -348,11 +346,11 @@ def test_sr_command_writes_pngs_records_a_corrupt_image_and_resumes(tmp_path):
 
     (out / "cat.png").unlink()  # a lost output is redone, the rest is skipped
     before = (out / "sub" / "coffee.png").stat().st_mtime_ns
-    again = run_cli("sr", images, "--zero-shot", "--init", ckpt, "--steps", "2", "--out", out, "--device", "cpu")
+    again = cli("sr", images, "--zero-shot", "--init", ckpt, "--steps", "2", "--out", out, "--device", "cpu")
     assert again.returncode == 3 and "2 of 3 shards already complete" in again.stderr
     assert (out / "cat.png").is_file() and (out / "sub" / "coffee.png").stat().st_mtime_ns == before
 
-    other = run_cli("sr", images, "--zero-shot", "--init", ckpt, "--steps", "3", "--out", out, "--device", "cpu")
+    other = cli("sr", images, "--zero-shot", "--init", ckpt, "--steps", "3", "--out", out, "--device", "cpu")
     assert other.returncode == 1 and "another job" in other.stderr
 
 
@@ -394,10 +392,11 @@ def test_zssr_from_python_on_one_image(tmp_path):
     (["--zero-shot", "--max-iters", "-5"], "--max-iters must be at least 1", 2),
     (["--zero-shot", "--noise", "-1"], "--noise must be 0 or more", 2),
 ])
-def test_sr_bad_options_fail_in_one_line(tmp_path, args, message, code):
+def test_sr_bad_options_fail_in_one_line(cli, tmp_path, monkeypatch, args, message, code):
     images = sr_folder(tmp_path / "lr")
     (tmp_path / "x.safetensors").write_bytes(b"")
-    run = run_cli("sr", images, "--out", tmp_path / "out", *args, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run = cli("sr", images, "--out", tmp_path / "out", *args)
     assert run.returncode == code and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert not (tmp_path / "out" / "cat.png").exists()
 
@@ -421,29 +420,29 @@ def test_inputs_that_differ_only_in_suffix_get_outputs_apart(tmp_path):
     assert all((out / key).is_file() for key in manifest.values())
 
 
-def test_sr_refuses_to_overwrite_its_inputs(tmp_path):
+def test_sr_refuses_to_overwrite_its_inputs(cli, tmp_path):
     images = sr_folder(tmp_path / "lr")
-    run = run_cli("sr", images, "--out", images, "--zero-shot", "--max-iters", "1")
+    run = cli("sr", images, "--out", images, "--zero-shot", "--max-iters", "1")
     assert run.returncode == 2 and "would overwrite the input broken.png" in run.stderr, run.stderr
     assert not (images / "job.json").exists()
 
 
-def test_pretrain_mzsr_command_trains_and_resumes(tmp_path):
+def test_pretrain_mzsr_command_trains_and_resumes(cli, tmp_path):
     root = training_folder(tmp_path / "train")
     out = tmp_path / "m.safetensors"
     common = ["pretrain", "mzsr", root, "--out", out, "--pretrain-steps", "2", "--tasks", "1", "--device", "cpu"]
-    run = run_cli(*common, "--meta-steps", "0", "--save-every", "1")
+    run = cli(*common, "--meta-steps", "0", "--save-every", "1")
     assert run.returncode == 0 and out.is_file(), run.stderr
-    again = run_cli(*common, "--meta-steps", "0")
+    again = cli(*common, "--meta-steps", "0")
     assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
-    done = run_cli(*common, "--meta-steps", "0", "--resume")
+    done = cli(*common, "--meta-steps", "0", "--resume")
     assert done.returncode == 0 and "already at step 2 of 2" in done.stderr, done.stderr
     (tmp_path / "file").write_text("")
-    unwritable = run_cli(*common[:3], "--out", tmp_path / "file" / "m.safetensors", *common[5:], "--meta-steps", "0")
+    unwritable = cli(*common[:3], "--out", tmp_path / "file" / "m.safetensors", *common[5:], "--meta-steps", "0")
     assert unwritable.returncode == 2 and "is a file, not a folder" in unwritable.stderr, unwritable.stderr
-    missing = run_cli("pretrain", "mzsr", root, "--out", tmp_path / "none.safetensors", "--resume", "--device", "cpu")
+    missing = cli("pretrain", "mzsr", root, "--out", tmp_path / "none.safetensors", "--resume", "--device", "cpu")
     assert missing.returncode == 2 and "no checkpoint to resume" in missing.stderr
-    bad = run_cli("pretrain", "mzsr", tmp_path / "empty", "--out", tmp_path / "e.safetensors")
+    bad = cli("pretrain", "mzsr", tmp_path / "empty", "--out", tmp_path / "e.safetensors")
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
@@ -473,12 +472,12 @@ def test_pretrain_under_torchrun_matches_one_process(tmp_path, torchrun, plain_s
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_piped_zssr_logs_timestamped_iterations_every_log_every(tmp_path):
+def test_piped_zssr_logs_timestamped_iterations_every_log_every(cli, tmp_path):
     import re
 
     image = tmp_path / "small.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(image)
-    run = run_cli("sr", image, "--zero-shot", "--max-iters", "5", "--log-every", "0", "--out", tmp_path / "o",
+    run = cli("sr", image, "--zero-shot", "--max-iters", "5", "--log-every", "0", "--out", tmp_path / "o",
                   "--device", "cpu")
     assert run.returncode == 0, run.stderr
     lines = run.stderr.strip().splitlines()

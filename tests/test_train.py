@@ -181,21 +181,17 @@ def test_ddp_two_processes_match_one(tmp_path, torchrun, plain_sgd):
         assert (a[key] - b[key]).abs().max() <= 1e-2 * update, key
 
 
-def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
+def test_cli_train_writes_a_checkpoint_that_upsample_uses(cli, tmp_path):
     ckpt = tmp_path / "jbu.safetensors"
-    run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out", str(ckpt), "--steps", "2",
-                          "--batch-size", "1", "--image-size", "64", "--views", "1", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=300)
+    args = ["train", EXAMPLES, "--out", ckpt, "--steps", "2", "--batch-size", "1", "--image-size", "64", "--views", "1",
+            "--device", "cpu"]
+    run = cli(*args)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "wrote" in run.stderr and ckpt.is_file() and train_state_path(ckpt).is_file()
-    again = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out", str(ckpt), "--steps",
-                            "2", "--batch-size", "1", "--image-size", "64", "--views", "1", "--device", "cpu",
-                            "--resume"], capture_output=True, text=True, timeout=300)
+    again = cli(*args, "--resume")
     assert again.returncode == 0 and "already at step 2 of 2; nothing to do" in again.stderr, again.stderr
     out = tmp_path / "feats"
-    run = subprocess.run([sys.executable, "-m", "upcli.cli", "upsample", str(EXAMPLES), "--out", str(out),
-                          "--upsampler", str(ckpt), "--size", "64", "--device", "cpu", "-q"],
-                         capture_output=True, text=True, timeout=300)
+    run = cli("upsample", EXAMPLES, "--out", out, "--upsampler", ckpt, "--size", "64", "--device", "cpu", "-q")
     assert run.returncode == 0, run.stderr[-2000:]
     from upcli.io.store import FeatureStore
 
@@ -221,10 +217,8 @@ def test_cli_train_writes_a_checkpoint_that_upsample_uses(tmp_path):
     (["--upsampler", "attention", "--arch", "kernel=5", "--image-size", "256"], "unexpected keyword argument 'kernel'"),
     (["--upsampler", "attention", "--arch", "head_dim=6", "--image-size", "256"], "head_dim must be a multiple of 4"),
 ])
-def test_cli_train_bad_flags_are_one_line(tmp_path, flags, message):
-    run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out",
-                          str(tmp_path / "x.safetensors"), "--steps", "1", *flags], capture_output=True, text=True,
-                         timeout=300)
+def test_cli_train_bad_flags_are_one_line(cli, tmp_path, flags, message):
+    run = cli("train", EXAMPLES, "--out", tmp_path / "x.safetensors", "--steps", "1", *flags)
     assert run.returncode == 2, run.stderr
     assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert not (tmp_path / "x.safetensors").exists()
@@ -341,11 +335,10 @@ def test_attention_settings_that_cannot_train_are_one_line_errors(tmp_path, kw, 
     assert not (tmp_path / "attention.safetensors").exists()
 
 
-def test_cli_arch_sets_the_attention_architecture(tmp_path):
+def test_cli_arch_sets_the_attention_architecture(cli, tmp_path):
     out = tmp_path / "a.safetensors"
-    run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out", str(out), "--steps", "1",
-                          "--upsampler", "attention", "--layer", "blocks.1", "--image-size", "64", "--batch-size", "1",
-                          "--arch", "kernel_size=3,heads=2"], capture_output=True, text=True, timeout=300)
+    run = cli("train", EXAMPLES, "--out", out, "--steps", "1", "--upsampler", "attention", "--layer", "blocks.1",
+              "--image-size", "64", "--batch-size", "1", "--arch", "kernel_size=3,heads=2")
     assert run.returncode == 0, run.stderr
     assert create_upsampler(str(out)).config == {"heads": 2, "head_dim": 32, "kernel_size": 3, "width": 32, "depth": 3}
 
@@ -361,12 +354,11 @@ def test_shrink_to_a_whole_number_of_cells():
     assert shrink(images, 4, stride=32).shape[-2:] == (64, 64)  # never under 2 cells
 
 
-def test_train_log_lines_are_timestamped_every_log_every_and_name_the_loss(tmp_path):
+def test_train_log_lines_are_timestamped_every_log_every_and_name_the_loss(cli, tmp_path):
     import re
 
-    run = subprocess.run([sys.executable, "-m", "upcli.cli", "train", str(EXAMPLES), "--out", str(tmp_path / "j.safetensors"),
-                          "--steps", "2", "--image-size", "64", "--batch-size", "1", "--log-every", "0"],
-                         capture_output=True, text=True, timeout=300)
+    run = cli("train", EXAMPLES, "--out", tmp_path / "j.safetensors", "--steps", "2", "--image-size", "64",
+              "--batch-size", "1", "--log-every", "0")
     assert run.returncode == 0, run.stderr
     steps = [line for line in run.stderr.splitlines() if "/2 steps" in line]
     assert len(steps) == 2, run.stderr  # --log-every 0: a line per step
