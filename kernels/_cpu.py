@@ -184,11 +184,13 @@ def adaptive_conv_forward(x: Tensor, weights: Tensor, pad_mode: int) -> Tensor:
 
 
 def adaptive_conv_forward_resampled(x: Tensor, weights: Tensor, pad_mode: int, rows: tuple[Tensor, Tensor],
-                                    cols: tuple[Tensor, Tensor]) -> Tensor:
+                                    cols: tuple[Tensor, Tensor], out_dtype: torch.dtype | None = None) -> Tensor:
     """:func:`adaptive_conv_forward` of ``x`` (``Tensor[B, C, h, w]``) resized to the weights' ``(H, W)`` by 4-tap
     tables ``rows = (first int64 [H], weight float64 [H, 4])`` and ``cols`` (``[W]``, ``[W, 4]``) from
-    ``adaptive_conv.bicubic_taps``; each resized row is made per thread when the kernel needs it, never stored."""
-    return _ops().forward_resampled(x, weights, int(pad_mode), *rows, *cols)
+    ``adaptive_conv.bicubic_taps``; each resized row is made per thread when the kernel needs it, never stored.
+    ``out_dtype`` float16 or bfloat16 (from float32): the output is rounded as ``.to(out_dtype)`` rounds, row block
+    by row block, and no float32 output is made."""
+    return _ops().forward_resampled(x, weights, int(pad_mode), *rows, *cols, out_dtype)
 
 
 def adaptive_conv_grad_input_padded(grad_out: Tensor, weights: Tensor) -> Tensor:

@@ -141,18 +141,21 @@ def bicubic_taps(in_len: int, out_len: int, device=None) -> tuple[Tensor, Tensor
     return first.long() - 1, torch.where(d <= 1, near, far)
 
 
-def adaptive_conv_bicubic(x: Tensor, weights: Tensor, padding: str = "reflect", backend: str = "auto") -> Tensor:
+def adaptive_conv_bicubic(x: Tensor, weights: Tensor, padding: str = "reflect", backend: str = "auto",
+                          out_dtype: torch.dtype | None = None) -> Tensor:
     """``adaptive_conv`` of ``x`` resized (bicubic) to the weights' size: a JBU stage's whole inner step.
 
-    Equals ``adaptive_conv(F.interpolate(x, size=(H, W), mode="bicubic"), weights, padding)``. On the C++ CPU path,
-    when no gradient is needed, the resized rows are made inside the kernel and never stored: that saves torch's
-    bicubic pass and a tensor (H W) / (h w) times the size of ``x``. Elsewhere (CUDA, autograd) it is that
-    composition.
+    Equals ``adaptive_conv(F.interpolate(x, size=(H, W), mode="bicubic"), weights, padding).to(out_dtype)``. On the
+    C++ CPU path, when no gradient is needed, the resized rows are made inside the kernel and never stored: that
+    saves torch's bicubic pass and a tensor (H W) / (h w) times the size of ``x``; a float16 or bfloat16
+    ``out_dtype`` is rounded to there too, so no float32 output is made (half the bytes to allocate and write, and
+    no second pass). Elsewhere (CUDA, autograd) it is that composition.
 
     Args:
         x: ``Tensor[B, C, h, w]``.
         weights: ``Tensor[B, H, W, k, k]``, k odd.
         padding: ``"reflect"``, ``"replicate"`` or ``"zeros"``, at the resized size.
+        out_dtype: the output's dtype (default: ``x``'s).
     """
     if x.dim() != 4 or weights.dim() != 5:
         raise ValueError(f"expected x (B, C, h, w) and weights (B, H, W, k, k), got {tuple(x.shape)} and "
@@ -166,9 +169,12 @@ def adaptive_conv_bicubic(x: Tensor, weights: Tensor, padding: str = "reflect", 
         impl = _backend(backend, x.device)
         if impl.__name__.endswith("_cpu") and min(x.shape[2:]) > 0:
             rows, cols = bicubic_taps(x.shape[2], size[0]), bicubic_taps(x.shape[3], size[1])
-            return impl.adaptive_conv_forward_resampled(*_prepare(impl, x, weights), pad_mode, rows, cols).to(x.dtype)
+            x_c, weights_c = _prepare(impl, x, weights)
+            fused = out_dtype if x_c.dtype == torch.float32 and out_dtype in (torch.float16, torch.bfloat16) else None
+            out = impl.adaptive_conv_forward_resampled(x_c, weights_c, pad_mode, rows, cols, fused)
+            return out.to(out_dtype or x.dtype)
     resized = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
-    return adaptive_conv(resized, weights, padding, backend)
+    return adaptive_conv(resized, weights, padding, backend).to(out_dtype or x.dtype)
 
 
 def _check(x_shape: tuple, w_shape: tuple, padding: str) -> int:

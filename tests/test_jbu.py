@@ -298,3 +298,19 @@ def test_spatial_kernel_starts_at_the_same_width_in_pixels_for_any_radius(radius
         kernel = layer.kernel(torch.randn(1, 3, 9, 9))[0, 4, 4]
     r = radius
     assert kernel[r, r + 1] / kernel[r, r] == pytest.approx(math.exp(-1 / (2 * 0.75**2)), rel=1e-4)
+
+
+@pytest.mark.parametrize("residual", ["input", "output"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_maps_made_in_the_stored_dtype_equal_the_float32_maps_rounded(residual, dtype):
+    """``upsample_features(..., dtype)`` (a store's maps; the JBU's last stage writes them rounded) has the bits of
+    the float32 maps rounded, for the JBU stack either residual, and for an upsampler without its own ``render``."""
+    from upcli.upsamplers import upsample_features
+
+    g = torch.Generator().manual_seed(3)
+    low, image = torch.randn(1, 8, 3, 5, generator=g), torch.rand(1, 3, 40, 70, generator=g)
+    for up in (JBUStack(dim=8, layers=3, residual=residual), create_upsampler("bilinear")):
+        up.eval()
+        want = upsample_features(up, low, image, (37, 61), torch.device("cpu")).to(dtype)
+        got = upsample_features(up, low, image, (37, 61), torch.device("cpu"), dtype)
+        assert got.dtype == dtype and torch.equal(got.view(torch.int16), want.view(torch.int16))

@@ -554,3 +554,13 @@ def test_live_writer_reads_host_and_pid_from_the_name():
     assert live_writer(Path("shard-00001.h5.partial")) is None  # not a name upcli makes
     elsewhere = live_writer(Path("shard-00001.h5.tmp-node-17.cluster-4242"))
     assert elsewhere.startswith("host node-17.cluster, pid 4242, not checkable from here: delete")
+
+
+def test_default_decode_workers_leave_a_small_cpu_to_the_model():
+    import torch
+
+    from upcli.runtime import default_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [default_workers(cpu, cores=n) for n in (1, 2, 4, 5, 64)] == [0, 0, 0, 1, 1]
+    assert [default_workers(gpu, cores=n) for n in (1, 2, 3, 16)] == [1, 1, 2, 4]

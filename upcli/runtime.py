@@ -43,9 +43,15 @@ def inference_autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def default_workers() -> int:
-    """DataLoader decode processes when ``--workers`` is not given: cores - 1, at most 4."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+def default_workers(device=None, cores: int | None = None) -> int:
+    """DataLoader decode processes when ``--workers`` is not given. With a GPU: cores - 1, at most 4 (the main
+    process mostly waits on it). On the CPU the model already uses every core, and a decode process takes one
+    from it (measured on 2 cores: the backbone 1.3-2x slower, for ~7 ms of decoding per image): none up to 4
+    cores, where decoding in line costs less, and one beyond (it keeps up with any CPU backbone)."""
+    cores = cores or os.cpu_count() or 2
+    if device is not None and getattr(device, "type", device) == "cpu":
+        return 0 if cores <= 4 else 1
+    return max(1, min(4, cores - 1))
 
 
 # ---- splitting a job ---------------------------------------------------------------------------------------

@@ -66,8 +66,8 @@ class UpsampleStep:
                 low = self.backbone(images)
             high = None
             if self.compact is None or any(items[i].preview for i in members):
-                with timings.measure("upsample"):
-                    high = upsample_features(self.upsampler, low, images, size, self.device)
+                with timings.measure("upsample"):  # made in the stored dtype (the largest tensor: made once)
+                    high = upsample_features(self.upsampler, low, images, size, self.device, getattr(torch, self.dtype))
             with timings.measure("to host"):
                 arrays = [to_storage(feats, self.dtype) for feats in (high if self.compact is None else low)]
             for j, i in enumerate(members):

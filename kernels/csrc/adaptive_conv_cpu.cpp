@@ -35,7 +35,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -44,6 +46,7 @@
 #include <cstdlib>
 #include <string>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -516,9 +519,31 @@ void forward_rows_any(const T* __restrict wT, int64_t Wv, const T* const* xr, T*
 }
 
 // ry, cx: x is [B, C, h, w] and the op reads it resized to [H, W], made row by row (never stored).
-template <typename T>
-void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_t H, int64_t W, int k, int mode,
+// dst[0, n) = src[0, n) rounded to the nearest even 16-bit float, as torch's .to(half / bfloat16) rounds.
+inline void round_row(at::Half* dst, const float* src, int64_t n) {
+#if defined(__FLT16_MAX__)
+  auto* d = reinterpret_cast<_Float16*>(dst);  // the same bits as at::Half; vectorised (vcvtps2ph with F16C)
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<_Float16>(src[i]);
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = at::Half(src[i]);
+#endif
+}
+
+inline void round_row(at::BFloat16* dst, const float* src, int64_t n) {
+  auto* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    d[i] = src[i] != src[i] ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+// O: the output's type. When it is not T (float32 accumulators, a float16 / bfloat16 output), each task's rows are
+// computed into a scratch block and rounded into `out`: no T-sized output is made.
+template <typename T, typename O = T>
+void forward_impl(const T* x, const T* wts, O* out, int64_t B, int64_t C, int64_t H, int64_t W, int k, int mode,
                   const RowTaps* ry = nullptr, const ColumnTaps<T>* cx = nullptr, int64_t h = 0, int64_t w = 0) {
+  constexpr bool rounds = !std::is_same_v<T, O>;
   const bool rs = ry != nullptr;
   constexpr int L = lanes<T>(), CH = L * kNV;
   const int r = k / 2, kk = k * k;
@@ -527,17 +552,17 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
   const int64_t Wv = round_up(W, CH), Wr = round_up(Wv + std::max(L, k - 1), L);
   const int64_t Hs = rs ? h : mode == kValid ? H + k - 1 : H, Ws = rs ? w : mode == kValid ? W + k - 1 : W;
   const int64_t HB = kRowBlock, nhb = (H + HB - 1) / HB, RB = HB + k - 1;  // RB: padded rows per block
-  const bool stream = tiled && W % L == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
+  const bool stream = !rounds && tiled && W % L == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
                       B * C * H * W * int64_t(sizeof(T)) >= kStreamBytes;
   static_assert(kRowBlock % kTileR == 0, "row blocks hold whole tiles");
   struct State {
-    Buffer<T> wT, xs, dummy, tmp;
+    Buffer<T> wT, xs, dummy, tmp, staged;
   };
   run_tasks(
       B * nhb,
       [&] {
         return State{Buffer<T>(HB * kk * Wv), Buffer<T>(G * RB * Wr), Buffer<T>(Wv),
-                     Buffer<T>(rs ? Ws + 4 + 2 * L : 0)};
+                     Buffer<T>(rs ? Ws + 4 + 2 * L : 0), Buffer<T>(rounds ? G * HB * Wv : 0)};
       },
       [&](State& s, int64_t task) {
         const int64_t b = task / nhb, h0 = task % nhb * HB, nh = std::min(HB, H - h0), nrows = nh + k - 1;
@@ -577,8 +602,10 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
             }
           }
           // Rows and channels past the end (nh, nc) are computed from whatever the scratch holds, and dropped.
-          auto out_row = [&](int64_t cc, int64_t hh) {
-            return cc < nc && hh < nh ? out + ((b * C + c0 + cc) * H + h0 + hh) * W : s.dummy.data();
+          auto out_row = [&](int64_t cc, int64_t hh) -> T* {
+            if (cc >= nc || hh >= nh) return s.dummy.data();
+            if constexpr (rounds) return s.staged.data() + (cc * HB + hh) * Wv;
+            else return out + ((b * C + c0 + cc) * H + h0 + hh) * W;
           };
           if (tiled) {
             // the next group's source rows (row-contiguous in x), prefetched over this group's tiles
@@ -616,6 +643,10 @@ void forward_impl(const T* x, const T* wts, T* out, int64_t B, int64_t C, int64_
               forward_rows_any<T>(s.wT.data() + hh * kk * Wv, Wv, xr, orow, W, k);
             }
           }
+          if constexpr (rounds)
+            for (int cc = 0; cc < nc; ++cc)
+              for (int64_t hh = 0; hh < nh; ++hh)
+                round_row(out + ((b * C + c0 + cc) * H + h0 + hh) * W, s.staged.data() + (cc * HB + hh) * Wv, W);
         }
 #if defined(__AVX512F__)
         if (stream) _mm_sfence();  // the non-temporal stores are visible before the task ends
@@ -942,7 +973,7 @@ void check_taps(const at::Tensor& first, const at::Tensor& weight, int64_t n, in
 // the resized tensor is never made.
 at::Tensor forward_resampled(const at::Tensor& x, const at::Tensor& weights, int64_t pad_mode,
                              const at::Tensor& row_first, const at::Tensor& row_weight, const at::Tensor& col_first,
-                             const at::Tensor& col_weight) {
+                             const at::Tensor& col_weight, std::optional<at::ScalarType> out_dtype) {
   check_common(x, "x");
   check_common(weights, "weights");
   check_mode(pad_mode);
@@ -959,13 +990,22 @@ at::Tensor forward_resampled(const at::Tensor& x, const at::Tensor& weights, int
   TORCH_CHECK(pad_mode != kReflect || (k / 2 < H && k / 2 < W), "upcli adaptive_conv cpu: reflect padding needs ",
               "k // 2 < H and W, got k = ", std::to_string(k), ", ", std::to_string(H), "x", std::to_string(W));
   const int64_t C = x.size(1);
-  at::Tensor out = new_output({B, C, H, W}, x.options());
+  const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(odt == x.scalar_type() || (x.scalar_type() == at::kFloat && (odt == at::kHalf || odt == at::kBFloat16)),
+              "upcli adaptive_conv cpu: out_dtype ", c10::toString(odt), " from ", dtype_str(x), " (float32 gives ",
+              "float16 or bfloat16 too)");
+  at::Tensor out = new_output({B, C, H, W}, x.options().dtype(odt));
   if (out.numel() == 0) return out;
   const RowTaps ry{row_first.const_data_ptr<int64_t>(), row_weight.const_data_ptr<double>()};
   if (x.scalar_type() == at::kFloat) {
     const ColumnTaps<float> cx(col_first.const_data_ptr<int64_t>(), col_weight.const_data_ptr<double>(), W);
-    forward_impl<float>(x.const_data_ptr<float>(), weights.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
-                        B, C, H, W, int(k), int(pad_mode), &ry, &cx, h, w);
+    const float *xp = x.const_data_ptr<float>(), *wp = weights.const_data_ptr<float>();
+    if (odt == at::kHalf)
+      forward_impl(xp, wp, out.mutable_data_ptr<at::Half>(), B, C, H, W, int(k), int(pad_mode), &ry, &cx, h, w);
+    else if (odt == at::kBFloat16)
+      forward_impl(xp, wp, out.mutable_data_ptr<at::BFloat16>(), B, C, H, W, int(k), int(pad_mode), &ry, &cx, h, w);
+    else
+      forward_impl(xp, wp, out.mutable_data_ptr<float>(), B, C, H, W, int(k), int(pad_mode), &ry, &cx, h, w);
   } else {
     const ColumnTaps<double> cx(col_first.const_data_ptr<int64_t>(), col_weight.const_data_ptr<double>(), W);
     forward_impl<double>(x.const_data_ptr<double>(), weights.const_data_ptr<double>(),
@@ -1024,7 +1064,7 @@ at::Tensor grad_weights(const at::Tensor& grad_out, const at::Tensor& x, int64_t
 TORCH_LIBRARY(upcli_adaptive_conv_cpu, m) {
   m.def("forward(Tensor x, Tensor weights, int pad_mode) -> Tensor");
   m.def("forward_resampled(Tensor x, Tensor weights, int pad_mode, Tensor row_first, Tensor row_weight, "
-        "Tensor col_first, Tensor col_weight) -> Tensor");
+        "Tensor col_first, Tensor col_weight, ScalarType? out_dtype=None) -> Tensor");
   m.def("grad_input_padded(Tensor grad_out, Tensor weights) -> Tensor");
   m.def("grad_weights(Tensor grad_out, Tensor x, int pad_mode, int k) -> Tensor");
 }

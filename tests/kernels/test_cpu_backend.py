@@ -284,3 +284,39 @@ def test_adaptive_conv_bicubic_front_takes_the_fused_path_only_without_gradients
         adaptive_conv_bicubic(x, w, "valid")
     with pytest.raises(ValueError, match="expected x"):
         adaptive_conv_bicubic(x[0], w)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B, C, H, W, k", SHAPES)
+def test_forward_resampled_rounds_to_a_16_bit_output_as_torch_does(B, C, H, W, k, out_dtype):
+    """The rounded output (no float32 one made) has the bits of the float32 output's ``.to(out_dtype)``, for
+    values that round, overflow float16, fall below its normal range, and are infinite; NaN where it has NaN."""
+    from upcli.kernels.adaptive_conv import bicubic_taps
+
+    g = torch.Generator().manual_seed(B * 1000 + C * 10 + k)
+    x, w = torch.randn(B, C, max(H // 2, 1), max(W // 2, 1), generator=g), torch.rand(B, H, W, k, k, generator=g)
+    x[0, 0] *= 1e5  # float16 overflows to inf
+    x[-1, -1] *= 1e-6  # float16 subnormals
+    x[0, -1, 0, 0], x[-1, 0, -1, -1] = float("nan"), float("inf")
+    mode = 2 if min(H, W) <= k // 2 else 1
+    rows, cols = bicubic_taps(x.shape[2], H), bicubic_taps(x.shape[3], W)
+    want = _cpu.adaptive_conv_forward_resampled(x, w, mode, rows, cols).to(out_dtype)
+    got = _cpu.adaptive_conv_forward_resampled(x, w, mode, rows, cols, out_dtype)
+    nan = torch.isnan(want)  # any NaN (torch's vectorised bfloat16 rounding writes 0xFFFF, its scalar one 0x7FC0)
+    assert got.dtype == out_dtype and torch.equal(torch.isnan(got), nan) and nan.any()
+    assert torch.isinf(want).any() or out_dtype == torch.bfloat16  # float16 overflows
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    with pytest.raises(RuntimeError, match="out_dtype"):
+        _cpu.adaptive_conv_forward_resampled(x.double(), w.double(), mode, rows, cols, out_dtype)
+
+
+def test_adaptive_conv_bicubic_out_dtype_equals_rounding_its_output():
+    from upcli.kernels import adaptive_conv_bicubic
+
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(1, 6, 5, 8, generator=g), torch.rand(1, 9, 17, 5, 5, generator=g)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        for backend in ("cpu", "reference"):
+            got = adaptive_conv_bicubic(x, w, "replicate", backend=backend, out_dtype=dtype)
+            assert got.dtype == dtype
+            assert torch.equal(got, adaptive_conv_bicubic(x, w, "replicate", backend=backend).to(dtype))

@@ -97,9 +97,9 @@ class Renderer:
             self._upsamplers[recipe] = up.to(device).eval()
         return self._upsamplers[recipe]
 
-    def render(self, source: str, attrs: dict, low, data: np.ndarray, size: tuple[int, int] | None, device):
-        """The dense map of ``source`` at ``size`` (default: the size the job was asked for), as the upsampler
-        gives it (float32; the caller rounds it to the stored dtype where asked)."""
+    def render(self, source: str, attrs: dict, low, data: np.ndarray, size: tuple[int, int] | None, device, dtype):
+        """The dense map of ``source`` at ``size`` (default: the size the job was asked for) as ``dtype``, made
+        as ``upsample`` makes a full store's (from float32 features, rounded once at the end)."""
         import torch
 
         from ..upsamplers import upsample_features
@@ -114,4 +114,4 @@ class Renderer:
         pixels = torch.from_numpy(rgb if original else resize_rgb(rgb, size)).to(device)
         images = pixels.permute(2, 0, 1)[None].float().div_(255).contiguous()
         up = self.upsampler(attrs, low.shape[0], device)
-        return upsample_features(up, low[None].to(device).float(), images, size, device)[0]
+        return upsample_features(up, low[None].to(device).float(), images, size, device, dtype)[0]

@@ -76,7 +76,7 @@ class JobPlan:
             self.reporter.log(f"{self.command}: part {part} of {parts} ({self.split_origin}): {mine} of the "
                               f"{len(job.inputs)} inputs, shards {part}, {part + parts}, ... of {job.num_shards}")
         result = run_job(job, load, process, split=self.split, compression=compression, batch_size=o.batch_size,
-                         workers=default_workers() if o.workers is None else o.workers, strict=o.strict,
+                         workers=default_workers(device) if o.workers is None else o.workers, strict=o.strict,
                          overwrite=o.overwrite, reporter=self.reporter, timings=Timings(sync), preview=o.preview)
         for line in result.summary(self.command, job.out_dir):
             self.reporter.log(line)

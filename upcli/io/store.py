@@ -619,8 +619,8 @@ class FeatureStore:
     def get(self, item, size: tuple[int, int] | None = None, device=None, dtype=None):
         """The map of ``item`` (a source name or an index) at ``size`` (``(H, W)``; default: the job's size),
         rendered on ``device`` (default: the store's) where the store is compact, as ``dtype`` (default: the
-        store's; the stored one if neither is given: a compact store's maps are then rounded to it as a full
-        store's were, an extra pass that ``dtype=torch.float32`` skips)."""
+        store's; the stored one if neither is given, on the CPU: a compact store's maps are then rounded to it as a
+        full store's were)."""
         import torch
 
         ds = self._dataset(item)
@@ -643,13 +643,14 @@ class FeatureStore:
                 from .compact import Renderer
 
                 self._renderer = Renderer(self.root)
-            high = self._renderer.render(str(attrs["source"]), attrs, tensor, image, size, device)
+            high = self._renderer.render(str(attrs["source"]), attrs, tensor, image, size, device,
+                                         dtype or tensor.dtype)
         elif size is not None and tuple(size) != tuple(tensor.shape[-2:]):
             high = torch.nn.functional.interpolate(tensor[None].to(device).float(), size=tuple(size),
-                                                   mode="bilinear", align_corners=False)[0]
+                                                   mode="bilinear", align_corners=False)[0].to(dtype or tensor.dtype)
         else:
             return tensor if dtype is None else tensor.to(dtype)
-        return from_storage(to_storage(high, stored), stored) if dtype is None else high.to(dtype)
+        return high if dtype is not None else high.cpu()
 
     def close(self) -> None:
         for f in self._files.values():

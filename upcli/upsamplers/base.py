@@ -36,14 +36,23 @@ class Upsampler(nn.Module):
         """This upsampler with fresh weights, for ``backbone`` (may be ``None``) and architecture ``arch``."""
         return cls(backbone=backbone, **arch)
 
+    def render(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """``forward``'s maps as ``dtype`` (what a store keeps). An upsampler whose last step can write ``dtype``
+        itself overrides this, to skip making the maps in float32 first (the largest tensor of the pipeline)."""
+        return self(lr_feats, image, size=size).to(dtype)
 
-def upsample_features(upsampler: Upsampler, low: Tensor, images: Tensor, size: tuple[int, int], device) -> Tensor:
-    """``upsampler(low, images, size)`` as ``upcli upsample`` runs it (inference mode, autocast on CUDA): the one
-    way a full store's maps are made and a compact store's rendered."""
+
+def upsample_features(upsampler: Upsampler, low: Tensor, images: Tensor, size: tuple[int, int], device,
+                      dtype: torch.dtype | None = None) -> Tensor:
+    """``upsampler(low, images, size)`` as ``upcli upsample`` runs it (inference mode, autocast on CUDA), as
+    ``dtype`` where given (``Upsampler.render``): the one way a full store's maps are made and a compact store's
+    rendered."""
     from ..runtime import inference_autocast
 
     with torch.inference_mode(), inference_autocast(device):
-        return upsampler(low, images, size=size)
+        if dtype is None:
+            return upsampler(low, images, size=size)
+        return upsampler.render(low, images, size, dtype)
 
 
 def guidance_at(image: Tensor, size: tuple[int, int]) -> Tensor:

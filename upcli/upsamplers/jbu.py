@@ -127,14 +127,15 @@ class JBULayer(nn.Module):
         w2 = second.weight.flatten(1).expand(B, -1, -1)
         return torch.baddbmm(second.bias[None, :, None], w2, hidden.transpose(1, 2)).view(B, -1, H, W)
 
-    def forward(self, feats: Tensor, guidance: Tensor) -> Tensor:
+    def forward(self, feats: Tensor, guidance: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
         size = tuple(guidance.shape[-2:])
         if self.feature_proj is not None:
             rms = feats.float().square().mean((1, 2, 3), keepdim=True).add(1e-12).sqrt()
             keys = self.feature_proj(feats.float() / rms)
             guidance = torch.cat([guidance, F.interpolate(keys, size=size, mode="bicubic", align_corners=False)], 1)
         kernel = self.kernel(guidance).to(feats.dtype)
-        return adaptive_conv_bicubic(feats, kernel, padding=self.padding(size))  # = adaptive_conv(bicubic(feats))
+        # = adaptive_conv(bicubic(feats)).to(out_dtype)
+        return adaptive_conv_bicubic(feats, kernel, padding=self.padding(size), out_dtype=out_dtype)
 
 
 @register_upsampler("jbu")
@@ -159,10 +160,15 @@ class JBUStack(LearnedUpsampler):
         self.residual = self.residual_correction(dim)
 
     def forward(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
-        x = self.propagate(self.prepare(lr_feats), image, size)
+        return self.render(lr_feats, image, size, lr_feats.dtype)
+
+    def render(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+        """The maps as ``dtype``; the last stage writes them so (on the C++ path: no float32 maps are made) unless
+        a residual follows it."""
         if self.config["residual"] == "output":  # FeatUp's place
-            x = x + self.residual(x)
-        return x.to(lr_feats.dtype)
+            x = self.propagate(self.prepare(lr_feats), image, size)
+            return (x + self.residual(x)).to(dtype)
+        return self.propagate(self.prepare(lr_feats), image, size, dtype).to(dtype)
 
     @property
     def channel_shared(self) -> bool:
@@ -181,11 +187,14 @@ class JBUStack(LearnedUpsampler):
             x = x + self.residual(x)
         return x
 
-    def propagate(self, x: Tensor, image: Tensor, size: tuple[int, int]) -> Tensor:
-        """The JBU stages from ``x``'s grid to ``size``, guided by ``image`` (B, 3, H, W) in [0, 1]."""
+    def propagate(self, x: Tensor, image: Tensor, size: tuple[int, int], dtype: torch.dtype | None = None) -> Tensor:
+        """The JBU stages from ``x``'s grid to ``size``, guided by ``image`` (B, 3, H, W) in [0, 1]; the last one's
+        output as ``dtype`` (default: ``x``'s)."""
         image = self.normalize(image)
-        for s, stage_size in enumerate(stage_sizes(tuple(x.shape[-2:]), tuple(size))):
-            x = self.stages[min(s, len(self.stages) - 1)](x, self.guidance(image, stage_size))
+        sizes = stage_sizes(tuple(x.shape[-2:]), tuple(size))
+        for s, stage_size in enumerate(sizes):
+            last = s == len(sizes) - 1
+            x = self.stages[min(s, len(self.stages) - 1)](x, self.guidance(image, stage_size), dtype if last else None)
         return x
 
     def guidance(self, image: Tensor, size: tuple[int, int]) -> Tensor:
