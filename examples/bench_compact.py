@@ -6,7 +6,8 @@
 For each upsampler, ``upcli upsample`` writes the same ``-n`` photos twice, ``--store full`` and
 ``--store compact``; then each map is read back from both. The table gives, per image: the store's bytes on disk,
 the job's time per image (its own clock: from the first image to the last write, decoding, backbone, upsampler
-and writing included, model loading not) and its ratio to the backbone's mean time alone on the same images, the
+and writing included, model loading not) and its ratio to the backbone's mean time alone on the same images
+(measured just before the compact job), the
 read time of one map from each store (the compact one also with ``dtype=torch.float32``, which skips rounding
 the map to the stored float16), and the upsampler's own time on that map (medians over the images). The maximum
 difference between the two stores' maps is printed too (it should be within float16 rounding).
@@ -60,23 +61,28 @@ def main() -> None:
             rgb = load_rgb(ref.path)
             rgb = resize_rgb(rgb, target_size(*rgb.shape[:2], args.size))
             images.append(torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).contiguous())
-        backbone_ms = []
-        with torch.inference_mode():
-            backbone(images[0])
-            for image in images:
+
+        def backbone_mean_ms() -> float:
+            """The backbone's mean time alone on the photos (measured next to each compact job: this machine's
+            speed drifts by tens of percent over minutes)."""
+            with torch.inference_mode():
+                backbone(images[0])
                 start = time.perf_counter()
-                backbone(image)
-                backbone_ms.append(1000 * (time.perf_counter() - start))
-        print(f"{len(refs)} photos at {args.size}: backbone alone {statistics.median(backbone_ms):.0f} ms per image "
-              f"(median), {sum(backbone_ms) / len(refs):.0f} ms mean")
+                for image in images:
+                    backbone(image)
+            return 1000 * (time.perf_counter() - start) / len(images)
+
+        print(f"{len(refs)} photos at {args.size}")
         header = (f"{'upsampler':>10} {'full MB/img':>12} {'compact KB/img':>15} {'ratio':>6} {'write full ms':>14} "
-                  f"{'write compact ms':>17} {'compact/backbone':>17} {'read full ms':>13} {'read compact ms':>16} "
-                  f"{'read compact f32':>17} {'upsampler ms':>13} {'max diff':>9}")
+                  f"{'write compact ms':>17} {'backbone ms':>12} {'compact/backbone':>17} {'read full ms':>13} "
+                  f"{'read compact ms':>16} {'read compact f32':>17} {'upsampler ms':>13} {'max diff':>9}")
         print(header)
         device = torch.device("cpu")
         for name in args.upsamplers.split(","):
-            written = {}
+            written, backbone_ms = {}, 0.0
             for store in ("full", "compact"):
+                if store == "compact":
+                    backbone_ms = backbone_mean_ms()
                 out = work / f"{name}-{store}"
                 result = upsample_folder(photos, JobOptions(out=out, workers=args.workers, quiet=True),
                                          FeatureOptions(), upsampler=name, size=args.size, store=store)
@@ -109,8 +115,8 @@ def main() -> None:
             per_image = {store: 1000 * written[store][1] / n for store in written}
             full_b, compact_b = disk_bytes(written["full"][0]) / n, disk_bytes(written["compact"][0]) / n
             print(f"{name:>10} {full_b / 2**20:>12.1f} {compact_b / 2**10:>15.1f} {full_b / compact_b:>6.0f} "
-                  f"{per_image['full']:>14.0f} {per_image['compact']:>17.0f} "
-                  f"{per_image['compact'] / (sum(backbone_ms) / n):>17.2f} {statistics.median(read_full):>13.0f} "
+                  f"{per_image['full']:>14.0f} {per_image['compact']:>17.0f} {backbone_ms:>12.0f} "
+                  f"{per_image['compact'] / backbone_ms:>17.2f} {statistics.median(read_full):>13.0f} "
                   f"{statistics.median(read_compact):>16.0f} {statistics.median(read_compact32):>17.0f} "
                   f"{statistics.median(own):>13.0f} {diff:>9.2e}")
             shutil.rmtree(written["full"][0])

@@ -1,5 +1,6 @@
 """The learned JBU stack, resize-conv, the downsamplers and the multi-view objective."""
 
+import itertools
 import math
 
 import pytest
@@ -304,13 +305,16 @@ def test_spatial_kernel_starts_at_the_same_width_in_pixels_for_any_radius(radius
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_maps_made_in_the_stored_dtype_equal_the_float32_maps_rounded(residual, dtype):
     """``upsample_features(..., dtype)`` (a store's maps; the JBU's last stage writes them rounded) has the bits of
-    the float32 maps rounded, for the JBU stack either residual, and for an upsampler without its own ``render``."""
+    the float32 maps rounded, for the JBU stack either residual and two upsamplers without their own ``render``
+    (bilinear, bilateral), from features in float32 and from float16 ones (a compact store's)."""
     from upcli.upsamplers import upsample_features
 
     g = torch.Generator().manual_seed(3)
     low, image = torch.randn(1, 8, 3, 5, generator=g), torch.rand(1, 3, 40, 70, generator=g)
-    for up in (JBUStack(dim=8, layers=3, residual=residual), create_upsampler("bilinear")):
+    exact = low.to(dtype).float()
+    ups = (JBUStack(dim=8, layers=3, residual=residual), create_upsampler("bilinear"), create_upsampler("bilateral"))
+    for up, feats in itertools.product(ups, (low, exact)):
         up.eval()
-        want = upsample_features(up, low, image, (37, 61), torch.device("cpu")).to(dtype)
-        got = upsample_features(up, low, image, (37, 61), torch.device("cpu"), dtype)
+        want = upsample_features(up, feats, image, (37, 61), torch.device("cpu")).to(dtype)
+        got = upsample_features(up, feats, image, (37, 61), torch.device("cpu"), dtype)
         assert got.dtype == dtype and torch.equal(got.view(torch.int16), want.view(torch.int16))
