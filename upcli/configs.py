@@ -37,7 +37,8 @@ class JobOptions:
     shard_size: int | None = option(None, "Images per shard file. (default: 16 for upsample; 1 for fit-image and sr, "
                                           "so an interruption loses one image at most)", show_default=False)
     batch_size: int = option(1, "Images per model call (same-size images are batched).")
-    workers: int | None = option(None, "DataLoader decode workers. (default: on a GPU cores - 1, at most 4; on the CPU none up to 4 cores, else 1)", show_default=False)
+    workers: int | None = option(None, "DataLoader decode workers. (default: on a GPU cores - 1, at most 4; on the "
+                                       "CPU none up to 4 cores, else 1)", show_default=False)
     device: str = option("auto", "auto, cpu or cuda[:N].")
     num_shards: int | None = option(None, "Split the work into N parts (default: from RANK/WORLD_SIZE or SLURM).")
     shard_index: int | None = option(None, "Which part this process does, 0..N-1.")
