@@ -55,6 +55,7 @@ class UpsampleStep:
         from .viz import save_preview
 
         results = [None] * len(items)
+        stored = getattr(torch, self.dtype)
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(tuple(item.data["image"].shape[:2]), []).append(i)
@@ -67,7 +68,7 @@ class UpsampleStep:
             high = None
             if self.compact is None or any(items[i].preview for i in members):
                 with timings.measure("upsample"):  # made in the stored dtype (the largest tensor: made once)
-                    high = upsample_features(self.upsampler, low, images, size, self.device, getattr(torch, self.dtype))
+                    high = upsample_features(self.upsampler, low, images, size, self.device, stored)
             with timings.measure("to host"):
                 arrays = [to_storage(feats, self.dtype) for feats in (high if self.compact is None else low)]
             for j, i in enumerate(members):
@@ -77,8 +78,9 @@ class UpsampleStep:
                     output.files.update(self.compact["files"])
                 if items[i].preview:
                     shown = {self.upsampler.name: high[j].float().cpu()}
-                    for name, other in self.compare.items():
-                        shown[name] = upsample_features(other, low[j:j + 1], images[j:j + 1], size, self.device)[0].float().cpu()
+                    for name, other in self.compare.items():  # as stored too: the same colours as in its own run
+                        shown[name] = upsample_features(other, low[j:j + 1], images[j:j + 1], size, self.device,
+                                                        stored)[0].float().cpu()
                     output.files[preview_name(items[i].ref.rel)] = functools.partial(
                         save_preview, image=pixels[j].cpu().numpy(), lr_feats=low[j].float().cpu(), hr_feats=shown)
                 results[i] = output
