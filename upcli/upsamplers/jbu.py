@@ -165,10 +165,11 @@ class JBUStack(LearnedUpsampler):
     def render(self, lr_feats: Tensor, image: Tensor, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
         """The maps as ``dtype``; the last stage writes them so (on the C++ path: no float32 maps are made) unless
         a residual follows it."""
-        if self.config["residual"] == "output":  # FeatUp's place
-            x = self.propagate(self.prepare(lr_feats), image, size)
-            return (x + self.residual(x)).to(dtype)
-        return self.propagate(self.prepare(lr_feats), image, size, dtype).to(dtype)
+        residual_last = self.config["residual"] == "output"  # FeatUp's place
+        x = self.propagate(self.prepare(lr_feats), image, size, None if residual_last else dtype)
+        if residual_last:
+            x = x + self.residual(x)
+        return x.to(dtype)
 
     @property
     def channel_shared(self) -> bool:
